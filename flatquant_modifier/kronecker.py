@@ -1,0 +1,101 @@
+"""
+Pure math for Kronecker-structured transforms; no modules, no lifecycle.
+
+Convention used everywhere in this package: a transform is a pair ``(P1, P2)`` of
+square matrices, ``P1`` of size ``M`` and ``P2`` of size ``N`` with ``M * N`` equal to
+the feature size, and it maps a row vector ``x`` to ``x @ kron(P1, P2)``. For one
+token, with ``X = x.view(M, N)`` (row-major), that is ``P1.T @ X @ P2``. This is
+exactly what vllm-ascend computes from a checkpoint that stores
+``left_trans = P1`` and ``right_trans = P2`` (it transposes ``left_trans`` at load
+and calls ``npu_kronecker_quant(X, left_trans.T, right_trans)`` = ``P1.T @ X @ P2``).
+"""
+
+import math
+
+import torch
+
+__all__ = [
+    "get_decompose_dim",
+    "kronecker_matmul",
+    "kronecker_dense",
+    "absorb_inverse_into_weight",
+    "random_orthogonal",
+]
+
+
+def get_decompose_dim(n: int) -> tuple[int, int]:
+    """
+    Split ``n`` into ``(M, N)`` with ``M * N == n`` and ``M <= N``, as vllm-ascend
+    allocates ``left_trans``/``right_trans`` (same algorithm: the smallest ``a`` with
+    ``a*a - n`` a perfect square ``b*b`` gives ``(a - b, a + b)``).
+
+    >>> get_decompose_dim(576), get_decompose_dim(1536), get_decompose_dim(11008)
+    ((24, 24), (32, 48), (86, 128))
+    """
+    if n < 1:
+        raise ValueError(f"cannot decompose a feature size of {n}")
+    a = math.isqrt(n)
+    if a * a < n:
+        a += 1
+    while True:
+        rest = a * a - n
+        b = math.isqrt(rest)
+        if b * b == rest:
+            return a - b, a + b
+        a += 1
+
+
+def kronecker_matmul(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+    """
+    ``x @ kron(p1, p2)`` over the last dimension of ``x`` without forming the
+    Kronecker product: per row, ``p1.T @ x.view(M, N) @ p2``. Costs
+    ``M*N*(M+N)`` multiply-adds per row instead of ``(M*N)**2``.
+
+    :param x: tensor of shape ``[..., M * N]``
+    :param p1: ``[M, M]``
+    :param p2: ``[N, N]``
+    :return: tensor of the same shape as ``x``
+    """
+    m, n = p1.shape[0], p2.shape[0]
+    shape = x.shape
+    if shape[-1] != m * n:
+        raise ValueError(
+            f"kronecker_matmul: last dim {shape[-1]} != {m} * {n} (P1 {tuple(p1.shape)}"
+            f", P2 {tuple(p2.shape)})"
+        )
+    x3 = x.reshape(-1, m, n)
+    # right factor as one large GEMM, then the left factor as a batched GEMM
+    y = (x3.reshape(-1, n) @ p2).reshape(-1, m, n)
+    y = torch.matmul(p1.transpose(0, 1), y)
+    return y.reshape(shape)
+
+
+def kronecker_dense(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+    """The dense ``kron(p1, p2)``: for tests and small reference computations."""
+    return torch.kron(p1, p2)
+
+
+def absorb_inverse_into_weight(
+    weight: torch.Tensor, p1_inv_t: torch.Tensor, p2_inv_t: torch.Tensor
+) -> torch.Tensor:
+    """
+    Weight of a linear ``y = x @ W.T`` whose input is transformed online by
+    ``x -> x @ kron(P1, P2)``: ``W' = W @ kron(P1, P2)^-T`` so that
+    ``(x @ P) @ W'.T == x @ W.T``. Since ``kron(P1, P2)^-T = kron(P1^-T, P2^-T)``,
+    this is a Kronecker matmul of each weight row.
+
+    :param weight: ``[out, M * N]``
+    :param p1_inv_t: ``P1^-T`` (``[M, M]``)
+    :param p2_inv_t: ``P2^-T`` (``[N, N]``)
+    """
+    return kronecker_matmul(weight, p1_inv_t, p2_inv_t)
+
+
+def random_orthogonal(
+    size: int, generator: torch.Generator | None = None, dtype=torch.float64
+) -> torch.Tensor:
+    """A Haar-random orthogonal matrix (QR of a Gaussian with the sign fix)."""
+    g = torch.randn(size, size, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(g)
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    return q.to(dtype)

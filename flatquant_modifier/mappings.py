@@ -1,0 +1,259 @@
+"""
+Which linears of a decoder layer share one learned Kronecker transform, and where
+the optional smoothing vector is folded, per architecture.
+
+A mapping lists regexes (compressed-tensors ``re:`` syntax, matched against module
+names relative to the decoder layer). All ``targets`` of one mapping read the same
+input activation, so they get one transform (vllm-ascend fuses q/k/v and gate/up and
+needs identical ``left_trans``/``right_trans``/``clip_ratio`` on the siblings).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from compressed_tensors.utils import is_match, match_named_modules
+from loguru import logger
+from pydantic import BaseModel, ConfigDict, Field
+from torch.nn import Module
+
+from flatquant_modifier.kronecker import get_decompose_dim
+
+__all__ = [
+    "FlatQuantMapping",
+    "ResolvedGroup",
+    "resolve_layer",
+    "LLAMA_MAPPINGS",
+    "FLATQUANT_MAPPING_REGISTRY",
+    "infer_mappings_from_model",
+]
+
+
+class FlatQuantMapping(BaseModel):
+    """
+    :param name: short name of the transformed input, e.g. ``"qkv"``; used in logs
+    :param targets: linears that read this input (regexes or names, relative to the
+        decoder layer); each must match at least one module in every decoder layer
+    :param smooth_layer: module whose output is this input, into which the smoothing
+        vector is folded: a norm (its ``weight`` is divided) or a linear (its output
+        rows are divided). ``None`` (or a shape that cannot be folded) disables
+        smoothing for this input.
+    """
+
+    name: str
+    targets: list[str] = Field(min_length=1)
+    smooth_layer: str | None = None
+
+    model_config = ConfigDict(extra="forbid")
+
+
+LLAMA_MAPPINGS = [
+    FlatQuantMapping(
+        name="qkv",
+        targets=["re:.*self_attn\\.q_proj$", "re:.*self_attn\\.k_proj$", "re:.*self_attn\\.v_proj$"],
+        smooth_layer="re:.*input_layernorm$",
+    ),
+    FlatQuantMapping(
+        name="o",
+        targets=["re:.*self_attn\\.o_proj$"],
+        smooth_layer="re:.*self_attn\\.v_proj$",
+    ),
+    FlatQuantMapping(
+        name="gate_up",
+        targets=["re:.*mlp\\.gate_proj$", "re:.*mlp\\.up_proj$"],
+        smooth_layer="re:.*post_attention_layernorm$",
+    ),
+    FlatQuantMapping(
+        name="down",
+        targets=["re:.*mlp\\.down_proj$"],
+        smooth_layer="re:.*mlp\\.up_proj$",
+    ),
+]
+
+# keyed on the model's class name, as llm-compressor's AWQ/SpinQuant registries are
+FLATQUANT_MAPPING_REGISTRY: dict[str, list[FlatQuantMapping]] = {
+    name: LLAMA_MAPPINGS
+    for name in (
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+    )
+}
+
+
+def infer_mappings_from_model(model: Module) -> list[FlatQuantMapping]:
+    """Default mappings for ``model``'s architecture, or a clear error."""
+    arch = model.__class__.__name__
+    if arch in FLATQUANT_MAPPING_REGISTRY:
+        logger.info(f"FlatQuantModifier: using the default mappings for {arch}")
+        return [m.model_copy(deep=True) for m in FLATQUANT_MAPPING_REGISTRY[arch]]
+    supported = ", ".join(sorted(FLATQUANT_MAPPING_REGISTRY))
+    raise ValueError(
+        f"FlatQuantModifier has no default mappings for architecture {arch} "
+        f"(supported: {supported}). Pass them explicitly, one entry per transformed "
+        "input, e.g. in YAML:\n"
+        "  mappings:\n"
+        "    - {name: qkv, targets: ['re:.*q_proj$', 're:.*k_proj$', 're:.*v_proj$'], "
+        "smooth_layer: 're:.*input_layernorm$'}\n"
+        "    - {name: o, targets: ['re:.*o_proj$']}\n"
+        "    - {name: gate_up, targets: ['re:.*gate_proj$', 're:.*up_proj$'], "
+        "smooth_layer: 're:.*post_attention_layernorm$'}\n"
+        "    - {name: down, targets: ['re:.*down_proj$'], smooth_layer: 're:.*up_proj$'}\n"
+        "or in Python: FlatQuantModifier(mappings=[FlatQuantMapping(...), ...]) "
+        "(see flatquant_modifier.mappings.LLAMA_MAPPINGS)."
+    )
+
+
+@dataclass
+class ResolvedGroup:
+    """
+    One mapping resolved inside one decoder layer.
+
+    :param name: ``"<layer name>.<mapping name>"``
+    :param linears: ``(full name, module)`` of the linears sharing the transform
+    :param smooth: ``(full name, module)`` the smoothing vector is folded into
+    :param smooth_index: for a linear smooth layer with fewer output channels than the
+        linears' inputs (grouped-query attention: v_proj -> o_proj), the smooth-layer
+        channel feeding each input channel; ``None`` when they map one to one
+    :param m: left Kronecker factor size
+    :param n: right Kronecker factor size
+    """
+
+    name: str
+    linears: list[tuple[str, Module]]
+    smooth: tuple[str, Module] | None
+    smooth_index: torch.Tensor | None
+    m: int
+    n: int
+
+    @property
+    def in_features(self) -> int:
+        return self.m * self.n
+
+
+def resolve_layer(
+    layer_name: str,
+    layer: Module,
+    mappings: list[FlatQuantMapping],
+    ignore: list[str] | None = None,
+) -> list[ResolvedGroup]:
+    """
+    Resolve ``mappings`` inside one decoder layer. A mapping whose linears are all in
+    ``ignore`` is skipped; a partial or missing match is an error naming the layer.
+    """
+    groups = []
+    for mapping in mappings:
+        matched = list(match_named_modules(layer, mapping.targets))
+        if not matched:
+            raise ValueError(
+                f"FlatQuant mapping {mapping.name!r} matched no module in layer "
+                f"{layer_name} (targets {mapping.targets}). Pass `mappings=` that fit "
+                "this architecture (see flatquant_modifier.mappings.LLAMA_MAPPINGS)."
+            )
+        named = [(_join(layer_name, n), m) for n, m in matched]
+        kept = [(n, m) for n, m in named if not _is_ignored(n, m, ignore)]
+        if not kept:
+            continue
+        if len(kept) != len(named):
+            raise ValueError(
+                f"FlatQuant mapping {mapping.name!r} in layer {layer_name}: `ignore` "
+                f"removes only some of {[n for n, _ in named]}; they share one "
+                "transform, so ignore all of them or none."
+            )
+        groups.append(_resolve_group(layer_name, layer, mapping, kept))
+    return groups
+
+
+def _resolve_group(
+    layer_name: str,
+    layer: Module,
+    mapping: FlatQuantMapping,
+    linears: list[tuple[str, Module]],
+) -> ResolvedGroup:
+    names = [n for n, _ in linears]
+    for name, module in linears:
+        if not isinstance(module, torch.nn.Linear):
+            raise ValueError(
+                f"FlatQuant target {name} is a {type(module).__name__}, not a Linear"
+            )
+    sizes = {m.in_features for _, m in linears}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"FlatQuant mapping {mapping.name!r}: {names} share one transform but have "
+            f"different in_features {sorted(sizes)}"
+        )
+    in_features = sizes.pop()
+    m, n = get_decompose_dim(in_features)
+    if m == 1:
+        raise ValueError(
+            f"FlatQuant: in_features={in_features} of {names[0]} only decomposes as "
+            f"1 x {n} (a prime size), so the Kronecker transform would degenerate to "
+            f"one dense {n}x{n} matrix; refusing. Add the layer to `ignore` to keep it "
+            "in full precision."
+        )
+    if in_features % 8 != 0:
+        raise ValueError(
+            f"FlatQuant: {names[0]} has in_features={in_features}, not divisible by 8; "
+            "int4 activations are packed 8 per int32 on Ascend. Add the layer to "
+            "`ignore` to keep it in full precision."
+        )
+    smooth, smooth_index = _resolve_smooth(layer_name, layer, mapping, linears)
+    return ResolvedGroup(
+        name=_join(layer_name, mapping.name),
+        linears=linears,
+        smooth=smooth,
+        smooth_index=smooth_index,
+        m=m,
+        n=n,
+    )
+
+
+def _resolve_smooth(layer_name, layer, mapping, linears):
+    if mapping.smooth_layer is None:
+        return None, None
+    matched = list(match_named_modules(layer, [mapping.smooth_layer]))
+    if len(matched) != 1:
+        logger.warning(
+            f"FlatQuant mapping {mapping.name!r} in {layer_name}: smooth_layer "
+            f"{mapping.smooth_layer!r} matched {len(matched)} modules; smoothing off"
+        )
+        return None, None
+    rel_name, module = matched[0]
+    name = _join(layer_name, rel_name)
+    in_features = linears[0][1].in_features
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return None, None
+    if weight.ndim == 1 and weight.shape[0] == in_features:
+        return (name, module), None
+    if weight.ndim == 2 and weight.shape[0] == in_features:
+        return (name, module), None
+    index = _gqa_index(layer, rel_name, weight.shape[0], in_features)
+    if weight.ndim == 2 and index is not None:
+        return (name, module), index
+    logger.debug(
+        f"FlatQuant: cannot fold smoothing of {mapping.name!r} into {name} "
+        f"({tuple(weight.shape)} vs {in_features} inputs); smoothing off"
+    )
+    return None, None
+
+
+def _gqa_index(layer: Module, smooth_rel_name: str, produced: int, consumed: int):
+    """Input channel -> v_proj channel map of grouped-query attention, if it is one."""
+    parent_name = smooth_rel_name.rpartition(".")[0]
+    parent = layer.get_submodule(parent_name) if parent_name else layer
+    head_dim = getattr(parent, "head_dim", None)
+    if not head_dim or consumed % produced or produced % head_dim:
+        return None
+    groups = consumed // produced
+    channel = torch.arange(consumed)
+    head, dim = channel // head_dim, channel % head_dim
+    return (head // groups) * head_dim + dim
+
+
+def _is_ignored(name: str, module: Module, ignore: list[str] | None) -> bool:
+    return bool(ignore) and any(is_match(name, module, target) for target in ignore)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name

@@ -1,0 +1,418 @@
+"""``FlatQuantModifier``: the llm-compressor lifecycle of FlatQuant; the math lives in
+:mod:`flatquant_modifier.train` and :mod:`flatquant_modifier.kronecker`."""
+
+import inspect
+from typing import Literal
+
+import torch
+from compressed_tensors import TRANSFORM_CONFIG_NAME
+from compressed_tensors.modeling.kvcache import QuantizedKVCache
+from compressed_tensors.transform import (
+    TransformArgs,
+    TransformConfig,
+    TransformFactory,
+    TransformScheme,
+)
+from compressed_tensors.utils import (
+    TorchDtype,
+    align_module_device,
+    get_execution_device,
+    match_named_modules,
+    update_offload_parameter,
+)
+from loguru import logger
+from pydantic import Field, PrivateAttr, field_validator
+from torch.nn import Module
+from tqdm import tqdm
+
+from llmcompressor.core import Event, State
+from llmcompressor.modifiers import Modifier
+from llmcompressor.modifiers.utils.hooks import HooksMixin
+from llmcompressor.pipelines.cache import IntermediatesCache
+from llmcompressor.utils.pytorch.module import infer_sequential_targets
+
+from flatquant_modifier.batching import merge_calls
+from flatquant_modifier.mappings import (
+    FlatQuantMapping,
+    ResolvedGroup,
+    infer_mappings_from_model,
+    resolve_layer,
+)
+from flatquant_modifier.modules import Parametrization, TransformInit
+from flatquant_modifier.train import (
+    LayerReport,
+    NonFiniteLossError,
+    TrainConfig,
+    absorb_into_layer,
+    build_group_params,
+    log_report,
+    train_layer,
+)
+from flatquant_modifier.transform import (
+    FLATQUANT_TRANSFORM_TYPE,
+    KRONECKER_TRANSFORM_TYPE,
+    TRANSFORM_NAME,
+    get_flatquant_transform,
+)
+
+__all__ = ["FlatQuantModifier"]
+
+
+class FlatQuantModifier(Modifier):
+    """
+    Implements FlatQuant, "FlatQuant: Flatness Matters for LLM Quantization"
+    (Sun et al., ICML 2025, https://arxiv.org/abs/2410.09426).
+
+    For every decoder layer, FlatQuant learns an invertible Kronecker transform
+    ``P = P1 (x) P2`` per quantized input (q/k/v share one, gate/up share one, plus
+    o_proj and down_proj), an optional per-channel smoothing vector, per-channel
+    weight clip factors and a per-tensor activation clip factor, by minimising the
+    MSE between the layer's full-precision output and its output with transformed,
+    fake-quantized weights (W4 per channel) and activations (A4 per token). The
+    weights absorb ``diag(s) P^-T`` (float64) and the learned weight clipping; the
+    activation transform runs online as a compressed-tensors transform that also
+    fake-quantizes the activations with the Ascend NPU formula
+    (``scale = max|y| * clip_ratio / 7``), exactly what vllm-ascend's
+    ``W4A4_FLATQUANT_DYNAMIC`` method computes.
+
+    FlatQuant only transforms; the weights are quantized by a following
+    ``QuantizationModifier`` or ``GPTQModifier`` with a weights-only scheme (the
+    activations are already quantized by the transform).
+
+    example recipe:
+    ```yaml
+    quant_stage:
+      quant_modifiers:
+        FlatQuantModifier:
+          epochs: 15
+          ignore: ["lm_head"]
+        QuantizationModifier:
+          ignore: ["lm_head"]
+          config_groups:
+            group_0:
+              targets: ["Linear"]
+              weights: {num_bits: 4, type: int, symmetric: true, strategy: channel,
+                        observer: minmax}
+    ```
+
+    Lifecycle:
+
+    - on_initialize
+        - infer mappings for the architecture (or take ``mappings``)
+        - resolve them in every decoder layer; refuse bad sizes early
+    - on_calibration_start
+        - refuse schemes that would quantize the activations a second time
+        - register forward-pre hooks caching each decoder layer's call arguments
+    - on_sequential_epoch_end (once per decoder layer in the sequential pipeline)
+        - replay the cached calls for full-precision targets and input statistics
+        - train transforms, smoothing and clip factors (fp32 master weights)
+        - absorb them into the weights, fold the smoothing, attach the online
+          transforms; free the layer's cache
+    - on_calibration_end
+        - train any layer not yet trained (basic pipeline), remove hooks
+        - record the ``transform_config`` used by ``save_pretrained``
+    - on_finalize
+        - clear caches
+
+    :param mappings: which linears share a transform and where smoothing folds, see
+        :class:`FlatQuantMapping`; inferred from the architecture when None
+    :param ignore: linears (names or ``re:`` regexes) to leave untouched; a transform
+        group is skipped only when all its linears are ignored
+    :param sequential_targets: decoder layer class names or regexes; defaults to the
+        pipeline's sequential targets (the model's no-split modules)
+    :param w_bits: weight bits used in training (per channel, symmetric); None for
+        full-precision weights
+    :param a_bits: activation bits (per token, symmetric, NPU formula). 4 makes the
+        online transform quantize activations; None leaves activation quantization
+        to the linears' own scheme (e.g. NVFP4)
+    :param learn_weight_clip: learn per-output-channel weight clip factors
+    :param learn_activation_clip: learn a per-tensor activation clip factor (stored as
+        the Ascend ``clip_ratio``)
+    :param clip_init_logit: initial logit of all clip factors (sigmoid(4) = 0.982)
+    :param smooth: learn a per-channel smoothing vector where it can be folded
+    :param smooth_alpha: SmoothQuant migration strength of the smoothing init
+    :param parametrization: ``"orthogonal"`` (``U diag(s) V^T``, inverse without
+        inversion) or ``"dense"`` (free matrices, inverse by ``torch.linalg.inv``)
+    :param transform_init: ``"identity"`` or ``"random"`` (random orthogonal)
+    :param epochs: training epochs per layer
+    :param batch_size: calibration samples per optimisation step
+    :param lr: AdamW learning rate of the transforms and smoothing vectors
+    :param clip_lr: AdamW learning rate of the clip factors
+    :param weight_decay: AdamW weight decay
+    :param autocast_dtype: optional autocast dtype for the training forward
+        (``bfloat16``/``float16``); master weights stay float32
+    :param offload_device: device on which cached layer inputs and targets are kept
+        (None: the layer's execution device)
+    :param seed: seed of the random initialisations
+    :param on_nonfinite: ``"raise"`` stops the run when a layer's loss becomes
+        NaN/Inf; ``"skip"`` leaves that layer untransformed and goes on
+    """
+
+    requires_calibration_data: bool = True
+
+    mappings: list[FlatQuantMapping] | None = None
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    sequential_targets: list[str] | None = None
+    w_bits: int | None = 4
+    a_bits: Literal[4] | None = 4
+    learn_weight_clip: bool = True
+    learn_activation_clip: bool = True
+    clip_init_logit: float = 4.0
+    smooth: bool = True
+    smooth_alpha: float = Field(default=0.3, ge=0.0, le=1.0)
+    parametrization: Parametrization = "orthogonal"
+    transform_init: TransformInit = "identity"
+    epochs: int = Field(default=15, ge=0)
+    batch_size: int = Field(default=4, ge=1)
+    lr: float = Field(default=5e-3, ge=0.0)
+    clip_lr: float = Field(default=5e-2, ge=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    autocast_dtype: TorchDtype | None = None
+    offload_device: str | None = None
+    seed: int = 0
+    on_nonfinite: Literal["raise", "skip"] = "raise"
+
+    # decoder layers in model order: (name, module, resolved groups)
+    _layers: list[tuple[str, Module, list[ResolvedGroup]]] = PrivateAttr(
+        default_factory=list
+    )
+    # cached call arguments of each decoder layer, one entry per calibration batch
+    _calls: dict[Module, IntermediatesCache] = PrivateAttr(default_factory=dict)
+    # names of the linears given an online transform so far
+    _transformed: list[str] = PrivateAttr(default_factory=list)
+    # per-layer training reports, in order
+    _reports: list[LayerReport] = PrivateAttr(default_factory=list)
+
+    @field_validator("ignore", "sequential_targets", mode="before")
+    @classmethod
+    def _wrap_str(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("offload_device", mode="before")
+    @classmethod
+    def _device_str(cls, value):
+        return str(value) if isinstance(value, torch.device) else value
+
+    @field_validator("w_bits")
+    @classmethod
+    def _check_bits(cls, value):
+        if value is not None and not 2 <= value <= 8:
+            raise ValueError(f"w_bits must be in [2, 8] or None, got {value}")
+        return value
+
+    @property
+    def reports(self) -> list[LayerReport]:
+        """Per-layer loss before/after training, in model order."""
+        return list(self._reports)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        if state.data.calib is None and kwargs.get("calib_data") is None:
+            raise ValueError(
+                "FlatQuantModifier learns its transforms from calibration data, but "
+                "no dataset was passed: call oneshot(..., dataset=..., "
+                "num_calibration_samples=...)"
+            )
+        model = state.model
+        if self.mappings is None:
+            self.mappings = infer_mappings_from_model(model)
+        targets = self.sequential_targets or infer_sequential_targets(
+            model, kwargs.get("sequential_targets")
+        )
+        self._layers = [
+            (name, layer, resolve_layer(name, layer, self.mappings, self.ignore))
+            for name, layer in match_named_modules(model, targets)
+        ]
+        if not self._layers:
+            raise ValueError(
+                f"FlatQuantModifier found no decoder layers matching {targets} in "
+                f"{type(model).__name__}; pass sequential_targets=[<layer class>]"
+            )
+        if TRANSFORM_NAME in getattr(
+            getattr(model, TRANSFORM_CONFIG_NAME, None), "config_groups", {}
+        ):
+            raise ValueError(
+                "this model already carries FlatQuant transforms; apply "
+                "FlatQuantModifier to the full-precision model"
+            )
+        return True
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs):
+        self._check_schemes()
+        for _, layer, groups in self._layers:
+            if groups:
+                self._calls[layer] = IntermediatesCache(
+                    None, torch.device(self.offload_device) if self.offload_device else None
+                )
+                self.register_hook(layer, self._cache_call, "forward_pre", with_kwargs=True)
+
+    def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
+        for index, (name, layer, groups) in enumerate(self._layers):
+            cache = self._calls.get(layer)
+            if cache is not None and len(cache) > 0:
+                self._calibrate_layer(state.model, index, name, layer, groups)
+
+    def on_calibration_end(self, state: State, event: Event, **kwargs):
+        self.on_sequential_epoch_end(state, event, **kwargs)
+        self.remove_hooks()
+        self._calls.clear()
+        self._record_transform_config(state.model)
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        if not self.ended_:
+            self.on_calibration_end(state, None)
+        self._calls.clear()
+        return True
+
+    # ------------------------------------------------------------------ helpers
+
+    def _train_config(self) -> TrainConfig:
+        return TrainConfig(
+            epochs=self.epochs,
+            lr=self.lr,
+            clip_lr=self.clip_lr,
+            weight_decay=self.weight_decay,
+            w_bits=self.w_bits,
+            a_bits=self.a_bits,
+            learn_weight_clip=self.learn_weight_clip,
+            learn_activation_clip=self.learn_activation_clip,
+            clip_init_logit=self.clip_init_logit,
+            smooth=self.smooth,
+            smooth_alpha=self.smooth_alpha,
+            parametrization=self.parametrization,
+            transform_init=self.transform_init,
+            autocast_dtype=self.autocast_dtype,
+            seed=self.seed,
+        )
+
+    def _check_schemes(self):
+        """The online transform quantizes activations; a scheme must not do it again."""
+        if self.a_bits is None:
+            return
+        for _, _, groups in self._layers:
+            for group in groups:
+                for name, linear in group.linears:
+                    scheme = getattr(linear, "quantization_scheme", None)
+                    if scheme is not None and scheme.input_activations is not None:
+                        raise ValueError(
+                            f"{name} has a quantization scheme that quantizes its input "
+                            "activations, but FlatQuantModifier(a_bits=4) already "
+                            "quantizes them in its online transform (Ascend formula, "
+                            "learned clip ratio). Give the following QuantizationModifier"
+                            "/GPTQModifier a weights-only scheme, or set a_bits=None to "
+                            "leave activation quantization to that scheme."
+                        )
+
+    def _cache_call(self, module: Module, args: tuple, kwargs: dict):
+        arguments = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+        arguments |= arguments.pop("kwargs", {})
+        for key, value in arguments.items():
+            if isinstance(value, QuantizedKVCache):
+                arguments[key] = None
+        self._calls[module].append(arguments)
+
+    def _calibrate_layer(
+        self,
+        model: Module,
+        index: int,
+        name: str,
+        layer: Module,
+        groups: list[ResolvedGroup],
+    ):
+        cache = self._calls.pop(layer)
+        device = get_execution_device(layer)
+        if device == "disk" or not isinstance(device, torch.device):
+            device = torch.device("cpu")
+        calls = [cache.fetch(i) for i in range(len(cache))]
+        del cache
+        batches = merge_calls(calls, self.batch_size)
+        del calls
+        config = self._train_config()
+        with align_module_device(layer), HooksMixin.disable_hooks():
+            targets, act_max = _full_precision_pass(layer, batches, groups)
+            generator = torch.Generator().manual_seed(self.seed + index)
+            params = build_group_params(groups, act_max, config, device, generator)
+            try:
+                report = train_layer(
+                    name, layer, groups, params, batches, targets, config, device
+                )
+            except NonFiniteLossError as error:
+                if self.on_nonfinite == "raise":
+                    raise
+                logger.error(f"{error} Skipping it (on_nonfinite='skip').")
+                return
+            for group, group_params in zip(groups, params):
+                p1, p2, clip = absorb_into_layer(group, group_params, config)
+                self._attach_transforms(model, group, p1, p2, clip)
+        log_report(report)
+        self._reports.append(report)
+
+    def _transform_type(self) -> str:
+        return KRONECKER_TRANSFORM_TYPE if self.a_bits is None else FLATQUANT_TRANSFORM_TYPE
+
+    def _attach_transforms(
+        self, model: Module, group: ResolvedGroup, p1, p2, clip_ratio: float
+    ):
+        names = [name for name, _ in group.linears]
+        scheme = TransformScheme(
+            type=self._transform_type(),
+            apply=[TransformArgs(targets=names, location="input")],
+        )
+        TransformFactory.from_scheme(scheme, name=TRANSFORM_NAME).apply_to_model(
+            model, use_tqdm=False
+        )
+        for _, linear in group.linears:
+            transform = get_flatquant_transform(linear)
+            update_offload_parameter(transform, "left_trans", p1)
+            update_offload_parameter(transform, "right_trans", p2)
+            update_offload_parameter(
+                transform, "clip_ratio", torch.tensor([clip_ratio], dtype=torch.float32)
+            )
+        self._transformed.extend(names)
+
+    def _record_transform_config(self, model: Module):
+        if not self._transformed:
+            return
+        ours = TransformConfig(
+            config_groups={
+                TRANSFORM_NAME: TransformScheme(
+                    type=self._transform_type(),
+                    apply=[TransformArgs(targets=list(self._transformed), location="input")],
+                )
+            }
+        )
+        existing = getattr(model, TRANSFORM_CONFIG_NAME, None)
+        if existing is not None:
+            existing.config_groups.update(ours.config_groups)
+            ours = existing
+        setattr(model, TRANSFORM_CONFIG_NAME, ours)
+
+
+@torch.no_grad()
+def _full_precision_pass(
+    layer: Module, batches: list[dict], groups: list[ResolvedGroup]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Full-precision outputs of ``layer`` and per-channel max|input| of each group."""
+    act_max: list[torch.Tensor | None] = [None] * len(groups)
+
+    def record(gi):
+        def hook(_module, args):
+            amax = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0)
+            act_max[gi] = amax if act_max[gi] is None else torch.maximum(act_max[gi], amax)
+
+        return hook
+
+    handles = [
+        group.linears[0][1].register_forward_pre_hook(record(gi))
+        for gi, group in enumerate(groups)
+    ]
+    try:
+        targets = []
+        for kwargs in tqdm(batches, desc="FlatQuant targets", leave=False):
+            out = layer(**kwargs)
+            targets.append((out[0] if isinstance(out, (tuple, list)) else out).detach())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return targets, act_max

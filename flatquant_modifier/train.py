@@ -1,0 +1,412 @@
+"""
+Stateless per-decoder-layer FlatQuant training: learn the Kronecker transforms, the
+clip factors and the smoothing vectors of one layer by minimising the MSE between the
+layer's full-precision output and its output with transformed, fake-quantized linears;
+then write the result into the layer's weights (float64).
+
+Nothing here knows about llm-compressor's lifecycle; :mod:`flatquant_modifier.modifier`
+calls :func:`train_layer` and :func:`absorb_into_layer` once per decoder layer.
+"""
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from compressed_tensors.utils import patch_attr, update_offload_parameter
+from loguru import logger
+from torch import nn
+from tqdm import tqdm
+
+from flatquant_modifier.kronecker import kronecker_matmul
+from flatquant_modifier.mappings import ResolvedGroup
+from flatquant_modifier.modules import (
+    ClipFactor,
+    LearnableKronecker,
+    Parametrization,
+    TransformInit,
+)
+from flatquant_modifier.quantize import fake_quantize_activation, fake_quantize_weight
+
+__all__ = [
+    "TrainConfig",
+    "LayerReport",
+    "NonFiniteLossError",
+    "GroupParams",
+    "build_group_params",
+    "train_layer",
+    "absorb_into_layer",
+]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss of a layer became NaN/Inf; the layer was left unchanged."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 15
+    lr: float = 5e-3
+    clip_lr: float = 5e-2
+    weight_decay: float = 0.0
+    w_bits: int | None = 4
+    a_bits: int | None = 4
+    learn_weight_clip: bool = True
+    learn_activation_clip: bool = True
+    clip_init_logit: float = 4.0
+    smooth: bool = True
+    smooth_alpha: float = 0.3
+    parametrization: Parametrization = "orthogonal"
+    transform_init: TransformInit = "identity"
+    autocast_dtype: torch.dtype | None = None
+    seed: int = 0
+
+
+@dataclass
+class LayerReport:
+    """Mean per-batch MSE of the layer output before and after training."""
+
+    name: str
+    loss_init: float
+    loss_final: float
+    epoch_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class GroupParams(nn.Module):
+    """Learnable state of one transformed input (one :class:`ResolvedGroup`)."""
+
+    def __init__(
+        self,
+        group: ResolvedGroup,
+        config: TrainConfig,
+        smooth_init: torch.Tensor | None,
+        generator: torch.Generator,
+    ):
+        super().__init__()
+        self.kron = LearnableKronecker(
+            group.m, group.n, config.parametrization, config.transform_init, generator
+        )
+        self.act_clip = (
+            ClipFactor(1, config.clip_init_logit)
+            if config.a_bits is not None and config.learn_activation_clip
+            else None
+        )
+        self.weight_clips = (
+            nn.ModuleList(
+                ClipFactor(linear.out_features, config.clip_init_logit)
+                for _, linear in group.linears
+            )
+            if config.w_bits is not None and config.learn_weight_clip
+            else None
+        )
+        # smoothing vector at the granularity of the layer it is folded into
+        self.smooth = (
+            nn.Parameter(smooth_init.float().clone()) if smooth_init is not None else None
+        )
+        if self.smooth is not None and group.smooth_index is not None:
+            self.register_buffer("smooth_index", group.smooth_index.clone())
+        else:
+            self.smooth_index = None
+
+    def smooth_vector(self) -> torch.Tensor | None:
+        """Smoothing vector over the linears' input channels (expanded for GQA)."""
+        if self.smooth is None:
+            return None
+        if self.smooth_index is None:
+            return self.smooth
+        return self.smooth[self.smooth_index]
+
+    def transform_and_clips(self):
+        ((p1, p1_inv_t), (p2, p2_inv_t)) = self.kron()
+        act_clip = self.act_clip() if self.act_clip is not None else 1.0
+        return p1, p1_inv_t, p2, p2_inv_t, act_clip
+
+    def weight_clip(self, index: int) -> torch.Tensor | float:
+        return self.weight_clips[index]() if self.weight_clips is not None else 1.0
+
+    def param_groups(self, config: TrainConfig) -> list[dict]:
+        transform = list(self.kron.parameters())
+        if self.smooth is not None:
+            transform.append(self.smooth)
+        clips = []
+        if self.act_clip is not None:
+            clips += list(self.act_clip.parameters())
+        if self.weight_clips is not None:
+            clips += list(self.weight_clips.parameters())
+        groups = [{"params": transform, "lr": config.lr}]
+        if clips:
+            groups.append({"params": clips, "lr": config.clip_lr})
+        return groups
+
+
+@torch.no_grad()
+def smoothquant_init(
+    act_max: torch.Tensor, group: ResolvedGroup, alpha: float
+) -> torch.Tensor:
+    """
+    SmoothQuant scales ``s_j = max|X_j|^alpha / max|W_:j|^(1 - alpha)`` at the
+    granularity of the smooth layer (channels tied by ``smooth_index`` share one).
+    """
+    w_max = torch.stack(
+        [linear.weight.detach().abs().amax(dim=0).float() for _, linear in group.linears]
+    ).amax(dim=0)
+    act_max = act_max.float().to(w_max.device)
+    if group.smooth_index is not None:
+        size = int(group.smooth_index.max()) + 1
+        index = group.smooth_index.to(w_max.device)
+        act_max = torch.zeros(size, device=w_max.device).scatter_reduce(
+            0, index, act_max, "amax"
+        )
+        w_max = torch.zeros(size, device=w_max.device).scatter_reduce(
+            0, index, w_max, "amax"
+        )
+    scale = act_max.clamp(min=1e-5).pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)
+    return scale.clamp(min=1e-5)
+
+
+class _PatchedLayer:
+    """
+    Runs a decoder layer with its target linears replaced by transformed,
+    fake-quantized ones whose parameters are the :class:`GroupParams`.
+    Matrices are computed once per step; the transformed input of linears that
+    share an input (q/k/v, gate/up) is computed once per forward.
+    """
+
+    def __init__(
+        self,
+        groups: list[ResolvedGroup],
+        params: list[GroupParams],
+        config: TrainConfig,
+        device: torch.device,
+    ):
+        self.groups = groups
+        self.params = params
+        self.config = config
+        self.weights = [
+            [
+                (
+                    linear.weight.detach().to(device=device, dtype=torch.float32),
+                    None
+                    if linear.bias is None
+                    else linear.bias.detach().to(device=device, dtype=torch.float32),
+                )
+                for _, linear in group.linears
+            ]
+            for group in groups
+        ]
+        self._step: dict[int, tuple] = {}
+        self._inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def new_step(self):
+        self._step.clear()
+        self._inputs.clear()
+
+    def _matrices(self, gi: int):
+        if gi not in self._step:
+            p = self.params[gi]
+            self._step[gi] = (*p.transform_and_clips(), p.smooth_vector())
+        return self._step[gi]
+
+    def _forward(self, gi: int, li: int, x: torch.Tensor) -> torch.Tensor:
+        p1, p1_inv_t, p2, p2_inv_t, act_clip, smooth = self._matrices(gi)
+        cfg = self.config
+        cached = self._inputs.get(gi)
+        if cached is not None and cached[0] is x:
+            h = cached[1]
+        else:
+            h = x.float()
+            if smooth is not None:
+                h = h / smooth
+            h = kronecker_matmul(h, p1, p2)
+            if cfg.a_bits is not None:
+                h = fake_quantize_activation(h.float(), act_clip, cfg.a_bits)
+            self._inputs[gi] = (x, h)
+        weight, bias = self.weights[gi][li]
+        if smooth is not None:
+            weight = weight * smooth
+        weight = kronecker_matmul(weight, p1_inv_t, p2_inv_t)
+        if cfg.w_bits is not None:
+            weight = fake_quantize_weight(
+                weight.float(), self.params[gi].weight_clip(li), cfg.w_bits
+            )
+        return F.linear(h, weight, bias).to(x.dtype)
+
+    @contextlib.contextmanager
+    def patched(self):
+        with contextlib.ExitStack() as stack:
+            for gi, group in enumerate(self.groups):
+                for li, (_, linear) in enumerate(group.linears):
+                    stack.enter_context(
+                        patch_attr(linear, "forward", self._make_forward(gi, li))
+                    )
+            yield
+
+    def _make_forward(self, gi: int, li: int) -> Callable:
+        return lambda x: self._forward(gi, li, x)
+
+
+def _output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@contextlib.contextmanager
+def _frozen(module: nn.Module):
+    """No gradients for the layer's own parameters while its transforms train."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def build_group_params(
+    groups: list[ResolvedGroup],
+    act_max: list[torch.Tensor | None],
+    config: TrainConfig,
+    device: torch.device,
+    generator: torch.Generator,
+) -> list[GroupParams]:
+    params = []
+    for group, amax in zip(groups, act_max):
+        smooth_init = None
+        if config.smooth and group.smooth is not None and amax is not None:
+            smooth_init = smoothquant_init(amax, group, config.smooth_alpha)
+        params.append(GroupParams(group, config, smooth_init, generator).to(device))
+    return params
+
+
+def _mean_loss(layer, patched, batches, targets, autocast) -> float:
+    total = 0.0
+    with torch.no_grad(), patched.patched():
+        for kwargs, target in zip(batches, targets):
+            patched.new_step()
+            with autocast():
+                out = _output(layer(**kwargs))
+            total += F.mse_loss(out.float(), target.float()).item()
+    patched.new_step()
+    return total / max(len(batches), 1)
+
+
+def train_layer(
+    name: str,
+    layer: nn.Module,
+    groups: list[ResolvedGroup],
+    params: list[GroupParams],
+    batches: list[dict[str, Any]],
+    targets: list[torch.Tensor],
+    config: TrainConfig,
+    device: torch.device,
+) -> LayerReport:
+    """
+    Train ``params`` so that ``layer`` with transformed, fake-quantized linears
+    reproduces ``targets`` (its full-precision outputs for ``batches``).
+
+    :raises NonFiniteLossError: if the loss becomes NaN/Inf (``params`` are then
+        garbage and must not be applied; the layer itself is untouched)
+    """
+    import time
+
+    start = time.perf_counter()
+    patched = _PatchedLayer(groups, params, config, device)
+    if config.autocast_dtype is not None:
+        def autocast():
+            return torch.autocast(device.type, dtype=config.autocast_dtype)
+    else:
+        autocast = contextlib.nullcontext
+
+    trainable = [g for p in params for g in p.param_groups(config)]
+    steps = config.epochs * len(batches)
+    with _frozen(layer), torch.enable_grad():
+        loss_init = _mean_loss(layer, patched, batches, targets, autocast)
+        optimizer = torch.optim.AdamW(trainable, weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(steps, 1), eta_min=0.0
+        )
+        epoch_losses = []
+        bar = tqdm(range(config.epochs), desc=f"FlatQuant {name}", leave=False)
+        for epoch in bar:
+            total = torch.zeros((), device=device)
+            with patched.patched():
+                for kwargs, target in zip(batches, targets):
+                    patched.new_step()
+                    with autocast():
+                        out = _output(layer(**kwargs))
+                    loss = F.mse_loss(out.float(), target.float())
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    total += loss.detach()
+            patched.new_step()
+            mean = total.item() / max(len(batches), 1)
+            if not math.isfinite(mean):
+                raise NonFiniteLossError(
+                    f"FlatQuant: the training loss of layer {name} became {mean} in "
+                    f"epoch {epoch + 1}/{config.epochs}; the layer was left unchanged. "
+                    "Try a lower lr / clip_lr, autocast_dtype=None (fp32), or check the "
+                    "calibration data for NaN/Inf activations."
+                )
+            epoch_losses.append(mean)
+            bar.set_postfix(loss=f"{mean:.3g}")
+        loss_final = _mean_loss(layer, patched, batches, targets, autocast)
+    return LayerReport(
+        name, loss_init, loss_final, epoch_losses, time.perf_counter() - start
+    )
+
+
+@torch.no_grad()
+def absorb_into_layer(
+    group: ResolvedGroup, params: GroupParams, config: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """
+    Write one group's training result into the model, in float64:
+    ``W <- clamp(W diag(s) P^-T, +-c_w * amax)`` for every linear, the smoothing
+    vector divided out of the smooth layer, and return ``(P1, P2, act_clip)`` for the
+    online transform.
+    """
+    ((p1, p1_inv_t), (p2, p2_inv_t)) = params.kron.export()
+    smooth = params.smooth_vector()
+    for li, (_, linear) in enumerate(group.linears):
+        weight = linear.weight.detach().double()
+        if smooth is not None:
+            weight = weight * smooth.double().to(weight.device)
+        weight = kronecker_matmul(
+            weight, p1_inv_t.to(weight.device), p2_inv_t.to(weight.device)
+        )
+        if params.weight_clips is not None:
+            clip = params.weight_clips[li]().double().to(weight.device).unsqueeze(-1)
+            bound = weight.abs().amax(dim=-1, keepdim=True) * clip
+            weight = torch.maximum(torch.minimum(weight, bound), -bound)
+        update_offload_parameter(linear, "weight", weight.to(linear.weight.dtype))
+    if smooth is not None:
+        _divide_smooth_layer(group, params.smooth.detach().double())
+    act_clip = float(params.act_clip()) if params.act_clip is not None else 1.0
+    return p1.float(), p2.float(), act_clip
+
+
+def _divide_smooth_layer(group: ResolvedGroup, smooth: torch.Tensor):
+    """Fold ``1/s`` into the producer of the input: a norm's weight or a linear's rows."""
+    _, module = group.smooth
+    weight = module.weight.detach()
+    s = smooth.to(weight.device)
+    if weight.ndim == 1:
+        update_offload_parameter(module, "weight", (weight.double() / s).to(weight.dtype))
+    else:
+        new = weight.double() / s.unsqueeze(-1)
+        update_offload_parameter(module, "weight", new.to(weight.dtype))
+    bias = getattr(module, "bias", None)
+    if bias is not None:
+        update_offload_parameter(module, "bias", (bias.double() / s).to(bias.dtype))
+
+
+def log_report(report: LayerReport):
+    logger.info(
+        f"FlatQuant {report.name}: loss {report.loss_init:.4g} -> "
+        f"{report.loss_final:.4g} ({report.seconds:.1f}s)"
+    )

@@ -1,0 +1,123 @@
+"""
+The online FlatQuant transform as a compressed-tensors transform type, so that it is
+saved in ``config.json`` (``transform_config``) and re-attached when the checkpoint is
+loaded (after ``import flatquant_modifier``), like llm-compressor's own
+QuIP/SpinQuant transforms.
+
+Two registered types:
+
+* ``"flatquant"``: ``x -> fake_quant_int4(x @ kron(left_trans, right_trans),
+  clip_ratio)`` with the Ascend NPU formula (``npu_kronecker_quant``). The linear's
+  own quantization scheme then quantizes only its weights.
+* ``"flatquant-kronecker"``: the transform only; activation quantization is left to
+  the linear's quantization scheme (e.g. NVFP4).
+
+Unlike the built-in factories, every module gets its own matrices (FlatQuant learns
+one transform per layer and input); the modifier writes the learned values into the
+modules it creates here.
+"""
+
+import torch
+from compressed_tensors.transform import TransformArgs, TransformLocation, TransformScheme
+from compressed_tensors.transform.factory.base import TransformBase, TransformFactory
+from compressed_tensors.utils import get_offloaded_device
+from torch import Tensor
+from torch.nn import Module, Parameter
+
+from flatquant_modifier.kronecker import get_decompose_dim, kronecker_matmul
+from flatquant_modifier.quantize import fake_quantize_activation
+
+__all__ = [
+    "FLATQUANT_TRANSFORM_TYPE",
+    "KRONECKER_TRANSFORM_TYPE",
+    "TRANSFORM_NAME",
+    "FlatQuantTransformFactory",
+    "KroneckerQuantTransform",
+    "get_flatquant_transform",
+]
+
+FLATQUANT_TRANSFORM_TYPE = "flatquant"
+KRONECKER_TRANSFORM_TYPE = "flatquant-kronecker"
+# name of the config group; the submodule on each linear is f"{TRANSFORM_NAME}_input"
+TRANSFORM_NAME = "flatquant"
+ACTIVATION_BITS = 4  # npu_kronecker_quant produces int4
+
+
+@TransformFactory.register(FLATQUANT_TRANSFORM_TYPE, alias=[KRONECKER_TRANSFORM_TYPE])
+class FlatQuantTransformFactory(TransformFactory):
+    """Creates one :class:`KroneckerQuantTransform` per targeted linear (identity)."""
+
+    def create_transform(self, module: Module, args: TransformArgs) -> TransformBase:
+        if TransformLocation(args.location) != TransformLocation.INPUT:
+            raise ValueError(
+                f"FlatQuant transforms apply to linear inputs only, got location "
+                f"{args.location!r}; the inverse is absorbed into the weights"
+            )
+        if not hasattr(module, "in_features"):
+            raise ValueError(
+                f"FlatQuant transforms target linear layers, got {type(module).__name__}"
+            )
+        return KroneckerQuantTransform(
+            module.in_features,
+            self.scheme,
+            args,
+            quantize=self.scheme.type == FLATQUANT_TRANSFORM_TYPE,
+            device=get_offloaded_device(module),
+        )
+
+
+class KroneckerQuantTransform(TransformBase):
+    """
+    ``x -> x @ kron(left_trans, right_trans)``, then (``quantize=True``) per-token
+    int4 fake quantization ``scale = max|y| * clip_ratio / 7``. Quantization is
+    skipped while ``quantization_enabled`` is False, the flag compressed-tensors'
+    ``disable_quantization`` sets (llm-compressor's calibration pipelines use it).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        scheme: TransformScheme,
+        args: TransformArgs,
+        quantize: bool,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.scheme = scheme
+        self.args = args
+        self.quantize = quantize
+        m, n = get_decompose_dim(in_features)
+        precision = scheme.precision
+        self.left_trans = Parameter(
+            torch.eye(m, dtype=precision, device=device), requires_grad=False
+        )
+        self.right_trans = Parameter(
+            torch.eye(n, dtype=precision, device=device), requires_grad=False
+        )
+        self.clip_ratio = Parameter(
+            torch.ones(1, dtype=torch.float32, device=device), requires_grad=False
+        )
+
+    # parameters are per module, never shared: nothing for save_pretrained to tie
+    _dynamic_tied_weights_keys: list[str] = []
+
+    def forward(self, value: Tensor) -> Tensor:
+        left = self.left_trans.to(value.device)
+        right = self.right_trans.to(value.device)
+        y = kronecker_matmul(value.to(left.dtype), left, right)
+        if self.quantize and getattr(self, "quantization_enabled", True):
+            clip = self.clip_ratio.to(device=value.device, dtype=y.dtype)
+            y = fake_quantize_activation(y, clip, ACTIVATION_BITS)
+        return y.to(value.dtype)
+
+    def __repr__(self):
+        return (
+            f"{self.__class__.__name__}(left={tuple(self.left_trans.shape)}, "
+            f"right={tuple(self.right_trans.shape)}, quantize={self.quantize})"
+        )
+
+
+def get_flatquant_transform(module: Module) -> KroneckerQuantTransform | None:
+    """The FlatQuant input transform attached to a linear, if any."""
+    transform = getattr(module, f"{TRANSFORM_NAME}_{TransformLocation.INPUT.value}", None)
+    return transform if isinstance(transform, KroneckerQuantTransform) else None

@@ -1,0 +1,163 @@
+"""FlatQuantModifier through llm-compressor's oneshot on a tiny random Llama."""
+
+import math
+
+import pytest
+import torch
+import yaml
+from compressed_tensors import TRANSFORM_CONFIG_NAME
+from compressed_tensors.quantization import disable_quantization, enable_quantization
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import QuantizationModifier
+
+from flatquant_modifier import FlatQuantModifier
+from flatquant_modifier.kronecker import kronecker_matmul
+from flatquant_modifier.quantize import fake_quantize_activation
+from flatquant_modifier.transform import get_flatquant_transform
+from tests.conftest import load_tiny, random_token_dataset
+
+WEIGHTS_W4 = {
+    "num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel", "observer": "minmax"
+}
+
+
+def weight_quantizer(**kwargs):
+    return QuantizationModifier(
+        ignore=["lm_head"],
+        config_groups={"group_0": {"targets": ["Linear"], "weights": WEIGHTS_W4}},
+        **kwargs,
+    )
+
+
+def run(model, tok, recipe, num_samples=8, seq_len=32, **kwargs):
+    torch.manual_seed(0)
+    oneshot(
+        model=model,
+        processor=tok,
+        dataset=random_token_dataset(num_samples, seq_len),
+        recipe=recipe,
+        num_calibration_samples=num_samples,
+        max_seq_length=seq_len,
+        **kwargs,
+    )
+    return model
+
+
+def logits(model, seed=1):
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_transforms_preserve_the_unquantized_model(tiny_llama_dir):
+    model, tok = load_tiny(tiny_llama_dir)
+    reference = logits(model)
+    # weight clipping changes the weights on purpose; everything else is exact
+    modifier = FlatQuantModifier(epochs=2, learn_weight_clip=False, transform_init="random")
+    run(model, tok, [modifier])
+    q_proj = model.model.layers[0].self_attn.q_proj
+    transform = get_flatquant_transform(q_proj)
+    assert transform is not None
+    assert not torch.allclose(transform.left_trans, torch.eye(8))  # really transformed
+    model.apply(disable_quantization)
+    out = logits(model)
+    model.apply(enable_quantization)
+    rel = ((out - reference).norm() / reference.norm()).item()
+    assert rel < 1e-4, rel
+
+
+@pytest.mark.parametrize("parametrization", ["orthogonal", "dense"])
+def test_training_lowers_every_layer_loss(tiny_llama_dir, parametrization):
+    model, tok = load_tiny(tiny_llama_dir)
+    modifier = FlatQuantModifier(epochs=8, parametrization=parametrization)
+    run(model, tok, [modifier], num_samples=16)
+    assert [r.name for r in modifier.reports] == ["model.layers.0", "model.layers.1"]
+    for report in modifier.reports:
+        assert report.loss_final < 0.9 * report.loss_init, report
+
+
+def test_w4a4_forward_is_transform_then_npu_quant_then_int4_weights(tiny_llama_dir):
+    model, tok = load_tiny(tiny_llama_dir)
+    run(model, tok, [FlatQuantModifier(epochs=2), weight_quantizer()])
+    down = model.model.layers[1].mlp.down_proj
+    transform = get_flatquant_transform(down)
+    clip = transform.clip_ratio.item()
+    assert 0.0 < clip <= 1.0 and transform.left_trans.shape == (8, 8)
+    assert transform.right_trans.shape == (16, 16)
+    # by hand: P1^T X P2, per-token int4 with max|y| * clip / 7, then int4 weights
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(0))
+    y = kronecker_matmul(x, transform.left_trans, transform.right_trans)
+    y = fake_quantize_activation(y, clip, 4)
+    scale = down.weight_scale  # [out, 1], written by the QuantizationModifier
+    w_int = torch.clamp(torch.round(down.weight / scale), -8, 7)
+    expected = y @ (w_int * scale).T
+    with torch.no_grad():
+        torch.testing.assert_close(down(x), expected, rtol=1e-5, atol=1e-5)
+    # the transform config that save_pretrained writes covers every transformed linear
+    config = getattr(model, TRANSFORM_CONFIG_NAME)
+    targets = config.config_groups["flatquant"].apply[0].targets
+    assert len(targets) == 2 * 7 and "model.layers.1.mlp.down_proj" in targets
+
+
+def test_yaml_recipe_and_python_composition_agree(tiny_llama_dir, tmp_path):
+    recipe = {
+        "quant_stage": {
+            "quant_modifiers": {
+                "FlatQuantModifier": {"epochs": 2, "ignore": ["lm_head"]},
+                "QuantizationModifier": {
+                    "ignore": ["lm_head"],
+                    "config_groups": {"group_0": {"targets": ["Linear"], "weights": WEIGHTS_W4}},
+                },
+            }
+        }
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    model_yaml, tok = load_tiny(tiny_llama_dir)
+    run(model_yaml, tok, str(path))
+    model_py, _ = load_tiny(tiny_llama_dir)
+    run(model_py, tok, [FlatQuantModifier(epochs=2), weight_quantizer()])
+    state_yaml, state_py = model_yaml.state_dict(), model_py.state_dict()
+    assert state_yaml.keys() == state_py.keys()
+    for key in state_yaml:
+        torch.testing.assert_close(state_yaml[key], state_py[key], msg=key)
+    torch.testing.assert_close(logits(model_yaml), logits(model_py))
+
+
+def test_quantizing_activations_twice_is_refused(tiny_llama_dir):
+    model, tok = load_tiny(tiny_llama_dir)
+    w4a4 = QuantizationModifier(targets=["Linear"], scheme="W4A16", ignore=["lm_head"])
+    w4a4 = QuantizationModifier(
+        ignore=["lm_head"],
+        config_groups={
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": WEIGHTS_W4,
+                "input_activations": {"num_bits": 4, "type": "int", "symmetric": True,
+                                      "strategy": "token", "dynamic": True},
+            }
+        },
+    )
+    with pytest.raises(ValueError, match="q_proj.*quantizes its input activations.*weights-only"):
+        run(model, tok, [FlatQuantModifier(epochs=1), w4a4])
+
+
+def test_no_calibration_data_is_a_clear_error(tiny_llama_dir):
+    model, tok = load_tiny(tiny_llama_dir)
+    with pytest.raises(ValueError, match="no dataset was passed"):
+        oneshot(model=model, processor=tok, recipe=[FlatQuantModifier()])
+
+
+def test_nan_loss_stops_with_layer_and_epoch_and_leaves_layer_unchanged(tiny_llama_dir):
+    model, tok = load_tiny(tiny_llama_dir)
+    before = model.model.layers[0].self_attn.q_proj.weight.clone()
+    with pytest.raises(RuntimeError, match=r"layer model.layers.0 became nan in epoch 1/2.*unchanged"):
+        run(model, tok, [FlatQuantModifier(epochs=2, lr=math.inf)])
+    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight, before)
+    assert get_flatquant_transform(model.model.layers[0].self_attn.q_proj) is None
+
+    model, tok = load_tiny(tiny_llama_dir)
+    modifier = FlatQuantModifier(epochs=1, lr=math.inf, on_nonfinite="skip")
+    run(model, tok, [modifier])
+    assert modifier.reports == []
+    assert get_flatquant_transform(model.model.layers[1].mlp.down_proj) is None

@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+from flatquant_modifier.modules import ClipFactor, LearnableKronecker, LearnableMatrix
+
+
+@pytest.mark.parametrize("parametrization", ["orthogonal", "dense"])
+@pytest.mark.parametrize("init", ["identity", "random"])
+def test_inverse_transpose_is_exact(parametrization, init):
+    g = torch.Generator().manual_seed(0)
+    matrix = LearnableMatrix(12, parametrization, init, g)
+    with torch.no_grad():  # move away from the init
+        for p in matrix.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    p, p_inv_t = matrix()
+    torch.testing.assert_close(p @ p_inv_t.T, torch.eye(12), atol=1e-4, rtol=0)
+    p64, p_inv_t64 = matrix.export()
+    assert p64.dtype == torch.float64
+    torch.testing.assert_close(p64 @ p_inv_t64.T, torch.eye(12, dtype=torch.float64))
+
+
+def test_identity_init_is_identity_and_random_init_is_orthogonal():
+    p, _ = LearnableMatrix(8, "orthogonal", "identity")()
+    torch.testing.assert_close(p, torch.eye(8))
+    p, _ = LearnableMatrix(8, "orthogonal", "random", torch.Generator().manual_seed(0))()
+    torch.testing.assert_close(p @ p.T, torch.eye(8), atol=1e-5, rtol=0)
+
+
+def test_kronecker_has_both_factors_and_gradients():
+    kron = LearnableKronecker(4, 6)
+    ((p1, _), (p2, _)) = kron()
+    assert p1.shape == (4, 4) and p2.shape == (6, 6)
+    (p1.sum() + p2.sum()).backward()
+    assert all(p.grad is not None for p in kron.parameters())
+
+
+def test_clip_factor_init_and_shape():
+    clip = ClipFactor(5, init_logit=4.0)
+    torch.testing.assert_close(clip(), torch.full((5,), torch.sigmoid(torch.tensor(4.0)).item()))
+    assert ClipFactor(1)().shape == (1,)

@@ -1,0 +1,69 @@
+import torch
+from compressed_tensors.quantization import QuantizationArgs, fake_quantize
+from compressed_tensors.quantization.utils import calculate_qparams
+
+from flatquant_modifier.quantize import (
+    fake_quantize_activation,
+    fake_quantize_weight,
+    quantize_activation,
+    weight_scale,
+)
+
+
+def test_activation_quant_npu_formula_by_hand():
+    # one token, max|y| = 7 and clip 1.0 -> scale 1.0: plain rounding, saturation at 7
+    y = torch.tensor([[7.0, -7.0, 2.4, -2.6, 0.5, 1.5, 0.0, 3.49]])
+    q, scale = quantize_activation(y, 1.0)
+    assert scale.item() == 1.0
+    assert q.tolist() == [[7, -7, 2, -3, 0, 2, 0, 3]]  # half to even: 0.5 -> 0, 1.5 -> 2
+    # clip 0.5 -> scale = 7 * 0.5 / 7 = 0.5: +7 saturates at 7, -7 at -8
+    q, scale = quantize_activation(y, 0.5)
+    assert scale.item() == 0.5
+    assert q[0, :4].tolist() == [7, -8, 5, -5]
+    torch.testing.assert_close(fake_quantize_activation(y, 0.5), q * 0.5)
+
+
+def test_activation_quant_is_per_token_and_handles_zero_tokens():
+    y = torch.tensor([[1.0, -2.0], [0.0, 0.0], [14.0, 7.0]])
+    q, scale = quantize_activation(y, 1.0)
+    torch.testing.assert_close(scale, torch.tensor([[2 / 7], [0.0], [2.0]]))
+    assert q[1].tolist() == [0, 0]
+    assert torch.isfinite(fake_quantize_activation(y, 1.0)).all()
+
+
+def test_weight_quant_matches_compressed_tensors_channel_int4():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 32, generator=g)
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="channel")
+    amax = w.abs().amax(dim=1, keepdim=True)
+    scale, zp = calculate_qparams(-amax, amax, args)
+    expected = fake_quantize(w, scale, zp, args)
+    torch.testing.assert_close(fake_quantize_weight(w), expected)
+    torch.testing.assert_close(weight_scale(w), amax / 7.5)
+
+
+def test_weight_clip_equals_clamp_then_minmax():
+    # training quantizes W with scale c*amax/7.5; a min-max observer on the clamped
+    # weight (how the clip is baked in) gives the same scale and the same values,
+    # except at the -c*amax bound itself: -bound/scale is the tie -7.5, which
+    # compressed-tensors resolves to -8 or -7 by floating-point luck (the same tie
+    # any row whose amax is negative has, clipped or not)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(8, 24, generator=g, dtype=torch.float64)
+    clip = torch.rand(8, generator=g, dtype=torch.float64) * 0.5 + 0.5
+    bound = w.abs().amax(dim=1, keepdim=True) * clip[:, None]
+    clamped = torch.maximum(torch.minimum(w, bound), -bound)
+    torch.testing.assert_close(weight_scale(w, clip), weight_scale(clamped))
+    trained, baked = fake_quantize_weight(w, clip), fake_quantize_weight(clamped)
+    tie = clamped == -bound
+    torch.testing.assert_close(trained[~tie], baked[~tie])
+    step = weight_scale(w, clip).expand_as(w)[tie]
+    diff = (baked - trained)[tie]
+    assert torch.all(torch.isclose(diff, 0 * step) | torch.isclose(diff, step))
+
+
+def test_straight_through_gradients_reach_clip():
+    y = torch.randn(4, 16, requires_grad=True)
+    clip = torch.tensor(0.9, requires_grad=True)
+    fake_quantize_activation(y, clip).pow(2).sum().backward()
+    assert y.grad is not None and clip.grad is not None and clip.grad != 0
