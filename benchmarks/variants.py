@@ -26,14 +26,15 @@ from flatquant_modifier.smollm2 import load_smollm2
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("FLATQUANT_DATA", ROOT.parent / "shared" / "data"))
 
-VARIANTS = {
-    "orthogonal": {},
-    "dense": {"parametrization": "dense"},
-    "random-init": {"transform_init": "random"},
-    "dense-random-init": {"parametrization": "dense", "transform_init": "random"},
+VARIANTS = {  # changes from the defaults (dense, random init, smoothing, both clips)
+    "default": {},
+    "dense-identity-init": {"transform_init": "identity"},
     "no-smooth": {"smooth": False},
     "no-clip": {"learn_weight_clip": False, "learn_activation_clip": False},
     "bf16-autocast": {"autocast_dtype": "bfloat16"},
+    "propagate-act-quant": {"propagate_activation_quant": True},
+    "orthogonal-random-init": {"parametrization": "orthogonal", "transform_init": "random"},
+    "orthogonal-identity-init": {"parametrization": "orthogonal", "transform_init": "identity"},
 }
 
 W4_CHANNEL = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel",
@@ -74,7 +75,7 @@ def run_variant(name, kwargs, args, tokenizer, dataset, device):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--variants", default="orthogonal,dense")
+    parser.add_argument("--variants", default="default,orthogonal-random-init")
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=15)

@@ -21,6 +21,7 @@ from llmcompressor.recipe import Recipe
 
 import flatquant_modifier  # noqa: F401  registers FlatQuantModifier for YAML recipes
 from flatquant_modifier import FlatQuantModifier
+from flatquant_modifier.ascend import load_ascend_model, save_ascend_checkpoint
 from flatquant_modifier.calibration_data import text_windows_dataset
 from flatquant_modifier.perplexity import perplexity
 from flatquant_modifier.smollm2 import load_smollm2
@@ -42,6 +43,13 @@ def parse_args():
     parser.add_argument("--model-cache", default=str(ROOT / "outputs" / "smollm2-hf"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-fp-eval", action="store_true")
+    parser.add_argument(
+        "--format", choices=["compressed-tensors", "ascend", "both"], default="both",
+        help="compressed-tensors: save_pretrained(save_compressed=True) to --output-dir; "
+        "ascend: the vllm-ascend W4A4_FLATQUANT_DYNAMIC layout to <output-dir>-ascend",
+    )
+    parser.add_argument("--eval-ascend", action="store_true",
+                        help="also evaluate the Ascend checkpoint through the reference")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
@@ -84,8 +92,20 @@ def main():
     result["ppl_w4a4"] = perplexity(model, tokenizer, args.test_data, 2048, windows)
 
     output = Path(args.output_dir)
-    model.save_pretrained(output, save_compressed=True)
-    tokenizer.save_pretrained(output)
+    if args.format in ("ascend", "both"):
+        ascend_dir = output.with_name(output.name + "-ascend")
+        save_ascend_checkpoint(model, ascend_dir, tokenizer, overwrite=True)
+        result["ascend_checkpoint"] = str(ascend_dir)
+        if args.eval_ascend:
+            ascend = load_ascend_model(ascend_dir).to(args.device)
+            result["ppl_ascend_reference"] = perplexity(
+                ascend, tokenizer, args.test_data, 2048, windows
+            )
+    if args.format in ("compressed-tensors", "both"):
+        model.save_pretrained(output, save_compressed=True)
+        tokenizer.save_pretrained(output)
+        result["checkpoint"] = str(output)
+    output.mkdir(parents=True, exist_ok=True)
     (output / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
 

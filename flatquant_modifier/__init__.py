@@ -10,6 +10,7 @@ with compressed-tensors (so saved checkpoints load back).
 from llmcompressor.modifiers.factory import ModifierFactory
 
 from flatquant_modifier.kronecker import get_decompose_dim, kronecker_matmul
+from flatquant_modifier.loading import load_flatquant_model
 from flatquant_modifier.mappings import LLAMA_MAPPINGS, FlatQuantMapping
 from flatquant_modifier.modifier import FlatQuantModifier
 from flatquant_modifier.transform import FlatQuantTransformFactory, KroneckerQuantTransform
@@ -24,4 +25,5 @@ __all__ = [
     "KroneckerQuantTransform",
     "get_decompose_dim",
     "kronecker_matmul",
+    "load_flatquant_model",
 ]

@@ -197,6 +197,12 @@ def _resolve_group(
             "int4 activations are packed 8 per int32 on Ascend. Add the layer to "
             "`ignore` to keep it in full precision."
         )
+    if n % 8 != 0:
+        logger.warning(
+            f"FlatQuant: {names[0]} decomposes as {m} x {n}; vllm-ascend's "
+            "npu_kronecker_quant needs N % 8 == 0, so this layer cannot be exported to "
+            "the Ascend W4A4_FLATQUANT_DYNAMIC format"
+        )
     smooth, smooth_index = _resolve_smooth(layer_name, layer, mapping, linears)
     return ResolvedGroup(
         name=_join(layer_name, mapping.name),

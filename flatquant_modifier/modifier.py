@@ -149,6 +149,12 @@ class FlatQuantModifier(Modifier):
     :param seed: seed of the random initialisations
     :param on_nonfinite: ``"raise"`` stops the run when a layer's loss becomes
         NaN/Inf; ``"skip"`` leaves that layer untransformed and goes on
+    :param propagate_activation_quant: during calibration, pass the next layer the
+        outputs of this layer with its activations quantized (its weights stay
+        unquantized until the weight quantizer runs), in the spirit of
+        llm-compressor's ``propagate_error``. False trains every layer on
+        full-precision inputs, as the paper's code does; True measured 28.41 against
+        29.65 on SmolLM2-135M (README, "Choosing the defaults")
     """
 
     requires_calibration_data: bool = True
@@ -174,6 +180,7 @@ class FlatQuantModifier(Modifier):
     offload_device: str | None = None
     seed: int = 0
     on_nonfinite: Literal["raise", "skip"] = "raise"
+    propagate_activation_quant: bool = True
 
     # decoder layers in model order: (name, module, resolved groups)
     _layers: list[tuple[str, Module, list[ResolvedGroup]]] = PrivateAttr(
@@ -372,6 +379,13 @@ class FlatQuantModifier(Modifier):
             update_offload_parameter(
                 transform, "clip_ratio", torch.tensor([clip_ratio], dtype=torch.float32)
             )
+            # the pipeline disabled quantization on the modules that existed when it
+            # started; a transform attached now follows its linear's state, unless the
+            # outputs passed on to the next layer should carry activation quantization
+            if not self.propagate_activation_quant:
+                transform.quantization_enabled = getattr(
+                    linear, "quantization_enabled", True
+                )
         self._transformed.extend(names)
 
     def _record_transform_config(self, model: Module):

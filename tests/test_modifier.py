@@ -81,9 +81,11 @@ def test_training_beats_identity_transforms_in_every_layer(tiny_llama_dir, param
         assert len(report.epoch_losses) == 8
 
 
-def test_w4a4_forward_is_transform_then_npu_quant_then_int4_weights(tiny_llama_dir):
+@pytest.mark.parametrize("propagate", [True, False])
+def test_w4a4_forward_is_transform_then_npu_quant_then_int4_weights(tiny_llama_dir, propagate):
     model, tok = load_tiny(tiny_llama_dir)
-    run(model, tok, [FlatQuantModifier(epochs=2), weight_quantizer()])
+    modifier = FlatQuantModifier(epochs=2, propagate_activation_quant=propagate)
+    run(model, tok, [modifier, weight_quantizer()])
     down = model.model.layers[1].mlp.down_proj
     transform = get_flatquant_transform(down)
     clip = transform.clip_ratio.item()

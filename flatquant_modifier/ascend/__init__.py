@@ -1,0 +1,31 @@
+"""Ascend NPU deployment: a faithful reference of the NPU ops, the
+W4A4_FLATQUANT_DYNAMIC export, and a reference loader to evaluate it without an NPU."""
+
+from flatquant_modifier.ascend.export import (
+    AscendExportError,
+    save_ascend_checkpoint,
+)
+from flatquant_modifier.ascend.ops import (
+    kronecker_quant,
+    npu_available,
+    pack_int4,
+    pack_int4_offset_binary,
+    quant_matmul,
+    unpack_int4,
+    unpack_int4_offset_binary,
+)
+from flatquant_modifier.ascend.runtime import AscendW4A4FlatQuantLinear, load_ascend_model
+
+__all__ = [
+    "AscendExportError",
+    "AscendW4A4FlatQuantLinear",
+    "kronecker_quant",
+    "load_ascend_model",
+    "npu_available",
+    "pack_int4",
+    "pack_int4_offset_binary",
+    "quant_matmul",
+    "save_ascend_checkpoint",
+    "unpack_int4",
+    "unpack_int4_offset_binary",
+]

@@ -1,0 +1,41 @@
+"""``flatquant-export-ascend``: convert a saved FlatQuant compressed-tensors checkpoint
+into the vllm-ascend W4A4_FLATQUANT_DYNAMIC layout.
+
+    flatquant-export-ascend outputs/smollm2-flatquant-w4a4 outputs/smollm2-ascend
+"""
+
+import argparse
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(
+        prog="flatquant-export-ascend", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("checkpoint", help="save_pretrained(save_compressed=True) output")
+    parser.add_argument("output", help="directory to write the Ascend checkpoint to")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--max-shard-size", default="5GB")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoTokenizer, CompressedTensorsConfig
+
+    from flatquant_modifier.ascend.export import save_ascend_checkpoint
+    from flatquant_modifier.loading import load_flatquant_model
+
+    # dequantize=True: weights as weight_int * weight_scale, scheme and scales kept
+    model = load_flatquant_model(
+        args.checkpoint, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    except (OSError, ValueError):
+        tokenizer = None
+    save_ascend_checkpoint(
+        model, args.output, tokenizer, overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size,
+    )
+    print(args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""
+Write a FlatQuant model as the checkpoint vllm-ascend's ``W4A4_FLATQUANT_DYNAMIC``
+method loads: safetensors shards + ``quant_model_description.json`` + ``config.json``
+(with ``"quantize": "w4a4_flatquant_dynamic"``) + tokenizer and generation config.
+
+Per FlatQuant linear: ``weight`` int8 [out, in] holding int4 values, ``weight_scale`` and
+``weight_offset`` float32 [out, 1], ``left_trans`` [M, M] = P1 and ``right_trans``
+[N, N] = P2 in the model dtype (vllm-ascend transposes ``left_trans`` at load and
+computes ``left_trans.T @ X @ right_trans`` = ``P1^T X P2``, our ``x @ kron(P1, P2)``),
+``clip_ratio`` float32 [1]. The weight integers and scales are those of the
+compressed-tensors quantization the model was evaluated with, so ``weight *
+weight_scale`` is exactly the fake-quantized weight.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from compressed_tensors.quantization import QuantizationStrategy, QuantizationType
+from compressed_tensors.utils import align_module_device
+from huggingface_hub import save_torch_state_dict
+from loguru import logger
+from torch.nn import Module
+
+from flatquant_modifier.ascend.runtime import DESCRIPTION_FILE, QUANT_TYPE
+from flatquant_modifier.kronecker import get_decompose_dim
+from flatquant_modifier.transform import KroneckerQuantTransform, get_flatquant_transform
+
+__all__ = ["FUSED_SIBLINGS", "AscendExportError", "save_ascend_checkpoint"]
+
+# vllm packs these per-layer siblings into one linear; they share the per-tensor params
+FUSED_SIBLINGS = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+DESCRIPTION_VERSION = "1.0.0"
+# aclnnFlatQuant (CANN 8.5): M and N at most 256, N a multiple of 8 for int32 output
+NPU_MAX_FACTOR = 256
+
+
+class AscendExportError(ValueError):
+    """The model cannot be written as a valid W4A4_FLATQUANT_DYNAMIC checkpoint."""
+
+
+def save_ascend_checkpoint(
+    model: Module,
+    save_dir: str | Path,
+    tokenizer=None,
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+) -> Path:
+    """
+    Export ``model`` (after ``FlatQuantModifier`` + a W4 per-channel symmetric
+    QuantizationModifier/GPTQModifier) for vllm-ascend. Atomic: everything is written
+    to a temporary directory beside ``save_dir`` and renamed at the end, so an error
+    leaves no partial checkpoint.
+
+    :raises AscendExportError: on anything vllm-ascend would load wrongly (unsupported
+        scheme, in_features % 8, fused siblings with different transforms, clip ratio
+        outside (0, 1], NaN/Inf)
+    :raises FileExistsError: if ``save_dir`` exists and ``overwrite`` is False
+    """
+    save_dir = Path(save_dir)
+    if save_dir.exists() and not overwrite:
+        raise FileExistsError(f"{save_dir} exists; pass overwrite=True to replace it")
+    tensors, description = _collect_tensors(model)
+    save_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=save_dir.parent, prefix=f".{save_dir.name}.tmp-"))
+    try:
+        save_torch_state_dict(tensors, staging, max_shard_size=max_shard_size)
+        description = {
+            "model_quant_type": QUANT_TYPE,
+            "version": DESCRIPTION_VERSION,
+            **dict(sorted(description.items())),
+        }
+        (staging / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2))
+        _write_config(model, staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        _replace(staging, save_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info(f"Saved the W4A4_FLATQUANT_DYNAMIC checkpoint to {save_dir}")
+    return save_dir
+
+
+def _collect_tensors(model: Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    quantized = {
+        name: module
+        for name, module in model.named_modules()
+        if get_flatquant_transform(module) is not None
+    }
+    if not quantized:
+        raise AscendExportError(
+            "no FlatQuant transforms found: run FlatQuantModifier (a_bits=4) and a W4 "
+            "per-channel weight quantizer through oneshot before exporting"
+        )
+    _check_fused_siblings(quantized)
+    params_dtype = _params_dtype(model)
+    tensors: dict[str, torch.Tensor] = {}
+    description: dict[str, str] = {}
+    for name, module in quantized.items():
+        for suffix, tensor in _quantized_linear_tensors(name, module, params_dtype).items():
+            tensors[f"{name}.{suffix}"] = tensor
+            description[f"{name}.{suffix}"] = QUANT_TYPE
+        if getattr(module, "bias", None) is not None:
+            with align_module_device(module):
+                tensors[f"{name}.bias"] = module.bias.detach().cpu().clone()
+            description[f"{name}.bias"] = "FLOAT"
+    skip_prefixes = tuple(f"{name}." for name in quantized)
+    for key, tensor in _plain_state_dict(model).items():
+        if key.startswith(skip_prefixes):
+            continue
+        _check_finite(key, tensor)
+        tensors[key] = tensor
+        description[key] = "FLOAT"
+    return tensors, description
+
+
+def _quantized_linear_tensors(name: str, module: Module, params_dtype) -> dict:
+    transform: KroneckerQuantTransform = get_flatquant_transform(module)
+    if not transform.quantize:
+        raise AscendExportError(
+            f"{name}: its FlatQuant transform does not quantize activations "
+            "(FlatQuantModifier(a_bits=None)); W4A4_FLATQUANT_DYNAMIC needs a_bits=4"
+        )
+    in_features = module.in_features
+    if in_features % 8 != 0:
+        raise AscendExportError(
+            f"{name}: in_features={in_features} is not divisible by 8 (int4 packing)"
+        )
+    _check_weight_scheme(name, module)
+    with align_module_device(module), align_module_device(transform):
+        weight = module.weight.detach().float()
+        scale = module.weight_scale.detach().float().reshape(-1, 1)
+        zero_point = getattr(module, "weight_zero_point", None)
+        if zero_point is not None and torch.any(zero_point != 0):
+            raise AscendExportError(f"{name}: weight zero points must be 0 (symmetric)")
+        left = transform.left_trans.detach().clone()
+        right = transform.right_trans.detach().clone()
+        clip = transform.clip_ratio.detach().float().reshape(1).clone()
+    m, n = get_decompose_dim(in_features)
+    if n % 8 != 0 or max(m, n) > NPU_MAX_FACTOR:
+        raise AscendExportError(
+            f"{name}: in_features={in_features} decomposes as {m} x {n}; "
+            f"npu_kronecker_quant needs N % 8 == 0 and M, N <= {NPU_MAX_FACTOR}"
+        )
+    if left.shape != (m, m) or right.shape != (n, n):
+        raise AscendExportError(
+            f"{name}: transforms {tuple(left.shape)}/{tuple(right.shape)} do not match "
+            f"get_decompose_dim({in_features}) = ({m}, {n})"
+        )
+    if not 0.0 < clip.item() <= 1.0:
+        raise AscendExportError(f"{name}: clip_ratio {clip.item()} is outside (0, 1]")
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(weight / safe), -8, 7).to(torch.int8)
+    tensors = {
+        "weight": q.cpu(),
+        "weight_scale": scale.cpu().clone(),
+        "weight_offset": torch.zeros_like(scale).cpu(),
+        "left_trans": left.to(params_dtype).cpu(),
+        "right_trans": right.to(params_dtype).cpu(),
+        "clip_ratio": clip.cpu(),
+    }
+    for key, tensor in tensors.items():
+        _check_finite(f"{name}.{key}", tensor)
+    return tensors
+
+
+def _check_weight_scheme(name: str, module: Module):
+    scheme = getattr(module, "quantization_scheme", None)
+    weights = getattr(scheme, "weights", None)
+    ok = (
+        weights is not None
+        and weights.num_bits == 4
+        and weights.type == QuantizationType.INT
+        and weights.symmetric
+        and weights.strategy == QuantizationStrategy.CHANNEL
+        and hasattr(module, "weight_scale")
+    )
+    if not ok:
+        raise AscendExportError(
+            f"{name}: W4A4_FLATQUANT_DYNAMIC stores int4 per-channel symmetric weights; "
+            f"this linear's weight scheme is {weights}. Quantize the weights after "
+            "FlatQuantModifier with a QuantizationModifier/GPTQModifier config group "
+            "{num_bits: 4, type: int, symmetric: true, strategy: channel}."
+        )
+    if getattr(scheme, "input_activations", None) is not None:
+        raise AscendExportError(
+            f"{name}: its scheme quantizes input activations itself; on Ascend the "
+            "FlatQuant transform does (leave input_activations unset)"
+        )
+
+
+def _check_fused_siblings(quantized: dict[str, Module]):
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for name in quantized:
+        parent, _, child = name.rpartition(".")
+        for fused, siblings in FUSED_SIBLINGS.items():
+            if child in siblings:
+                groups[(parent, fused)].append(name)
+    for (parent, fused), names in groups.items():
+        first = get_flatquant_transform(quantized[names[0]])
+        for other_name in names[1:]:
+            other = get_flatquant_transform(quantized[other_name])
+            for attr in ("left_trans", "right_trans", "clip_ratio"):
+                if not torch.equal(getattr(first, attr).cpu(), getattr(other, attr).cpu()):
+                    raise AscendExportError(
+                        f"{names[0]} and {other_name} are fused into {parent}.{fused} by "
+                        f"vllm-ascend, which loads one {attr} for both, but theirs "
+                        "differ. FlatQuantModifier gives siblings one shared transform; "
+                        "check the mappings."
+                    )
+
+
+def _plain_state_dict(model: Module) -> dict[str, torch.Tensor]:
+    """Full-precision tensors: the state dict without transforms, qparams, tied copies."""
+    skip_modules = {
+        name for name, module in model.named_modules()
+        if isinstance(module, KroneckerQuantTransform)
+    }
+    qparam_suffixes = (
+        "weight_scale", "weight_zero_point", "weight_global_scale", "input_scale",
+        "input_zero_point", "input_global_scale", "output_scale", "output_zero_point",
+        "weight_g_idx",
+    )
+    tied = _tied_keys(model)
+    state = {}
+    for key, tensor in model.state_dict().items():
+        module_name = key.rpartition(".")[0]
+        if any(module_name == s or module_name.startswith(s + ".") for s in skip_modules):
+            continue
+        if key.rpartition(".")[2] in qparam_suffixes or key in tied:
+            continue
+        state[key] = tensor.detach().cpu().clone()
+    return state
+
+
+def _tied_keys(model: Module) -> set[str]:
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_word_embeddings", False):
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if output is not None:
+            for name, module in model.named_modules():
+                if module is output:
+                    return {f"{name}.weight"}
+    return set()
+
+
+def _params_dtype(model: Module) -> torch.dtype:
+    config = getattr(model, "config", None)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return dtype or next(model.parameters()).dtype
+
+
+def _check_finite(name: str, tensor: torch.Tensor):
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise AscendExportError(f"{name} contains NaN or Inf; refusing to export")
+
+
+def _write_config(model: Module, directory: Path):
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["quantize"] = QUANT_TYPE.lower()
+    (directory / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(directory)
+
+
+def _replace(staging: Path, target: Path):
+    """Move ``staging`` to ``target``; an existing ``target`` is removed only after."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+    staging.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

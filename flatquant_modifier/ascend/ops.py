@@ -1,0 +1,183 @@
+"""
+Pure-PyTorch reference of the Ascend NPU ops that vllm-ascend's
+``W4A4_FLATQUANT_DYNAMIC`` linear method calls, for CPU and CUDA; with ``torch_npu``
+importable and an NPU present (or ``use_npu=True``), the real ops are called instead.
+
+Documented semantics (CANN ``aclnnFlatQuant`` / ``torch_npu.npu_kronecker_quant`` and
+``npu_quant_matmul``):
+
+* ``kronecker_quant(x [K, M, N], P1 [M, M], P2 [N, N], clip_ratio)``: per token
+  ``y = P1 @ (x @ P2)``; ``scale = max|y| * clip_ratio / 7``; int4 values
+  ``round(y / scale)`` saturated to [-8, 7]; returned packed 8 per int32 (two's
+  complement nibbles, low nibble first) with the float32 per-token scales ``[K]``.
+* ``quant_matmul(x1 [m, k/8] int32, x2 [k/8, n] int32 (a transposed view of the packed
+  [n, k/8] weight), scale [n], pertoken_scale [m])``: ``(x1 @ x2) * scale *
+  pertoken_scale`` in float32, cast to ``output_dtype``.
+
+Rounding is half to even (``torch.round``), the same as the quantizer we train with.
+"""
+
+import importlib.util
+
+import torch
+
+from flatquant_modifier.kronecker import get_decompose_dim
+
+__all__ = [
+    "KRONECKER_QUANT_MAX_BATCH_SIZE",
+    "get_decompose_dim",
+    "npu_available",
+    "pack_int4",
+    "unpack_int4",
+    "pack_int4_offset_binary",
+    "unpack_int4_offset_binary",
+    "kronecker_quant",
+    "quant_matmul",
+]
+
+# vllm-ascend chunks npu_kronecker_quant calls to at most this many tokens
+KRONECKER_QUANT_MAX_BATCH_SIZE = 8192
+INT4_MIN, INT4_MAX = -8, 7
+
+
+def npu_available() -> bool:
+    """``torch_npu`` importable and an NPU device present."""
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    import torch_npu  # noqa: F401
+
+    return hasattr(torch, "npu") and torch.npu.is_available()
+
+
+def _require_npu():
+    if importlib.util.find_spec("torch_npu") is None:
+        raise RuntimeError(
+            "use_npu=True needs torch_npu (pip install flatquant-modifier[npu]) and an "
+            "Ascend NPU; use_npu=None picks the PyTorch reference when they are missing"
+        )
+    import torch_npu
+
+    return torch_npu
+
+
+def _check_int4(values: torch.Tensor):
+    if values.shape[-1] % 8 != 0:
+        raise ValueError(
+            f"int4 packing needs the last dimension divisible by 8, got {values.shape[-1]}"
+        )
+    if values.numel() and (values.min() < INT4_MIN or values.max() > INT4_MAX):
+        raise ValueError("int4 values must lie in [-8, 7]")
+
+
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """
+    NPU layout: 8 int4 per int32 along the last dimension, two's complement nibbles,
+    element ``i`` in bits ``4i..4i+3`` (low nibble first); ``[..., k] -> [..., k/8]``.
+    """
+    _check_int4(values)
+    nibbles = (values.to(torch.int64) & 0xF).reshape(*values.shape[:-1], -1, 8)
+    shifts = torch.arange(0, 32, 4, device=values.device, dtype=torch.int64)
+    packed = (nibbles << shifts).sum(dim=-1)
+    return _to_int32(packed)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: ``[..., k/8] int32 -> [..., k] int8``."""
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int64)
+    nibbles = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF
+    values = torch.where(nibbles >= 8, nibbles - 16, nibbles)
+    return values.reshape(*packed.shape[:-1], -1).to(torch.int8)
+
+
+def pack_int4_offset_binary(values: torch.Tensor) -> torch.Tensor:
+    """
+    vllm-ascend's CPU fallback ``pack_int4_to_int32`` (seed 004): nibble ``v + 8``
+    (offset binary), low nibble first. A different bit pattern from :func:`pack_int4`;
+    vllm-ascend only uses it when ``npu_convert_weight_to_int4pack`` is unavailable.
+    """
+    _check_int4(values)
+    nibbles = (values.to(torch.int64) + 8).reshape(*values.shape[:-1], -1, 8)
+    shifts = torch.arange(0, 32, 4, device=values.device, dtype=torch.int64)
+    return _to_int32((nibbles << shifts).sum(dim=-1))
+
+
+def unpack_int4_offset_binary(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_offset_binary`."""
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int64)
+    nibbles = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF
+    return (nibbles - 8).reshape(*packed.shape[:-1], -1).to(torch.int8)
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """uint32 bit patterns held in int64 -> the same bits as int32."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def kronecker_quant(
+    x: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    clip_ratio: float = 1.0,
+    use_npu: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    ``npu_kronecker_quant(x, left, right, clip_ratio=..., dst_dtype=torch.int32)``.
+
+    :param x: ``[K, M, N]`` activations (one ``M x N`` matrix per token)
+    :param left: ``[M, M]``, multiplied from the left (vllm-ascend passes the stored
+        ``left_trans`` transposed)
+    :param right: ``[N, N]``, multiplied from the right
+    :return: ``(packed int32 [K, M, N/8], scale float32 [K])``
+    """
+    if not 0.0 < clip_ratio <= 1.0:
+        raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
+    if use_npu or (use_npu is None and x.device.type == "npu"):
+        return _require_npu().npu_kronecker_quant(
+            x, left, right, clip_ratio=clip_ratio, dst_dtype=torch.int32
+        )
+    if x.ndim != 3 or left.shape != (x.shape[1],) * 2 or right.shape != (x.shape[2],) * 2:
+        raise ValueError(
+            f"kronecker_quant: x {tuple(x.shape)} needs left [M, M] and right [N, N], "
+            f"got {tuple(left.shape)} and {tuple(right.shape)}"
+        )
+    if x.shape[2] % 8 != 0:
+        raise ValueError(
+            f"npu_kronecker_quant packs int4 along N and needs N % 8 == 0, got N={x.shape[2]}"
+        )
+    y = torch.matmul(left.float(), torch.matmul(x.float(), right.float()))
+    amax = y.abs().amax(dim=(1, 2))
+    scale = amax * clip_ratio / INT4_MAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(y / safe[:, None, None]), INT4_MIN, INT4_MAX)
+    return pack_int4(q.to(torch.int8)), scale
+
+
+def quant_matmul(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    scale: torch.Tensor,
+    pertoken_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    output_dtype: torch.dtype = torch.bfloat16,
+    use_npu: bool | None = None,
+) -> torch.Tensor:
+    """
+    ``npu_quant_matmul(x1, x2, scale, pertoken_scale=..., bias=..., output_dtype=...)``
+    for packed int4 operands.
+
+    :param x1: ``[m, k/8]`` int32 (packed activations)
+    :param x2: ``[k/8, n]`` int32: the transpose of the packed ``[n, k/8]`` weight
+    :param scale: ``[n]`` float32 weight scales
+    :param pertoken_scale: ``[m]`` float32 activation scales
+    """
+    if use_npu or (use_npu is None and x1.device.type == "npu"):
+        return _require_npu().npu_quant_matmul(
+            x1, x2, scale, pertoken_scale=pertoken_scale, bias=bias,
+            output_dtype=output_dtype,
+        )
+    a = unpack_int4(x1).float()  # [m, k]
+    w = unpack_int4(x2.transpose(0, 1)).float()  # [n, k]
+    out = (a @ w.T) * scale.float()[None, :] * pertoken_scale.float()[:, None]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(output_dtype)

@@ -1,0 +1,168 @@
+"""
+A reference of vllm-ascend's ``AscendW4A4FlatQuantDynamicLinearMethod`` as a
+``torch.nn.Module``, and a loader that builds a transformers model from an exported
+Ascend checkpoint with these modules, so the checkpoint can be evaluated without an NPU.
+
+The module allocates the same parameters from (in, out) sizes, does the same
+``process_weights_after_loading`` (pack the int4 weight, transpose ``left_trans``,
+``clip_ratio.item()``) and the same ``apply`` (``npu_kronecker_quant`` in chunks of
+8192 tokens, ``npu_quant_matmul`` with per-token scales, then the bias).
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from flatquant_modifier.ascend.ops import (
+    KRONECKER_QUANT_MAX_BATCH_SIZE,
+    get_decompose_dim,
+    kronecker_quant,
+    pack_int4,
+    quant_matmul,
+)
+
+__all__ = [
+    "QUANT_TYPE",
+    "DESCRIPTION_FILE",
+    "AscendW4A4FlatQuantLinear",
+    "load_ascend_model",
+]
+
+QUANT_TYPE = "W4A4_FLATQUANT_DYNAMIC"
+DESCRIPTION_FILE = "quant_model_description.json"
+QUANTIZED_SUFFIXES = (
+    "weight", "weight_scale", "weight_offset", "left_trans", "right_trans", "clip_ratio"
+)
+
+
+class AscendW4A4FlatQuantLinear(nn.Module):
+    """
+    Mirrors vllm-ascend's W4A4_FLATQUANT_DYNAMIC linear: parameters as allocated by
+    ``get_weight`` / ``get_pertensor_param`` / ``get_perchannel_param``; call
+    :meth:`process_weights_after_loading` after loading them.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        params_dtype: torch.dtype = torch.bfloat16,
+        use_npu: bool | None = None,
+    ):
+        super().__init__()
+        if in_features % 8 != 0:
+            raise ValueError(
+                f"input_size ({in_features}) must be divisible by 8 for int4 packing"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.use_npu = use_npu
+        m, n = get_decompose_dim(in_features)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False
+        )
+        self.weight_scale = nn.Parameter(torch.empty(out_features, 1), requires_grad=False)
+        self.weight_offset = nn.Parameter(torch.empty(out_features, 1), requires_grad=False)
+        self.left_trans = nn.Parameter(torch.empty(m, m, dtype=params_dtype), requires_grad=False)
+        self.right_trans = nn.Parameter(torch.empty(n, n, dtype=params_dtype), requires_grad=False)
+        self.clip_ratio = nn.Parameter(torch.empty(1), requires_grad=False)
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=params_dtype), requires_grad=False)
+            if bias
+            else None
+        )
+        self.aclnn_clip_ratio: float | None = None
+
+    @torch.no_grad()
+    def process_weights_after_loading(self):
+        packed = pack_int4(self.weight.data.to(torch.int32))  # [out, in / 8]
+        self.weight_packed = nn.Parameter(packed, requires_grad=False)
+        del self.weight
+        self.weight_scale.data = self.weight_scale.data.float()
+        self.weight_offset.data = self.weight_offset.data.float()
+        self.left_trans = nn.Parameter(self.left_trans.data.t().contiguous(), requires_grad=False)
+        self.clip_ratio.data = self.clip_ratio.data.float()
+        self.aclnn_clip_ratio = self.clip_ratio.item()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.aclnn_clip_ratio is None:
+            raise RuntimeError("call process_weights_after_loading() first")
+        dtype, shape = x.dtype, x.shape
+        m, n = self.left_trans.shape[0], self.right_trans.shape[0]
+        if m * n != shape[-1]:
+            raise ValueError(
+                f"FlatQuant transform matrices dimension mismatch: M({m}) * N({n}) != "
+                f"in_features({shape[-1]})"
+            )
+        left, right = self.left_trans.to(dtype), self.right_trans.to(dtype)
+        tokens = x.reshape(-1, m, n)
+        chunks = [
+            kronecker_quant(
+                tokens[i : i + KRONECKER_QUANT_MAX_BATCH_SIZE], left, right,
+                self.aclnn_clip_ratio, use_npu=self.use_npu,
+            )
+            for i in range(0, tokens.shape[0], KRONECKER_QUANT_MAX_BATCH_SIZE)
+        ]
+        x_q = torch.cat([c[0] for c in chunks]).reshape(-1, m * n // 8)
+        pertoken = torch.cat([c[1] for c in chunks]).reshape(-1).float()
+        out = quant_matmul(
+            x_q, self.weight_packed.t(), self.weight_scale.reshape(-1).float(),
+            pertoken, bias=None, output_dtype=dtype, use_npu=self.use_npu,
+        )
+        out = out.reshape(*shape[:-1], -1)
+        if self.bias is not None:
+            out = out + self.bias.to(dtype)
+        return out
+
+
+def load_ascend_model(path: str | Path, dtype: torch.dtype | None = None, use_npu=None):
+    """
+    Build a transformers model from an exported Ascend checkpoint: every linear whose
+    weight is ``W4A4_FLATQUANT_DYNAMIC`` in ``quant_model_description.json`` becomes an
+    :class:`AscendW4A4FlatQuantLinear`; all tensors are loaded strictly.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    description = json.loads((path / DESCRIPTION_FILE).read_text())
+    config = AutoConfig.from_pretrained(path)
+    dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    quantized = [
+        key[: -len(".weight")]
+        for key, kind in description.items()
+        if kind == QUANT_TYPE and key.endswith(".weight")
+    ]
+    for name in quantized:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        setattr(
+            parent,
+            child,
+            AscendW4A4FlatQuantLinear(
+                linear.in_features, linear.out_features, linear.bias is not None,
+                params_dtype=dtype, use_npu=use_npu,
+            ),
+        )
+    state = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        state.update(load_file(shard))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [k for k in missing if k not in tied and not k.startswith("lm_head")]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: checkpoint does not match the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    for name in quantized:
+        model.get_submodule(name).process_weights_after_loading()
+    return model.eval()

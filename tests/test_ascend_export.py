@@ -1,0 +1,140 @@
+"""Export to the Ascend W4A4_FLATQUANT_DYNAMIC layout and load it back through the
+reference of vllm-ascend's linear method."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from flatquant_modifier import FlatQuantModifier
+from flatquant_modifier.ascend import AscendExportError, load_ascend_model, save_ascend_checkpoint
+from flatquant_modifier.transform import get_flatquant_transform
+from tests.conftest import load_tiny
+from tests.test_modifier import logits, run, weight_quantizer
+
+LINEAR_TENSORS = {"weight", "weight_scale", "weight_offset", "left_trans", "right_trans",
+                  "clip_ratio"}
+
+
+@pytest.fixture()
+def quantized(tiny_llama_dir):
+    model, tok = load_tiny(tiny_llama_dir)
+    run(model, tok, [FlatQuantModifier(epochs=2), weight_quantizer()])
+    return model, tok
+
+
+def _tensors(directory):
+    out = {}
+    for file in directory.glob("*.safetensors"):
+        with safe_open(file, "pt") as reader:
+            out.update({k: reader.get_tensor(k) for k in reader.keys()})
+    return out
+
+
+def test_export_layout_and_reference_logits(quantized, tmp_path):
+    model, tok = quantized
+    reference = logits(model)
+    out = save_ascend_checkpoint(model, tmp_path / "ascend", tok)
+    tensors = _tensors(out)
+    description = json.loads((out / "quant_model_description.json").read_text())
+    assert description.pop("model_quant_type") == "W4A4_FLATQUANT_DYNAMIC"
+    assert description.pop("version")
+    assert set(description) == set(tensors)  # every tensor, nothing else
+    down = "model.layers.1.mlp.down_proj"
+    assert {k for k in description if k.startswith(down + ".")} == {
+        f"{down}.{t}" for t in LINEAR_TENSORS
+    }
+    assert all(description[f"{down}.{t}"] == "W4A4_FLATQUANT_DYNAMIC" for t in LINEAR_TENSORS)
+    assert description["model.embed_tokens.weight"] == "FLOAT"
+    assert description["lm_head.weight"] == "FLOAT"
+    assert description["model.layers.0.input_layernorm.weight"] == "FLOAT"
+    w = tensors[f"{down}.weight"]
+    assert w.dtype == torch.int8 and w.shape == (64, 128)
+    assert int(w.min()) >= -8 and int(w.max()) <= 7
+    assert tensors[f"{down}.weight_scale"].shape == (64, 1)
+    assert tensors[f"{down}.weight_scale"].dtype == torch.float32
+    assert torch.equal(tensors[f"{down}.weight_offset"], torch.zeros(64, 1))
+    assert tensors[f"{down}.left_trans"].shape == (8, 8)
+    assert tensors[f"{down}.right_trans"].shape == (16, 16)
+    clip = tensors[f"{down}.clip_ratio"]
+    assert clip.shape == (1,) and clip.dtype == torch.float32 and 0 < clip.item() <= 1
+    # weight * scale is exactly the fake-quantized weight llm-compressor evaluated
+    module = model.get_submodule(down)
+    torch.testing.assert_close(
+        w.float() * tensors[f"{down}.weight_scale"],
+        torch.clamp(torch.round(module.weight / module.weight_scale), -8, 7) * module.weight_scale,
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantize"] == "w4a4_flatquant_dynamic" and "quantization_config" not in config
+    # fused siblings carry identical per-tensor parameters
+    for t in ("left_trans", "right_trans", "clip_ratio"):
+        q = tensors[f"model.layers.0.self_attn.q_proj.{t}"]
+        assert torch.equal(q, tensors[f"model.layers.0.self_attn.k_proj.{t}"])
+        assert torch.equal(q, tensors[f"model.layers.0.self_attn.v_proj.{t}"])
+    # evaluated through the reference of vllm-ascend's linear method
+    ascend = load_ascend_model(out)
+    diff = (logits(ascend) - reference).abs().max().item()
+    assert diff < 1e-4, diff
+    assert not list(tmp_path.glob(".ascend.tmp-*"))
+
+
+def test_sharded_export_has_an_index(quantized, tmp_path):
+    model, tok = quantized
+    out = save_ascend_checkpoint(model, tmp_path / "sharded", max_shard_size=200_000)
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(files) > 1
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    description = json.loads((out / "quant_model_description.json").read_text())
+    assert set(index["weight_map"]) == set(description) - {"model_quant_type", "version"}
+    torch.testing.assert_close(logits(load_ascend_model(out)), logits(model), atol=1e-4, rtol=0)
+
+
+def _assert_refused(model, path, match):
+    with pytest.raises(AscendExportError, match=match):
+        save_ascend_checkpoint(model, path)
+    assert not path.exists()
+    assert not list(path.parent.glob(f".{path.name}.tmp-*"))
+
+
+def test_bad_models_are_refused_and_nothing_is_written(quantized, tmp_path):
+    model, _ = quantized
+    attn = model.model.layers[0].self_attn
+    k_left = get_flatquant_transform(attn.k_proj).left_trans
+    saved = k_left.detach().clone()
+    with torch.no_grad():
+        k_left.add_(1e-3)
+    _assert_refused(model, tmp_path / "a", r"q_proj and .*k_proj are fused into .*qkv_proj")
+    with torch.no_grad():
+        k_left.copy_(saved)
+    clip = get_flatquant_transform(model.model.layers[1].mlp.down_proj).clip_ratio
+    with torch.no_grad():
+        clip.fill_(1.5)
+    _assert_refused(model, tmp_path / "b", r"down_proj: clip_ratio 1.5 is outside \(0, 1\]")
+    with torch.no_grad():
+        clip.fill_(0.9)
+        model.model.norm.weight[0] = float("nan")
+    _assert_refused(model, tmp_path / "c", r"model.norm.weight contains NaN")
+
+
+def test_in_features_not_divisible_by_8_and_unquantized_models_are_refused(quantized, tmp_path, tiny_llama_dir):
+    model, _ = quantized
+    down = model.model.layers[1].mlp.down_proj
+    down.in_features = 124  # what a non-multiple-of-8 linear would report
+    _assert_refused(model, tmp_path / "d", r"down_proj: in_features=124 is not divisible by 8")
+    down.in_features = 128
+    plain, _ = load_tiny(tiny_llama_dir)
+    _assert_refused(plain, tmp_path / "e", "no FlatQuant transforms found")
+
+
+def test_overwrite_needs_consent(quantized, tmp_path):
+    model, _ = quantized
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_ascend_checkpoint(model, target)
+    assert (target / "keep.txt").exists()
+    save_ascend_checkpoint(model, target, overwrite=True)
+    assert not (target / "keep.txt").exists()
+    assert (target / "quant_model_description.json").exists()
