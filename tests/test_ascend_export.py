@@ -138,3 +138,15 @@ def test_overwrite_needs_consent(quantized, tmp_path):
     save_ascend_checkpoint(model, target, overwrite=True)
     assert not (target / "keep.txt").exists()
     assert (target / "quant_model_description.json").exists()
+
+
+def test_export_after_save_compressed_packed_the_model(quantized, tmp_path):
+    # save_pretrained(save_compressed=True) packs the weights in place; the export
+    # then reads the packed integers
+    model, tok = quantized
+    reference = logits(model)
+    model.save_pretrained(tmp_path / "ct", save_compressed=True)
+    assert not hasattr(model.model.layers[0].self_attn.q_proj, "weight")
+    out = save_ascend_checkpoint(model, tmp_path / "ascend", tok)
+    diff = (logits(load_ascend_model(out)) - reference).abs().max().item()
+    assert diff < 1e-4, diff

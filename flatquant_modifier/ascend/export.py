@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from compressed_tensors.quantization import QuantizationStrategy, QuantizationType
 from compressed_tensors.utils import align_module_device
 from huggingface_hub import save_torch_state_dict
@@ -136,8 +137,8 @@ def _quantized_linear_tensors(name: str, module: Module, params_dtype) -> dict:
         )
     _check_weight_scheme(name, module)
     with align_module_device(module), align_module_device(transform):
-        weight = module.weight.detach().float()
         scale = module.weight_scale.detach().float().reshape(-1, 1)
+        q = _weight_integers(name, module, scale)
         zero_point = getattr(module, "weight_zero_point", None)
         if zero_point is not None and torch.any(zero_point != 0):
             raise AscendExportError(f"{name}: weight zero points must be 0 (symmetric)")
@@ -157,8 +158,6 @@ def _quantized_linear_tensors(name: str, module: Module, params_dtype) -> dict:
         )
     if not 0.0 < clip.item() <= 1.0:
         raise AscendExportError(f"{name}: clip_ratio {clip.item()} is outside (0, 1]")
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.clamp(torch.round(weight / safe), -8, 7).to(torch.int8)
     tensors = {
         "weight": q.cpu(),
         "weight_scale": scale.cpu().clone(),
@@ -170,6 +169,21 @@ def _quantized_linear_tensors(name: str, module: Module, params_dtype) -> dict:
     for key, tensor in tensors.items():
         _check_finite(f"{name}.{key}", tensor)
     return tensors
+
+
+def _weight_integers(name: str, module: Module, scale: torch.Tensor) -> torch.Tensor:
+    """int4 weight values, from the fake-quantized weight or, after
+    ``save_pretrained(save_compressed=True)`` packed the model in place, from the
+    compressed-tensors packed weight."""
+    if hasattr(module, "weight"):
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return torch.clamp(torch.round(module.weight.detach().float() / safe), -8, 7).to(
+            torch.int8
+        )
+    if hasattr(module, "weight_packed"):
+        shape = torch.Size(module.weight_shape.tolist())
+        return unpack_from_int32(module.weight_packed.detach(), 4, shape).to(torch.int8)
+    raise AscendExportError(f"{name} has neither a weight nor a packed weight")
 
 
 def _check_weight_scheme(name: str, module: Module):

@@ -144,7 +144,8 @@ def kronecker_quant(
         raise ValueError(
             f"npu_kronecker_quant packs int4 along N and needs N % 8 == 0, got N={x.shape[2]}"
         )
-    y = torch.matmul(left.float(), torch.matmul(x.float(), right.float()))
+    dtype = torch.promote_types(x.dtype, torch.float32)  # at least float32
+    y = torch.matmul(left.to(dtype), torch.matmul(x.to(dtype), right.to(dtype)))
     amax = y.abs().amax(dim=(1, 2))
     scale = amax * clip_ratio / INT4_MAX
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -175,9 +176,10 @@ def quant_matmul(
             x1, x2, scale, pertoken_scale=pertoken_scale, bias=bias,
             output_dtype=output_dtype,
         )
-    a = unpack_int4(x1).float()  # [m, k]
-    w = unpack_int4(x2.transpose(0, 1)).float()  # [n, k]
-    out = (a @ w.T) * scale.float()[None, :] * pertoken_scale.float()[:, None]
+    dtype = torch.promote_types(pertoken_scale.dtype, torch.float32)  # at least float32
+    a = unpack_int4(x1).to(dtype)  # [m, k]; integer products are exact in float32
+    w = unpack_int4(x2.transpose(0, 1)).to(dtype)  # [n, k]
+    out = (a @ w.T) * scale.to(dtype)[None, :] * pertoken_scale.to(dtype)[:, None]
     if bias is not None:
-        out = out + bias.float()
+        out = out + bias.to(dtype)
     return out.to(output_dtype)

@@ -107,7 +107,7 @@ class AscendW4A4FlatQuantLinear(nn.Module):
             for i in range(0, tokens.shape[0], KRONECKER_QUANT_MAX_BATCH_SIZE)
         ]
         x_q = torch.cat([c[0] for c in chunks]).reshape(-1, m * n // 8)
-        pertoken = torch.cat([c[1] for c in chunks]).reshape(-1).float()
+        pertoken = torch.cat([c[1] for c in chunks]).reshape(-1)
         out = quant_matmul(
             x_q, self.weight_packed.t(), self.weight_scale.reshape(-1).float(),
             pertoken, bias=None, output_dtype=dtype, use_npu=self.use_npu,
@@ -153,7 +153,9 @@ def load_ascend_model(path: str | Path, dtype: torch.dtype | None = None, use_np
     state = {}
     for shard in sorted(path.glob("*.safetensors")):
         state.update(load_file(shard))
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    # copy into the allocated parameters: they carry the runtime dtypes (int8 weight,
+    # float32 scales and clip ratio, params_dtype for the rest)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     missing = [k for k in missing if k not in tied and not k.startswith("lm_head")]
     if missing or unexpected:
