@@ -31,6 +31,7 @@ from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.pipelines.cache import IntermediatesCache
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
+from flatquant_modifier import fusion
 from flatquant_modifier.batching import merge_calls
 from flatquant_modifier.mappings import (
     FlatQuantMapping,
@@ -149,6 +150,18 @@ class FlatQuantModifier(Modifier):
     :param seed: seed of the random initialisations
     :param on_nonfinite: ``"raise"`` stops the run when a layer's loss becomes
         NaN/Inf; ``"skip"`` leaves that layer untransformed and goes on
+    :param quant_format: what the training quantizers emulate. ``"int"``: int
+        ``w_bits`` per-channel weights and int4 per-token activations with the Ascend
+        formula (the online transform quantizes the activations). ``"nvfp4"``:
+        compressed-tensors' NVFP4 for weights and activations (FP4 values, FP8 group
+        scales of 16, a global scale); the online transform only transforms and a
+        following NVFP4 QuantizationModifier quantizes; no clip factors are learned
+    :param fuse_global_scales: at finalize, give fused siblings (q/k/v, gate/up, MoE
+        experts' w1/w3, MLA q_a/kv_a) of tensor-group schemes one shared
+        ``weight_global_scale`` (MAX of their amax, reduced across ranks)
+    :param sibling_patterns: extra sibling regexes for that fusion (capture groups
+        form the group key), tried before
+        :data:`flatquant_modifier.fusion.DEFAULT_SIBLING_PATTERNS`
     :param propagate_activation_quant: during calibration, pass the next layer the
         outputs of this layer with its activations quantized (its weights stay
         unquantized until the weight quantizer runs), in the spirit of
@@ -181,6 +194,9 @@ class FlatQuantModifier(Modifier):
     seed: int = 0
     on_nonfinite: Literal["raise", "skip"] = "raise"
     propagate_activation_quant: bool = True
+    quant_format: Literal["int", "nvfp4"] = "int"
+    fuse_global_scales: bool = True
+    sibling_patterns: list[str] | None = None
 
     # decoder layers in model order: (name, module, resolved groups)
     _layers: list[tuple[str, Module, list[ResolvedGroup]]] = PrivateAttr(
@@ -193,7 +209,7 @@ class FlatQuantModifier(Modifier):
     # per-layer training reports, in order
     _reports: list[LayerReport] = PrivateAttr(default_factory=list)
 
-    @field_validator("ignore", "sequential_targets", mode="before")
+    @field_validator("ignore", "sequential_targets", "sibling_patterns", mode="before")
     @classmethod
     def _wrap_str(cls, value):
         return [value] if isinstance(value, str) else value
@@ -234,6 +250,15 @@ class FlatQuantModifier(Modifier):
             (name, layer, resolve_layer(name, layer, self.mappings, self.ignore))
             for name, layer in match_named_modules(model, targets)
         ]
+        if self.quant_format == "nvfp4":
+            for _, _, groups in self._layers:
+                for group in groups:
+                    if group.in_features % 16:
+                        raise ValueError(
+                            f"FlatQuant quant_format='nvfp4': {group.linears[0][0]} has "
+                            f"in_features={group.in_features}, not divisible by the "
+                            "NVFP4 group size 16; add it to `ignore`"
+                        )
         if not self._layers:
             raise ValueError(
                 f"FlatQuantModifier found no decoder layers matching {targets} in "
@@ -273,6 +298,10 @@ class FlatQuantModifier(Modifier):
         if not self.ended_:
             self.on_calibration_end(state, None)
         self._calls.clear()
+        if self.fuse_global_scales:
+            groups = fusion.fuse_global_scales(state.model, self.sibling_patterns)
+            if groups:
+                logger.info(f"FlatQuant: shared weight global scales in {groups} groups")
         return True
 
     # ------------------------------------------------------------------ helpers
@@ -294,11 +323,12 @@ class FlatQuantModifier(Modifier):
             transform_init=self.transform_init,
             autocast_dtype=self.autocast_dtype,
             seed=self.seed,
+            quant_format=self.quant_format,
         )
 
     def _check_schemes(self):
         """The online transform quantizes activations; a scheme must not do it again."""
-        if self.a_bits is None:
+        if self._transform_type() == KRONECKER_TRANSFORM_TYPE:
             return
         for _, _, groups in self._layers:
             for group in groups:
@@ -359,7 +389,9 @@ class FlatQuantModifier(Modifier):
         self._reports.append(report)
 
     def _transform_type(self) -> str:
-        return KRONECKER_TRANSFORM_TYPE if self.a_bits is None else FLATQUANT_TRANSFORM_TYPE
+        if self.a_bits is None or self.quant_format == "nvfp4":
+            return KRONECKER_TRANSFORM_TYPE
+        return FLATQUANT_TRANSFORM_TYPE
 
     def _attach_transforms(
         self, model: Module, group: ResolvedGroup, p1, p2, clip_ratio: float

@@ -15,6 +15,10 @@ Two formulas, on purpose:
   ``+-c * amax``, which a min-max observer turns into exactly the same scale.
 
 Rounding is ``torch.round`` (half to even) in both, as compressed-tensors does.
+
+For NVFP4 targets (``quant_format="nvfp4"``) both weights and activations use
+compressed-tensors' tensor-group FP4 scheme: FP4 E2M1 values in groups of 16, FP8
+E4M3 group scales relative to a float32 global scale ``448 * 6 / amax``.
 """
 
 import torch
@@ -27,7 +31,11 @@ __all__ = [
     "fake_quantize_activation",
     "weight_scale",
     "fake_quantize_weight",
+    "fake_quantize_nvfp4",
 ]
+
+FP4_MAX, FP8_MAX, NVFP4_GROUP = 6.0, 448.0, 16
+_FP4_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 def int_range(num_bits: int) -> tuple[int, int]:
@@ -95,3 +103,31 @@ def fake_quantize_weight(
     scale = weight_scale(weight, clip, num_bits)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     return torch.clamp(round_ste(weight / safe), qmin, qmax) * scale
+
+
+def _round_fp4_ste(x: torch.Tensor) -> torch.Tensor:
+    """Nearest FP4 E2M1 value (saturating at +-6), straight-through gradient."""
+    grid = torch.tensor(_FP4_GRID, device=x.device, dtype=x.dtype)
+    mids = (grid[1:] + grid[:-1]) / 2
+    magnitude = x.abs().clamp(max=FP4_MAX)
+    rounded = grid[torch.bucketize(magnitude, mids)] * torch.sign(x)
+    return x + (rounded - x).detach()
+
+
+def fake_quantize_nvfp4(x: torch.Tensor, group_size: int = NVFP4_GROUP) -> torch.Tensor:
+    """
+    Quantize-dequantize with the NVFP4 (tensor-group) scheme over the last dimension:
+    global scale ``448 * 6 / amax`` (per tensor), FP8 E4M3 group scales
+    ``amax_group / 6 * global``, FP4 E2M1 values; straight-through gradient.
+    """
+    shape = x.shape
+    grouped = x.reshape(*shape[:-1], shape[-1] // group_size, group_size)
+    amax = x.detach().abs().amax().clamp(min=torch.finfo(torch.float32).tiny)
+    global_scale = FP8_MAX * FP4_MAX / amax.float()
+    group_amax = grouped.abs().amax(dim=-1, keepdim=True).float()
+    scale = (group_amax / FP4_MAX * global_scale).clamp(max=FP8_MAX)
+    # the FP8 rounding of the stored scale, straight through
+    scale = scale + (scale.to(torch.float8_e4m3fn).float() - scale).detach()
+    scale = scale / global_scale
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (_round_fp4_ste(grouped / safe) * scale).reshape(shape).to(x.dtype)

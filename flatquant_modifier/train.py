@@ -10,6 +10,7 @@ calls :func:`train_layer` and :func:`absorb_into_layer` once per decoder layer.
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,7 +29,11 @@ from flatquant_modifier.modules import (
     Parametrization,
     TransformInit,
 )
-from flatquant_modifier.quantize import fake_quantize_activation, fake_quantize_weight
+from flatquant_modifier.quantize import (
+    fake_quantize_activation,
+    fake_quantize_nvfp4,
+    fake_quantize_weight,
+)
 
 __all__ = [
     "TrainConfig",
@@ -62,6 +67,7 @@ class TrainConfig:
     transform_init: TransformInit = "random"
     autocast_dtype: torch.dtype | None = None
     seed: int = 0
+    quant_format: str = "int"  # "int" (Ascend W4A4) or "nvfp4"
 
 
 @dataclass
@@ -94,9 +100,10 @@ class GroupParams(nn.Module):
         self.kron = LearnableKronecker(
             group.m, group.n, config.parametrization, config.transform_init, generator
         )
+        int_format = config.quant_format == "int"
         self.act_clip = (
             ClipFactor(1, config.clip_init_logit)
-            if config.a_bits is not None and config.learn_activation_clip
+            if int_format and config.a_bits is not None and config.learn_activation_clip
             else None
         )
         self.weight_clips = (
@@ -104,7 +111,7 @@ class GroupParams(nn.Module):
                 ClipFactor(linear.out_features, config.clip_init_logit)
                 for _, linear in group.linears
             )
-            if config.w_bits is not None and config.learn_weight_clip
+            if int_format and config.w_bits is not None and config.learn_weight_clip
             else None
         )
         # smoothing vector at the granularity of the layer it is folded into
@@ -226,14 +233,18 @@ class _PatchedLayer:
             if smooth is not None:
                 h = h / smooth
             h = kronecker_matmul(h, p1, p2)
-            if cfg.a_bits is not None:
+            if cfg.quant_format == "nvfp4":
+                h = fake_quantize_nvfp4(h.float())
+            elif cfg.a_bits is not None:
                 h = fake_quantize_activation(h.float(), act_clip, cfg.a_bits)
             self._inputs[gi] = (x, h)
         weight, bias = self.weights[gi][li]
         if smooth is not None:
             weight = weight * smooth
         weight = kronecker_matmul(weight, p1_inv_t, p2_inv_t)
-        if cfg.w_bits is not None:
+        if cfg.quant_format == "nvfp4":
+            weight = fake_quantize_nvfp4(weight.float())
+        elif cfg.w_bits is not None:
             weight = fake_quantize_weight(
                 weight.float(), self.params[gi].weight_clip(li), cfg.w_bits
             )
@@ -315,8 +326,6 @@ def train_layer(
     :raises NonFiniteLossError: if the loss becomes NaN/Inf (``params`` are then
         garbage and must not be applied; the layer itself is untouched)
     """
-    import time
-
     start = time.perf_counter()
     patched = _PatchedLayer(groups, params, config, device)
     if config.autocast_dtype is not None:
@@ -375,6 +384,7 @@ def _identity_params(
     plain = TrainConfig(
         w_bits=config.w_bits,
         a_bits=config.a_bits,
+        quant_format=config.quant_format,
         learn_weight_clip=False,
         learn_activation_clip=False,
         smooth=False,

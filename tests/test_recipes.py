@@ -1,0 +1,37 @@
+"""Every recipe in recipes/ runs through oneshot on the tiny model and gives the
+quantization it promises."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from flatquant_modifier.transform import get_flatquant_transform
+from tests.conftest import load_tiny
+from tests.test_modifier import logits, run
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_recipe_runs_on_tiny_llama(recipe, tiny_llama_dir, tmp_path):
+    spec = yaml.safe_load(recipe.read_text())
+    spec["quant_stage"]["quant_modifiers"]["FlatQuantModifier"]["epochs"] = 1
+    small = tmp_path / recipe.name
+    small.write_text(yaml.safe_dump(spec))
+    model, tok = load_tiny(tiny_llama_dir)
+    reference = logits(model)
+    run(model, tok, str(small))
+    out = logits(model)
+    assert torch.isfinite(out).all()
+    rel = ((out - reference).norm() / reference.norm()).item()
+    assert 0 < rel < 0.5, rel  # quantized, and still the same model
+    q_proj = model.model.layers[0].self_attn.q_proj
+    transform = get_flatquant_transform(q_proj)
+    weights = q_proj.quantization_scheme.weights
+    if "nvfp4" in recipe.stem:
+        assert not transform.quantize and weights.type == "float" and weights.num_bits == 4
+        assert q_proj.weight_global_scale.item() == model.model.layers[0].self_attn.v_proj.weight_global_scale.item()
+    else:
+        assert transform.quantize and weights.type == "int" and weights.strategy == "channel"
