@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("FLATQUANT_DATA", ROOT.parent / "shared" / "data"))
 
 VARIANTS = {  # changes from the defaults (dense, random init, smoothing, both clips)
+    "rtn": None,  # no FlatQuantModifier: the weight/activation scheme alone
     "default": {},
     "dense-identity-init": {"transform_init": "identity"},
     "no-smooth": {"smooth": False},
@@ -39,18 +40,28 @@ VARIANTS = {  # changes from the defaults (dense, random init, smoothing, both c
 
 W4_CHANNEL = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel",
               "observer": "minmax"}
+A4_TOKEN = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "token",
+            "dynamic": True}
+
+
+def quantizer(scheme: str, flatquant: bool) -> QuantizationModifier:
+    """The weight (and activation) quantizer after FlatQuant, or alone for "rtn"."""
+    if scheme == "nvfp4":
+        return QuantizationModifier(targets=["Linear"], scheme="NVFP4", ignore=["lm_head"])
+    group = {"targets": ["Linear"], "weights": W4_CHANNEL}
+    if not flatquant:  # FlatQuant's transform quantizes the activations itself
+        group["input_activations"] = A4_TOKEN
+    return QuantizationModifier(ignore=["lm_head"], config_groups={"group_0": group})
 
 
 def run_variant(name, kwargs, args, tokenizer, dataset, device):
     model, _ = load_smollm2(args.model_cache)
     model.to(device)
-    recipe = [
-        FlatQuantModifier(epochs=args.epochs, **kwargs),
-        QuantizationModifier(
-            ignore=["lm_head"],
-            config_groups={"group_0": {"targets": ["Linear"], "weights": W4_CHANNEL}},
-        ),
-    ]
+    recipe = [quantizer(args.scheme, kwargs is not None)]
+    if kwargs is not None:
+        if args.scheme == "nvfp4":
+            kwargs = {**kwargs, "quant_format": "nvfp4"}
+        recipe.insert(0, FlatQuantModifier(epochs=args.epochs, **kwargs))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
@@ -64,9 +75,10 @@ def run_variant(name, kwargs, args, tokenizer, dataset, device):
         "calibration_seconds": round(seconds, 1),
         "ppl": round(perplexity(model, tokenizer, DATA / "wikitext2-raw-test.txt",
                                 2048, args.eval_windows or None), 3),
-        "mean_final_layer_loss": sum(r.loss_final for r in recipe[0].reports)
-        / max(len(recipe[0].reports), 1),
     }
+    if kwargs is not None:
+        reports = recipe[0].reports
+        row["mean_final_layer_loss"] = sum(r.loss_final for r in reports) / len(reports)
     if device.type == "cuda":
         row["peak_gpu_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     row["peak_rss_GiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
@@ -79,6 +91,9 @@ def main():
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--scheme", choices=["w4a4", "nvfp4"], default="w4a4",
+                        help="w4a4: int4 channel weights + Ascend A4 (FlatQuant) or "
+                        "int4 per-token activations (rtn); nvfp4: llm-compressor NVFP4")
     parser.add_argument("--eval-windows", type=int, default=8, help="0: all")
     parser.add_argument("--model-cache", default=str(ROOT / "outputs" / "smollm2-hf"))
     parser.add_argument("--out", default=str(ROOT / "outputs" / "variants.json"))
@@ -94,6 +109,7 @@ def main():
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({
             "budget": f"{args.num_samples} x {args.seq_len}, {args.epochs} epochs",
+            "scheme": args.scheme,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "eval_windows": args.eval_windows, "rows": rows}, indent=2))
     print(f"\n| variant | ppl ({args.eval_windows or 'all'} windows) | calib s | peak |")
