@@ -1,0 +1,84 @@
+"""
+Regression pins: every recipe in recipes/, on a fixed tiny random Llama with a fixed
+seed, must reproduce pinned figures (per-layer loss after training, perplexity on a
+short text, the dtypes and shapes of the saved tensors of one layer). A change in
+behaviour fails here with the figure that moved.
+
+To re-pin on purpose (a deliberate change of the algorithm or its defaults), run
+    FLATQUANT_REPIN=1 python -m pytest -q tests/test_recipe_regression.py
+review the diff of tests/pins/recipes.json, and commit it with the reason.
+"""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from llmcompressor.core import active_session
+from safetensors import safe_open
+
+from flatquant_modifier import FlatQuantModifier
+
+from tests.conftest import byte_tokenizer, load_tiny
+from tests.test_modifier import run
+from tests.test_recipes import RECIPES
+
+PINS = Path(__file__).parent / "pins" / "recipes.json"
+REPIN = os.environ.get("FLATQUANT_REPIN") == "1"
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Quantization maps real numbers "
+    "to a small set of levels; a learned Kronecker transform flattens the "
+    "distribution of activations and weights before they are rounded. "
+) * 3
+LOSS_RTOL = 0.05  # CPU kernels differ across machines; a real change moves more
+PPL_RTOL = 0.02
+
+
+def _figures(recipe: Path, model_dir: Path, tmp_path: Path) -> dict:
+    spec = yaml.safe_load(recipe.read_text())
+    spec["quant_stage"]["quant_modifiers"]["FlatQuantModifier"]["epochs"] = 2
+    small = tmp_path / recipe.name
+    small.write_text(yaml.safe_dump(spec))
+    model, tok = load_tiny(model_dir)
+    run(model, tok, str(small), num_samples=16)
+    flatquant = next(
+        m for m in active_session().lifecycle.recipe.modifiers
+        if isinstance(m, FlatQuantModifier)
+    )
+    ids = byte_tokenizer()(TEXT, return_tensors="pt").input_ids[:, :256]
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss.item()
+    model.save_pretrained(tmp_path / "saved", save_compressed=True)
+    tensors = {}
+    with safe_open(next((tmp_path / "saved").glob("*.safetensors")), "pt") as reader:
+        for key in reader.keys():
+            if key.startswith("model.layers.0.self_attn.q_proj."):
+                t = reader.get_tensor(key)
+                tensors[key] = [str(t.dtype), list(t.shape)]
+    return {
+        "layer_loss_final": [r.loss_final for r in flatquant.reports],
+        "ppl_short_text": math.exp(loss),
+        "q_proj_tensors": tensors,
+    }
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_recipe_matches_its_pins(recipe, tiny_llama_dir, tmp_path):
+    figures = _figures(recipe, tiny_llama_dir, tmp_path)
+    pins = json.loads(PINS.read_text()) if PINS.exists() else {}
+    if REPIN:
+        pins[recipe.stem] = figures
+        PINS.write_text(json.dumps(pins, indent=2, sort_keys=True) + "\n")
+        pytest.skip(f"re-pinned {recipe.stem}")
+    assert recipe.stem in pins, f"no pins for {recipe.stem}: run with FLATQUANT_REPIN=1"
+    pinned = pins[recipe.stem]
+    assert figures["q_proj_tensors"] == pinned["q_proj_tensors"], "saved tensors changed"
+    assert figures["layer_loss_final"] == pytest.approx(
+        pinned["layer_loss_final"], rel=LOSS_RTOL
+    ), "per-layer training loss moved"
+    assert figures["ppl_short_text"] == pytest.approx(
+        pinned["ppl_short_text"], rel=PPL_RTOL
+    ), "perplexity on the short text moved"
