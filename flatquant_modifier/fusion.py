@@ -29,7 +29,11 @@ import torch
 import torch.distributed as dist
 from compressed_tensors.quantization import QuantizationStrategy
 from compressed_tensors.quantization.utils import calculate_qparams
-from compressed_tensors.utils import align_module_device, align_modules, update_offload_parameter
+from compressed_tensors.utils import (
+    align_module_device,
+    align_modules,
+    update_offload_parameter,
+)
 from loguru import logger
 from torch.nn import Linear, Module
 
@@ -160,7 +164,7 @@ def fuse_global_scales(
         reduced = shared.to(device)
         dist.all_reduce(reduced, op=dist.ReduceOp.MIN, group=process_group)
         shared = reduced.cpu()
-    for (key, members), value in zip(groups, shared):
+    for (_, members), value in zip(groups, shared):
         for name, module in members:
             _write_global_scale(name, module, value)
     return len(groups)
@@ -168,7 +172,7 @@ def fuse_global_scales(
 
 def _write_global_scale(name: str, module: Module, value: torch.Tensor):
     with align_module_device(module):
-        old = module.weight_global_scale
+        old = module.weight_global_scale.detach().clone()
         new = value.to(dtype=old.dtype, device=old.device).reshape(old.shape)
         if torch.equal(old, new):
             return

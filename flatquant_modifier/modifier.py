@@ -114,6 +114,8 @@ class FlatQuantModifier(Modifier):
         - record the ``transform_config`` used by ``save_pretrained``
     - on_finalize
         - clear caches
+        - give fused siblings of tensor-group schemes (NVFP4) one shared weight
+          global scale (:func:`flatquant_modifier.fusion.fuse_global_scales`)
 
     :param mappings: which linears share a transform and where smoothing folds, see
         :class:`FlatQuantMapping`; inferred from the architecture when None
@@ -250,15 +252,7 @@ class FlatQuantModifier(Modifier):
             (name, layer, resolve_layer(name, layer, self.mappings, self.ignore))
             for name, layer in match_named_modules(model, targets)
         ]
-        if self.quant_format == "nvfp4":
-            for _, _, groups in self._layers:
-                for group in groups:
-                    if group.in_features % 16:
-                        raise ValueError(
-                            f"FlatQuant quant_format='nvfp4': {group.linears[0][0]} has "
-                            f"in_features={group.in_features}, not divisible by the "
-                            "NVFP4 group size 16; add it to `ignore`"
-                        )
+        self._check_nvfp4_sizes()
         if not self._layers:
             raise ValueError(
                 f"FlatQuantModifier found no decoder layers matching {targets} in "
@@ -325,6 +319,18 @@ class FlatQuantModifier(Modifier):
             seed=self.seed,
             quant_format=self.quant_format,
         )
+
+    def _check_nvfp4_sizes(self):
+        if self.quant_format != "nvfp4":
+            return
+        for _, _, groups in self._layers:
+            for group in groups:
+                if group.in_features % 16:
+                    raise ValueError(
+                        f"FlatQuant quant_format='nvfp4': {group.linears[0][0]} has "
+                        f"in_features={group.in_features}, not divisible by the NVFP4 "
+                        "group size 16; add it to `ignore`"
+                    )
 
     def _check_schemes(self):
         """The online transform quantizes activations; a scheme must not do it again."""
