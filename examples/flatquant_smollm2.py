@@ -7,6 +7,11 @@ compressed-tensors checkpoint.
 
 Prints one JSON line with the figures (perplexity before/after, calibration time,
 peak memory) and writes it to ``<output-dir>/result.json``.
+
+Data-parallel on N GPUs (or N CPU processes, gloo): every rank calibrates on its shard
+of the samples, gradients are summed across ranks, rank 0 evaluates and writes:
+
+    torchrun --nproc_per_node 2 examples/flatquant_smollm2.py --num-samples 128 --seq-len 2048
 """
 
 import argparse
@@ -23,6 +28,13 @@ import flatquant_modifier  # noqa: F401  registers FlatQuantModifier for YAML re
 from flatquant_modifier import FlatQuantModifier
 from flatquant_modifier.ascend import load_ascend_model, save_ascend_checkpoint
 from flatquant_modifier.calibration_data import text_windows_dataset
+from flatquant_modifier.distributed import (
+    barrier,
+    get_rank,
+    init_distributed,
+    is_source_process,
+    shard_dataset,
+)
 from flatquant_modifier.perplexity import perplexity
 from flatquant_modifier.smollm2 import load_smollm2
 
@@ -56,22 +68,31 @@ def parse_args():
 
 def main():
     args = parse_args()
+    distributed = init_distributed()
+    if distributed and args.device.startswith("cuda"):
+        args.device = f"cuda:{torch.cuda.current_device()}"
     torch.manual_seed(args.seed)
+    if is_source_process():  # converts the GGUF once; the other ranks wait for it
+        load_smollm2(args.model_cache)
+    barrier()
     model, tokenizer = load_smollm2(args.model_cache)
     model.to(args.device)
     windows = args.eval_windows or None
     result = {"model": "SmolLM2-135M-Instruct", "recipe": args.recipe,
-              "calibration": f"{args.num_samples} x {args.seq_len}", "eval_windows": windows}
-    if not args.skip_fp_eval:
+              "calibration": f"{args.num_samples} x {args.seq_len}", "eval_windows": windows,
+              "world_size": torch.distributed.get_world_size() if distributed else 1}
+    if not args.skip_fp_eval and is_source_process():
         result["ppl_fp"] = perplexity(model, tokenizer, args.test_data, 2048, windows)
+    barrier()
 
     recipe = Recipe.create_instance(args.recipe)
     for modifier in recipe.modifiers:
         if isinstance(modifier, FlatQuantModifier) and args.epochs is not None:
             modifier.epochs = args.epochs
-    dataset = text_windows_dataset(
+    # every rank draws the same windows and keeps its own contiguous shard of them
+    dataset = shard_dataset(text_windows_dataset(
         tokenizer, args.calib_data, args.num_samples, args.seq_len, seed=args.seed
-    )
+    ))
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -80,34 +101,45 @@ def main():
         processor=tokenizer,
         dataset=dataset,
         recipe=recipe,
-        num_calibration_samples=args.num_samples,
+        num_calibration_samples=len(dataset),
         max_seq_length=args.seq_len,
     )
     result["calibration_seconds"] = round(time.perf_counter() - start, 1)
-    if args.device.startswith("cuda"):
-        result["peak_gpu_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    result["peak_rss_GiB"] = round(
+    memory = {"peak_rss_GiB": round(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2
-    )
-    result["ppl_w4a4"] = perplexity(model, tokenizer, args.test_data, 2048, windows)
+    )}
+    if args.device.startswith("cuda"):
+        memory["peak_gpu_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if distributed:  # one entry per rank
+        per_rank = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(per_rank, memory)
+        memory = {key: [m[key] for m in per_rank] for key in memory}
+    result.update(memory)
+    if is_source_process():
+        result["ppl_w4a4"] = perplexity(model, tokenizer, args.test_data, 2048, windows)
+    barrier()
 
     output = Path(args.output_dir)
     if args.format in ("ascend", "both"):
         ascend_dir = output.with_name(output.name + "-ascend")
         save_ascend_checkpoint(model, ascend_dir, tokenizer, overwrite=True)
         result["ascend_checkpoint"] = str(ascend_dir)
-        if args.eval_ascend:
+        if args.eval_ascend and is_source_process():
             ascend = load_ascend_model(ascend_dir).to(args.device)
             result["ppl_ascend_reference"] = perplexity(
                 ascend, tokenizer, args.test_data, 2048, windows
             )
     if args.format in ("compressed-tensors", "both"):
-        model.save_pretrained(output, save_compressed=True)
-        tokenizer.save_pretrained(output)
+        model.save_pretrained(output, save_compressed=True)  # rank 0 writes
+        if is_source_process():
+            tokenizer.save_pretrained(output)
         result["checkpoint"] = str(output)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "result.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
+    if get_rank() == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "result.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result))
+    if distributed:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -2,17 +2,27 @@
 Merge cached decoder-layer calls (one per calibration batch) into training batches.
 
 llm-compressor calls a decoder layer once per calibration batch (usually one sample).
-FlatQuant trains on mini-batches of several samples, so consecutive calls are merged:
+FlatQuant trains on mini-batches of several samples, so calls are merged:
 ``hidden_states`` (and any other per-sample tensor) are concatenated along the batch
 dimension, while arguments identical across the calls (rotary embeddings, causal
 mask, position ids of equal-length samples) are passed once and broadcast.
+
+Optimisation steps are formed in a canonical order of the samples (by a key computed
+from their content), so they do not depend on the order in which the dataloader
+delivered the samples nor on how they were split across ranks: a data-parallel run
+sums, in every step, the losses of exactly the samples the single-process run has in
+that step (:func:`assign_steps`).
 """
 
+import math
 from typing import Any
 
 import torch
+from loguru import logger
 
-__all__ = ["merge_calls"]
+from flatquant_modifier.distributed import all_gather_varlen, get_rank
+
+__all__ = ["merge_calls", "call_keys", "assign_steps", "plan_steps"]
 
 _MISMATCH = object()
 
@@ -36,6 +46,76 @@ def merge_calls(calls: list[dict[str, Any]], batch_size: int) -> list[dict[str, 
     if pending:
         batches.append(_merge(pending))
     return batches
+
+
+def call_keys(calls: list[dict[str, Any]]) -> torch.Tensor:
+    """
+    A float64 key per call from its first tensor argument (the layer input): equal
+    for equal samples, in any process.
+    """
+    keys = []
+    for call in calls:
+        hidden = next(v for v in call.values() if isinstance(v, torch.Tensor))
+        flat = hidden.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
+        keys.append(float(flat @ torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64)))
+    return torch.tensor(keys, dtype=torch.float64)
+
+
+def assign_steps(keys: torch.Tensor, batch_size: int) -> tuple[list[int], int]:
+    """
+    Sort the calls of all ranks by key (ties by rank, then position) and cut the
+    sorted list into steps of ``batch_size`` calls.
+
+    :param keys: :func:`call_keys` of this rank's calls
+    :return: the step of each of this rank's calls, and the number of steps (the same
+        on every rank)
+    """
+    per_rank = all_gather_varlen(keys)
+    order = sorted(
+        (float(key), rank, index)
+        for rank, rank_keys in enumerate(per_rank)
+        for index, key in enumerate(rank_keys.tolist())
+    )
+    if len(per_rank) > 1:
+        _warn_on_shared_samples(per_rank)
+    rank = get_rank()
+    steps = [0] * keys.numel()
+    for position, (_, owner, index) in enumerate(order):
+        if owner == rank:
+            steps[index] = position // batch_size
+    return steps, math.ceil(len(order) / batch_size)
+
+
+def _warn_on_shared_samples(per_rank: list[torch.Tensor]):
+    seen: dict[float, int] = {}
+    shared = 0
+    for rank, rank_keys in enumerate(per_rank):
+        for key in set(rank_keys.tolist()):
+            if seen.setdefault(key, rank) != rank:
+                shared += 1
+    if shared:
+        logger.warning(
+            f"FlatQuant: {shared} calibration samples are on more than one rank, so "
+            "the ranks calibrate on overlapping data. llm-compressor's sampler does "
+            "not split a dataset across ranks by itself: pass every rank its own shard "
+            "(flatquant_modifier.distributed.shard_dataset)."
+        )
+
+
+def plan_steps(
+    calls: list[dict[str, Any]], step_of_call: list[int], num_steps: int
+) -> list[list[dict[str, Any]]]:
+    """
+    :param calls: keyword arguments of each cached layer call, in order
+    :param step_of_call: the step of each call (:func:`assign_steps`)
+    :param num_steps: optimisation steps per epoch (the same on every rank)
+    :return: per step, this rank's calls of that step merged into as few sub-batches
+        as their shapes allow (empty when it has none)
+    """
+    members: list[list[dict[str, Any]]] = [[] for _ in range(num_steps)]
+    for call, step in zip(calls, step_of_call):
+        members[step].append(call)
+    return [merge_calls(step, max(len(step), 1)) for step in members]
 
 
 def _merge(calls: list[dict[str, Any]]) -> dict[str, Any] | object:

@@ -18,7 +18,6 @@ from compressed_tensors.utils import (
     align_module_device,
     get_execution_device,
     match_named_modules,
-    update_offload_parameter,
 )
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
@@ -32,7 +31,13 @@ from llmcompressor.pipelines.cache import IntermediatesCache
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
 from flatquant_modifier import fusion
-from flatquant_modifier.batching import merge_calls
+from flatquant_modifier.batching import assign_steps, call_keys, plan_steps
+from flatquant_modifier.distributed import (
+    all_reduce_,
+    mark_weight_qparams_unset,
+    sync_weight_qparams,
+    write_parameters,
+)
 from flatquant_modifier.mappings import (
     FlatQuantMapping,
     ResolvedGroup,
@@ -208,6 +213,8 @@ class FlatQuantModifier(Modifier):
     _calls: dict[Module, IntermediatesCache] = PrivateAttr(default_factory=dict)
     # names of the linears given an online transform so far
     _transformed: list[str] = PrivateAttr(default_factory=list)
+    # optimisation step of each cached call, and the number of steps (same on all ranks)
+    _step_of_call: tuple[list[int], int] | None = PrivateAttr(default=None)
     # per-layer training reports, in order
     _reports: list[LayerReport] = PrivateAttr(default_factory=list)
 
@@ -269,6 +276,8 @@ class FlatQuantModifier(Modifier):
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         self._check_schemes()
+        # under torchrun: lets on_finalize find the rank that computed each weight qparam
+        mark_weight_qparams_unset(state.model)
         for _, layer, groups in self._layers:
             if groups:
                 self._calls[layer] = IntermediatesCache(
@@ -292,6 +301,7 @@ class FlatQuantModifier(Modifier):
         if not self.ended_:
             self.on_calibration_end(state, None)
         self._calls.clear()
+        sync_weight_qparams(state.model)
         if self.fuse_global_scales:
             groups = fusion.fuse_global_scales(state.model, self.sibling_patterns)
             if groups:
@@ -372,16 +382,20 @@ class FlatQuantModifier(Modifier):
             device = torch.device("cpu")
         calls = [cache.fetch(i) for i in range(len(cache))]
         del cache
-        batches = merge_calls(calls, self.batch_size)
+        if self._step_of_call is None or len(self._step_of_call[0]) != len(calls):
+            # once, at the first layer: the layer inputs are then the embeddings, equal
+            # for equal samples in any process
+            self._step_of_call = assign_steps(call_keys(calls), self.batch_size)
+        steps = plan_steps(calls, *self._step_of_call)
         del calls
         config = self._train_config()
         with align_module_device(layer), HooksMixin.disable_hooks():
-            targets, act_max = _full_precision_pass(layer, batches, groups)
+            targets, act_max = _full_precision_pass(layer, steps, groups, device)
             generator = torch.Generator().manual_seed(self.seed + index)
             params = build_group_params(groups, act_max, config, device, generator)
             try:
                 report = train_layer(
-                    name, layer, groups, params, batches, targets, config, device
+                    name, layer, groups, params, steps, targets, config, device
                 )
             except NonFiniteLossError as error:
                 if self.on_nonfinite == "raise":
@@ -410,13 +424,15 @@ class FlatQuantModifier(Modifier):
         TransformFactory.from_scheme(scheme, name=TRANSFORM_NAME).apply_to_model(
             model, use_tqdm=False
         )
+        clip = torch.tensor([clip_ratio], dtype=torch.float32, device=p1.device)
+        updates = []
         for _, linear in group.linears:
             transform = get_flatquant_transform(linear)
-            update_offload_parameter(transform, "left_trans", p1)
-            update_offload_parameter(transform, "right_trans", p2)
-            update_offload_parameter(
-                transform, "clip_ratio", torch.tensor([clip_ratio], dtype=torch.float32)
-            )
+            updates += [(transform, "left_trans", p1), (transform, "right_trans", p2),
+                        (transform, "clip_ratio", clip)]
+        write_parameters(updates)
+        for _, linear in group.linears:
+            transform = get_flatquant_transform(linear)
             # the pipeline disabled quantization on the modules that existed when it
             # started; a transform attached now follows its linear's state, unless the
             # outputs passed on to the next layer should carry activation quantization
@@ -446,15 +462,21 @@ class FlatQuantModifier(Modifier):
 
 @torch.no_grad()
 def _full_precision_pass(
-    layer: Module, batches: list[dict], groups: list[ResolvedGroup]
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Full-precision outputs of ``layer`` and per-channel max|input| of each group."""
-    act_max: list[torch.Tensor | None] = [None] * len(groups)
+    layer: Module,
+    steps: list[list[dict]],
+    groups: list[ResolvedGroup],
+    device: torch.device,
+) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+    """
+    Full-precision outputs of ``layer`` for every sub-batch of every step, and the
+    per-channel max|input| of each group (MAX-reduced over ranks).
+    """
+    act_max = [torch.zeros(group.in_features, device=device) for group in groups]
 
     def record(gi):
         def hook(_module, args):
             amax = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0)
-            act_max[gi] = amax if act_max[gi] is None else torch.maximum(act_max[gi], amax)
+            act_max[gi] = torch.maximum(act_max[gi], amax.float().to(device))
 
         return hook
 
@@ -464,10 +486,17 @@ def _full_precision_pass(
     ]
     try:
         targets = []
-        for kwargs in tqdm(batches, desc="FlatQuant targets", leave=False):
-            out = layer(**kwargs)
-            targets.append((out[0] if isinstance(out, (tuple, list)) else out).detach())
+        for batches in tqdm(steps, desc="FlatQuant targets", leave=False):
+            step_targets = []
+            for kwargs in batches:
+                out = layer(**kwargs)
+                step_targets.append(
+                    (out[0] if isinstance(out, (tuple, list)) else out).detach()
+                )
+            targets.append(step_targets)
     finally:
         for handle in handles:
             handle.remove()
+    for amax in act_max:
+        all_reduce_(amax, op=torch.distributed.ReduceOp.MAX)
     return targets, act_max

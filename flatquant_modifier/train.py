@@ -16,11 +16,16 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from compressed_tensors.utils import patch_attr, update_offload_parameter
+from compressed_tensors.utils import patch_attr
 from loguru import logger
 from torch import nn
 from tqdm import tqdm
 
+from flatquant_modifier.distributed import (
+    all_reduce_,
+    all_reduce_gradients,
+    write_parameters,
+)
 from flatquant_modifier.kronecker import kronecker_matmul
 from flatquant_modifier.mappings import ResolvedGroup
 from flatquant_modifier.modules import (
@@ -73,7 +78,8 @@ class TrainConfig:
 @dataclass
 class LayerReport:
     """
-    Mean per-batch MSE of the layer output against full precision: ``loss_rtn`` with
+    Mean per-step MSE (over all ranks) of the layer output against full precision:
+    ``loss_rtn`` with
     identity transforms, no smoothing and no clipping (plain round-to-nearest),
     ``loss_init`` at the initial transforms, ``loss_final`` after training.
     """
@@ -297,16 +303,42 @@ def build_group_params(
     return params
 
 
-def _mean_loss(layer, patched, batches, targets, autocast) -> float:
-    total = 0.0
+def _step_weights(
+    targets: list[list[torch.Tensor]], device: torch.device
+) -> list[list[float]]:
+    """
+    Weight of each sub-batch in its step's loss: its share of the step's output
+    elements over all ranks, so that summing the weighted losses (and their gradients)
+    over sub-batches and ranks gives the step's mean squared error.
+    """
+    counts = torch.tensor(
+        [sum(t.numel() for t in step) for step in targets],
+        dtype=torch.float64,
+        device=device,
+    )
+    all_reduce_(counts)
+    return [
+        [t.numel() / max(float(total), 1.0) for t in step]
+        for step, total in zip(targets, counts.tolist())
+    ]
+
+
+def _mean_loss(layer, patched, steps, targets, weights, autocast) -> float:
+    """Mean over steps of the step MSE (over all ranks)."""
+    total = torch.zeros((), dtype=torch.float64, device=_device_of(targets))
     with torch.no_grad(), patched.patched():
-        for kwargs, target in zip(batches, targets):
-            patched.new_step()
-            with autocast():
-                out = _output(layer(**kwargs))
-            total += F.mse_loss(out.float(), target.float()).item()
+        for batches, step_targets, step_weights in zip(steps, targets, weights):
+            for kwargs, target, weight in zip(batches, step_targets, step_weights):
+                patched.new_step()
+                with autocast():
+                    out = _output(layer(**kwargs))
+                total += F.mse_loss(out.float(), target.float()).double() * weight
     patched.new_step()
-    return total / max(len(batches), 1)
+    return float(all_reduce_(total)) / max(len(steps), 1)
+
+
+def _device_of(targets: list[list[torch.Tensor]]) -> torch.device:
+    return next((t.device for step in targets for t in step), torch.device("cpu"))
 
 
 def train_layer(
@@ -314,14 +346,19 @@ def train_layer(
     layer: nn.Module,
     groups: list[ResolvedGroup],
     params: list[GroupParams],
-    batches: list[dict[str, Any]],
-    targets: list[torch.Tensor],
+    steps: list[list[dict[str, Any]]],
+    targets: list[list[torch.Tensor]],
     config: TrainConfig,
     device: torch.device,
 ) -> LayerReport:
     """
     Train ``params`` so that ``layer`` with transformed, fake-quantized linears
-    reproduces ``targets`` (its full-precision outputs for ``batches``).
+    reproduces ``targets`` (its full-precision outputs for ``steps``).
+
+    ``steps[k]`` holds the sub-batches of optimisation step ``k`` on this rank (see
+    :func:`flatquant_modifier.batching.plan_steps`); under ``torch.distributed``
+    every rank takes the same number of steps and the gradients are summed over ranks
+    after each step, so all ranks hold identical parameters.
 
     :raises NonFiniteLossError: if the loss becomes NaN/Inf (``params`` are then
         garbage and must not be applied; the layer itself is untouched)
@@ -335,33 +372,37 @@ def train_layer(
         autocast = contextlib.nullcontext
 
     trainable = [g for p in params for g in p.param_groups(config)]
-    steps = config.epochs * len(batches)
+    flat_params = [p for g in trainable for p in g["params"]]
+    weights = _step_weights(targets, device)
+    total_steps = config.epochs * len(steps)
     rtn = _PatchedLayer(groups, _identity_params(groups, config, device), config, device)
     with _frozen(layer), torch.enable_grad():
-        loss_rtn = _mean_loss(layer, rtn, batches, targets, autocast)
+        loss_rtn = _mean_loss(layer, rtn, steps, targets, weights, autocast)
         del rtn
-        loss_init = _mean_loss(layer, patched, batches, targets, autocast)
+        loss_init = _mean_loss(layer, patched, steps, targets, weights, autocast)
         optimizer = torch.optim.AdamW(trainable, weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=max(steps, 1), eta_min=0.0
+            optimizer, T_max=max(total_steps, 1), eta_min=0.0
         )
         epoch_losses = []
         bar = tqdm(range(config.epochs), desc=f"FlatQuant {name}", leave=False)
         for epoch in bar:
-            total = torch.zeros((), device=device)
+            total = torch.zeros((), dtype=torch.float64, device=device)
             with patched.patched():
-                for kwargs, target in zip(batches, targets):
-                    patched.new_step()
-                    with autocast():
-                        out = _output(layer(**kwargs))
-                    loss = F.mse_loss(out.float(), target.float())
+                for batches, step_targets, step_weights in zip(steps, targets, weights):
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    for kwargs, target, weight in zip(batches, step_targets, step_weights):
+                        patched.new_step()
+                        with autocast():
+                            out = _output(layer(**kwargs))
+                        loss = F.mse_loss(out.float(), target.float()) * weight
+                        loss.backward()
+                        total += loss.detach().double()
+                    all_reduce_gradients(flat_params)
                     optimizer.step()
                     scheduler.step()
-                    total += loss.detach()
             patched.new_step()
-            mean = total.item() / max(len(batches), 1)
+            mean = float(all_reduce_(total)) / max(len(steps), 1)
             if not math.isfinite(mean):
                 raise NonFiniteLossError(
                     f"FlatQuant: the training loss of layer {name} became {mean} in "
@@ -371,7 +412,7 @@ def train_layer(
                 )
             epoch_losses.append(mean)
             bar.set_postfix(loss=f"{mean:.3g}")
-        loss_final = _mean_loss(layer, patched, batches, targets, autocast)
+        loss_final = _mean_loss(layer, patched, steps, targets, weights, autocast)
     return LayerReport(
         name, loss_rtn, loss_init, loss_final, epoch_losses, time.perf_counter() - start
     )
@@ -402,10 +443,12 @@ def absorb_into_layer(
     Write one group's training result into the model, in float64:
     ``W <- clamp(W diag(s) P^-T, +-c_w * amax)`` for every linear, the smoothing
     vector divided out of the smooth layer, and return ``(P1, P2, act_clip)`` for the
-    online transform.
+    online transform. All new values are computed before any is written
+    (:func:`flatquant_modifier.distributed.write_parameters`).
     """
     ((p1, p1_inv_t), (p2, p2_inv_t)) = params.kron.export()
     smooth = params.smooth_vector()
+    updates = []
     for li, (_, linear) in enumerate(group.linears):
         weight = linear.weight.detach().double()
         if smooth is not None:
@@ -417,26 +460,27 @@ def absorb_into_layer(
             clip = params.weight_clips[li]().double().to(weight.device).unsqueeze(-1)
             bound = weight.abs().amax(dim=-1, keepdim=True) * clip
             weight = torch.maximum(torch.minimum(weight, bound), -bound)
-        update_offload_parameter(linear, "weight", weight.to(linear.weight.dtype))
+        updates.append((linear, "weight", weight.to(linear.weight.dtype)))
     if smooth is not None:
-        _divide_smooth_layer(group, params.smooth.detach().double())
+        updates += _smooth_layer_updates(group, params.smooth.detach().double())
+    write_parameters(updates)
     act_clip = float(params.act_clip()) if params.act_clip is not None else 1.0
     return p1.float(), p2.float(), act_clip
 
 
-def _divide_smooth_layer(group: ResolvedGroup, smooth: torch.Tensor):
+def _smooth_layer_updates(group: ResolvedGroup, smooth: torch.Tensor) -> list[tuple]:
     """Fold ``1/s`` into the producer of the input: a norm's weight or a linear's rows."""
     _, module = group.smooth
     weight = module.weight.detach()
     s = smooth.to(weight.device)
     if weight.ndim == 1:
-        update_offload_parameter(module, "weight", (weight.double() / s).to(weight.dtype))
+        updates = [(module, "weight", (weight.double() / s).to(weight.dtype))]
     else:
-        new = weight.double() / s.unsqueeze(-1)
-        update_offload_parameter(module, "weight", new.to(weight.dtype))
+        updates = [(module, "weight", (weight.double() / s.unsqueeze(-1)).to(weight.dtype))]
     bias = getattr(module, "bias", None)
     if bias is not None:
-        update_offload_parameter(module, "bias", (bias.double() / s).to(bias.dtype))
+        updates.append((module, "bias", (bias.double() / s).to(bias.dtype)))
+    return updates
 
 
 def log_report(report: LayerReport):

@@ -1,6 +1,6 @@
 import torch
 
-from flatquant_modifier.batching import merge_calls
+from flatquant_modifier.batching import assign_steps, call_keys, merge_calls, plan_steps
 
 
 def _call(seed, seq=5, mask=None):
@@ -35,3 +35,41 @@ def test_different_masks_are_concatenated_and_lengths_split_batches():
     assert len(merged) == 1 and merged[0]["attention_mask"].shape == (2, 1, 5, 5)
     batches = merge_calls([_call(0, seq=5), _call(1, seq=7), _call(2, seq=7)], 4)
     assert [tuple(b["hidden_states"].shape[:2]) for b in batches] == [(1, 5), (2, 7)]
+
+
+def test_steps_follow_the_content_not_the_arrival_order_nor_the_sharding():
+    calls = [_call(i) for i in range(8)]
+    steps, num_steps = assign_steps(call_keys(calls), batch_size=4)
+    assert num_steps == 2 and sorted(steps) == [0, 0, 0, 0, 1, 1, 1, 1]
+    reversed_steps, _ = assign_steps(call_keys(calls[::-1]), batch_size=4)
+    assert reversed_steps == steps[::-1]
+    planned = plan_steps(calls, steps, num_steps)
+    assert [len(step) for step in planned] == [1, 1]
+    members = [i for i in range(8) if steps[i] == 1]
+    torch.testing.assert_close(
+        planned[1][0]["hidden_states"],
+        torch.cat([calls[i]["hidden_states"] for i in members]),
+    )
+
+
+def test_steps_split_by_shape_and_may_be_empty():
+    calls = [_call(0, seq=5), _call(1, seq=7), _call(2, seq=7)]
+    planned = plan_steps(calls, [0, 0, 0], num_steps=2)
+    assert [tuple(b["hidden_states"].shape[:2]) for b in planned[0]] == [(1, 5), (2, 7)]
+    assert planned[1] == []
+
+
+def test_samples_shared_by_ranks_are_reported(capsys):
+    from loguru import logger
+
+    from flatquant_modifier.batching import _warn_on_shared_samples
+
+    messages = []
+    handle = logger.add(messages.append, level="WARNING")
+    try:
+        _warn_on_shared_samples([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])])
+        assert not messages
+        _warn_on_shared_samples([torch.tensor([1.0, 2.0]), torch.tensor([2.0, 4.0])])
+    finally:
+        logger.remove(handle)
+    assert len(messages) == 1 and "shard_dataset" in messages[0]

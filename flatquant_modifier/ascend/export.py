@@ -28,6 +28,7 @@ from loguru import logger
 from torch.nn import Module
 
 from flatquant_modifier.ascend.runtime import DESCRIPTION_FILE, QUANT_TYPE
+from flatquant_modifier.distributed import barrier, is_source_process
 from flatquant_modifier.kronecker import get_decompose_dim
 from flatquant_modifier.transform import KroneckerQuantTransform, get_flatquant_transform
 
@@ -58,7 +59,9 @@ def save_ascend_checkpoint(
     Export ``model`` (after ``FlatQuantModifier`` + a W4 per-channel symmetric
     QuantizationModifier/GPTQModifier) for vllm-ascend. Atomic: everything is written
     to a temporary directory beside ``save_dir`` and renamed at the end, so an error
-    leaves no partial checkpoint.
+    leaves no partial checkpoint. Under ``torch.distributed`` every rank validates the
+    model (so a bad model fails on all ranks alike) and only rank 0 writes; the others
+    wait until the directory is complete.
 
     :raises AscendExportError: on anything vllm-ascend would load wrongly (unsupported
         scheme, in_features % 8, fused siblings with different transforms, clip ratio
@@ -69,6 +72,10 @@ def save_ascend_checkpoint(
     if save_dir.exists() and not overwrite:
         raise FileExistsError(f"{save_dir} exists; pass overwrite=True to replace it")
     tensors, description = _collect_tensors(model)
+    barrier()  # every rank has checked save_dir before rank 0 creates it
+    if not is_source_process():
+        barrier()
+        return save_dir
     save_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=save_dir.parent, prefix=f".{save_dir.name}.tmp-"))
     try:
@@ -87,6 +94,7 @@ def save_ascend_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     logger.info(f"Saved the W4A4_FLATQUANT_DYNAMIC checkpoint to {save_dir}")
+    barrier()
     return save_dir
 
 
