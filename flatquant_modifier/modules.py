@@ -31,7 +31,8 @@ class LearnableMatrix(nn.Module):
       ``orthogonal`` parametrization) orthogonal by construction, so
       ``P^-T = U diag(1/s) V^T`` needs no matrix inversion and stays well
       conditioned.
-    * ``"dense"``: ``P`` is a free matrix and ``P^-T`` comes from ``torch.linalg.inv``.
+    * ``"dense"``: ``P`` is a free matrix and ``P^-T`` comes from ``torch.linalg.inv_ex``
+      (a singular ``P`` shows up as a non-finite loss).
 
     Both start at ``P = Q`` with ``Q`` the identity or a random orthogonal matrix.
     """
@@ -79,7 +80,8 @@ class LearnableMatrix(nn.Module):
             p_inv_t = (u / self.singular) @ v.T
             return p, p_inv_t
         p = self.matrix
-        return p, torch.linalg.inv(p).T
+        # inv_ex: no error check, hence no device sync in every training step
+        return p, torch.linalg.inv_ex(p).inverse.T
 
     @torch.no_grad()
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:

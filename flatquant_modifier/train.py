@@ -142,9 +142,6 @@ class GroupParams(nn.Module):
         act_clip = self.act_clip() if self.act_clip is not None else 1.0
         return p1, p1_inv_t, p2, p2_inv_t, act_clip
 
-    def weight_clip(self, index: int) -> torch.Tensor | float:
-        return self.weight_clips[index]() if self.weight_clips is not None else 1.0
-
     def param_groups(self, config: TrainConfig) -> list[dict]:
         transform = list(self.kron.parameters())
         if self.smooth is not None:
@@ -203,23 +200,31 @@ class _PatchedLayer:
         self.groups = groups
         self.params = params
         self.config = config
+        # the linears of a group stacked by rows: transformed and quantized in one go
         self.weights = [
+            torch.cat(
+                [linear.weight.detach().to(device=device, dtype=torch.float32)
+                 for _, linear in group.linears]
+            )
+            for group in groups
+        ]
+        self.out_features = [[linear.out_features for _, linear in g.linears] for g in groups]
+        self.biases = [
             [
-                (
-                    linear.weight.detach().to(device=device, dtype=torch.float32),
-                    None
-                    if linear.bias is None
-                    else linear.bias.detach().to(device=device, dtype=torch.float32),
-                )
+                None
+                if linear.bias is None
+                else linear.bias.detach().to(device=device, dtype=torch.float32)
                 for _, linear in group.linears
             ]
             for group in groups
         ]
         self._step: dict[int, tuple] = {}
+        self._quantized: dict[int, tuple[torch.Tensor, ...]] = {}
         self._inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def new_step(self):
         self._step.clear()
+        self._quantized.clear()
         self._inputs.clear()
 
     def _matrices(self, gi: int):
@@ -228,8 +233,30 @@ class _PatchedLayer:
             self._step[gi] = (*p.transform_and_clips(), p.smooth_vector())
         return self._step[gi]
 
+    def _group_weights(self, gi: int) -> tuple[torch.Tensor, ...]:
+        """The group's transformed, fake-quantized weights (once per step)."""
+        if gi not in self._quantized:
+            _, p1_inv_t, _, p2_inv_t, _, smooth = self._matrices(gi)
+            weight = self.weights[gi]
+            if smooth is not None:
+                weight = weight * smooth
+            weight = kronecker_matmul(weight, p1_inv_t, p2_inv_t)
+            cfg = self.config
+            if cfg.quant_format == "nvfp4":  # one global scale per linear
+                parts = [fake_quantize_nvfp4(w) for w in weight.split(self.out_features[gi])]
+            else:
+                if cfg.w_bits is not None:
+                    weight = fake_quantize_weight(weight, self._weight_clips(gi), cfg.w_bits)
+                parts = weight.split(self.out_features[gi])
+            self._quantized[gi] = tuple(parts)
+        return self._quantized[gi]
+
+    def _weight_clips(self, gi: int) -> torch.Tensor | float:
+        clips = self.params[gi].weight_clips
+        return 1.0 if clips is None else torch.cat([clip() for clip in clips])
+
     def _forward(self, gi: int, li: int, x: torch.Tensor) -> torch.Tensor:
-        p1, p1_inv_t, p2, p2_inv_t, act_clip, smooth = self._matrices(gi)
+        p1, _, p2, _, act_clip, smooth = self._matrices(gi)
         cfg = self.config
         cached = self._inputs.get(gi)
         if cached is not None and cached[0] is x:
@@ -244,17 +271,8 @@ class _PatchedLayer:
             elif cfg.a_bits is not None:
                 h = fake_quantize_activation(h.float(), act_clip, cfg.a_bits)
             self._inputs[gi] = (x, h)
-        weight, bias = self.weights[gi][li]
-        if smooth is not None:
-            weight = weight * smooth
-        weight = kronecker_matmul(weight, p1_inv_t, p2_inv_t)
-        if cfg.quant_format == "nvfp4":
-            weight = fake_quantize_nvfp4(weight.float())
-        elif cfg.w_bits is not None:
-            weight = fake_quantize_weight(
-                weight.float(), self.params[gi].weight_clip(li), cfg.w_bits
-            )
-        return F.linear(h, weight, bias).to(x.dtype)
+        weight = self._group_weights(gi)[li]
+        return F.linear(h, weight, self.biases[gi][li]).to(x.dtype)
 
     @contextlib.contextmanager
     def patched(self):
@@ -380,7 +398,9 @@ def train_layer(
         loss_rtn = _mean_loss(layer, rtn, steps, targets, weights, autocast)
         del rtn
         loss_init = _mean_loss(layer, patched, steps, targets, weights, autocast)
-        optimizer = torch.optim.AdamW(trainable, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(
+            trainable, weight_decay=config.weight_decay, fused=device.type == "cuda"
+        )
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=max(total_steps, 1), eta_min=0.0
         )

@@ -4,7 +4,7 @@ FlatQuant + W4 round-to-nearest weights through ``oneshot`` on the tiny Llama, t
 both checkpoint formats, then a dump of what the test compares (per rank).
 
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py \
-        --model DIR --out DIR [--fail-rank R]
+        --model DIR --out DIR [--fail-rank R] [--fp-propagation]
 """
 
 import argparse
@@ -44,6 +44,8 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--fail-rank", type=int, default=None)
     parser.add_argument("--num-samples", type=int, default=8)
+    parser.add_argument("--fp-propagation", dest="propagate_activation_quant",
+                        action="store_false")
     args = parser.parse_args()
     distributed = init_distributed()
     rank = dist.get_rank() if distributed else 0
@@ -51,7 +53,9 @@ def main():
         inject_failure(rank)
     out = Path(args.out)
     model, tok = load_tiny(Path(args.model))
-    flatquant = FlatQuantModifier(epochs=3, batch_size=4)
+    flatquant = FlatQuantModifier(
+        epochs=3, batch_size=4, propagate_activation_quant=args.propagate_activation_quant
+    )
     dataset = shard_dataset(random_token_dataset(args.num_samples, 32))
     torch.manual_seed(0)
     oneshot(model=model, processor=tok, dataset=dataset,

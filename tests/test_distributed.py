@@ -17,9 +17,13 @@ from tests.conftest import build_tiny_llama, byte_tokenizer
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 ROOT = WORKER.parents[1]
-# measured: 2 ranks vs 1 differ by at most 4e-6 in the transforms, 2e-6 in the weights
-# (3 epochs; float32 gradient sums in another order)
+# Measured (3 epochs): with full-precision propagation, 2 ranks and 1 differ by at most
+# 4e-6 in the transforms (float32 gradient sums in another order). With the default
+# activation-quantized propagation the first layer differs as little; later layers see
+# inputs whose 4-bit rounding flips with such differences, and differ by up to 2e-3
+# (final layer losses within 5 %).
 TRANSFORM_ATOL = 1e-4
+QUANTIZED_PROPAGATION_ATOL = 1e-2
 
 
 def _free_port() -> int:
@@ -47,8 +51,11 @@ def runs(tmp_path_factory):
     build_tiny_llama().save_pretrained(model_dir)
     byte_tokenizer().save_pretrained(model_dir)
     results = {}
-    for label, nproc in (("single", None), ("two", 2)):
-        proc = _launch(model_dir, root / label, nproc)
+    for label, nproc, extra in (
+        ("single", None, ()), ("two", 2, ()),
+        ("single-fp", None, ("--fp-propagation",)), ("two-fp", 2, ("--fp-propagation",)),
+    ):
+        proc = _launch(model_dir, root / label, nproc, *extra)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
         results[label] = root / label
     return results
@@ -69,16 +76,31 @@ def test_ranks_hold_identical_transforms_and_losses(runs):
         assert r0["epoch_losses"] == r1["epoch_losses"]
 
 
-def test_two_ranks_reproduce_the_single_process_run(runs):
-    single, two = _dump(runs["single"], 0), _dump(runs["two"], 0)
+def _compare(single: dict, two: dict, atol_of_layer) -> None:
     for name, tensors in single["transforms"].items():
+        layer = int(name.split(".")[2])
         for key, value in tensors.items():
             torch.testing.assert_close(
-                two["transforms"][name][key], value, atol=TRANSFORM_ATOL, rtol=0
+                two["transforms"][name][key], value, atol=atol_of_layer(layer), rtol=0,
+                msg=lambda m: f"{name}.{key}: {m}",
             )
+
+
+def test_two_ranks_reproduce_the_single_process_run(runs):
+    """Full-precision propagation: equal up to the order of the gradient sums."""
+    single, two = _dump(runs["single-fp"], 0), _dump(runs["two-fp"], 0)
+    _compare(single, two, lambda layer: TRANSFORM_ATOL)
     for r1, r2 in zip(single["reports"], two["reports"]):
-        assert r2["loss_final"] == pytest.approx(r1["loss_final"], rel=1e-3)
+        assert r2["loss_final"] == pytest.approx(r1["loss_final"], rel=1e-4)
         assert r2["loss_rtn"] == pytest.approx(r1["loss_rtn"], rel=1e-5)
+
+
+def test_two_ranks_with_quantized_propagation_stay_close(runs):
+    single, two = _dump(runs["single"], 0), _dump(runs["two"], 0)
+    _compare(single, two, lambda layer: TRANSFORM_ATOL if layer == 0 else
+             QUANTIZED_PROPAGATION_ATOL)
+    for r1, r2 in zip(single["reports"], two["reports"]):
+        assert r2["loss_final"] == pytest.approx(r1["loss_final"], rel=0.1)
 
 
 def test_every_rank_holds_the_right_weight_scales(runs):
