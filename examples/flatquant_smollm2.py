@@ -49,6 +49,8 @@ def parse_args():
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe")
     parser.add_argument("--eval-windows", type=int, default=8, help="0: all windows")
+    parser.add_argument("--full-eval", action="store_true",
+                        help="also report the W4A4 perplexity over all windows")
     parser.add_argument("--calib-data", default=str(DATA / "wikitext2-valid.txt"))
     parser.add_argument("--test-data", default=str(DATA / "wikitext2-raw-test.txt"))
     parser.add_argument("--output-dir", default=str(ROOT / "outputs" / "smollm2-flatquant-w4a4"))
@@ -117,6 +119,10 @@ def main():
     result.update(memory)
     if is_source_process():
         result["ppl_w4a4"] = perplexity(model, tokenizer, args.test_data, 2048, windows)
+        if args.full_eval and windows is not None:
+            result["ppl_w4a4_all_windows"] = perplexity(
+                model, tokenizer, args.test_data, 2048, None
+            )
     barrier()
 
     output = Path(args.output_dir)

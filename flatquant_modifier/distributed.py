@@ -138,9 +138,13 @@ def all_reduce_gradients(params: list[nn.Parameter]):
     flat = torch.cat([g.reshape(-1) for g in grads])
     all_reduce_(flat)
     offset = 0
-    for p in params:
+    for p, grad in zip(params, grads):
         count = p.numel()
-        p.grad = flat[offset : offset + count].view_as(p).clone()
+        summed = flat[offset : offset + count].view_as(p)
+        if p.grad is None:
+            p.grad = summed.clone()
+        else:
+            grad.copy_(summed)
         offset += count
 
 

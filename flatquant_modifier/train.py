@@ -398,8 +398,10 @@ def train_layer(
         loss_rtn = _mean_loss(layer, rtn, steps, targets, weights, autocast)
         del rtn
         loss_init = _mean_loss(layer, patched, steps, targets, weights, autocast)
+        # one optimizer implementation for every launch mode (torchrun or not), so
+        # that a 1-rank torchrun run is the plain run bit for bit
         optimizer = torch.optim.AdamW(
-            trainable, weight_decay=config.weight_decay, fused=device.type == "cuda"
+            trainable, weight_decay=config.weight_decay, foreach=True
         )
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=max(total_steps, 1), eta_min=0.0

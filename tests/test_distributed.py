@@ -54,6 +54,7 @@ def runs(tmp_path_factory):
     for label, nproc, extra in (
         ("single", None, ()), ("two", 2, ()),
         ("single-fp", None, ("--fp-propagation",)), ("two-fp", 2, ("--fp-propagation",)),
+        ("one", 1, ()),
     ):
         proc = _launch(model_dir, root / label, nproc, *extra)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -93,6 +94,16 @@ def test_two_ranks_reproduce_the_single_process_run(runs):
     for r1, r2 in zip(single["reports"], two["reports"]):
         assert r2["loss_final"] == pytest.approx(r1["loss_final"], rel=1e-4)
         assert r2["loss_rtn"] == pytest.approx(r1["loss_rtn"], rel=1e-5)
+
+
+def test_torchrun_with_one_rank_is_the_plain_run(runs):
+    plain, one = _dump(runs["single"], 0), _dump(runs["one"], 0)
+    for name, tensors in plain["transforms"].items():
+        for key, value in tensors.items():
+            assert torch.equal(one["transforms"][name][key], value), (name, key)
+    for name, weight in plain["weights"].items():
+        assert torch.equal(one["weights"][name], weight), name
+        assert torch.equal(one["weight_scales"][name], plain["weight_scales"][name]), name
 
 
 def test_two_ranks_with_quantized_propagation_stay_close(runs):
