@@ -150,3 +150,22 @@ def test_export_after_save_compressed_packed_the_model(quantized, tmp_path):
     out = save_ascend_checkpoint(model, tmp_path / "ascend", tok)
     diff = (logits(load_ascend_model(out)) - reference).abs().max().item()
     assert diff < 1e-4, diff
+
+
+def test_tied_lm_head_is_described_and_saved(tmp_path):
+    """vllm-ascend looks up lm_head.weight in the description even when it is tied."""
+    from tests.conftest import build_tiny_llama, byte_tokenizer
+
+    path = tmp_path / "tied"
+    build_tiny_llama(tie_word_embeddings=True).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    model, tok = load_tiny(path)
+    run(model, tok, [FlatQuantModifier(epochs=1), weight_quantizer()])
+    reference = logits(model)
+    out = save_ascend_checkpoint(model, tmp_path / "ascend", tok)
+    tensors = _tensors(out)
+    description = json.loads((out / "quant_model_description.json").read_text())
+    assert description["lm_head.weight"] == "FLOAT"
+    assert set(description) - {"model_quant_type", "version"} == set(tensors)
+    torch.testing.assert_close(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
+    torch.testing.assert_close(logits(load_ascend_model(out)), reference, atol=1e-3, rtol=0)

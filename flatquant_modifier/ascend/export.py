@@ -241,7 +241,12 @@ def _check_fused_siblings(quantized: dict[str, Module]):
 
 
 def _plain_state_dict(model: Module) -> dict[str, torch.Tensor]:
-    """Full-precision tensors: the state dict without transforms, qparams, tied copies."""
+    """
+    Full-precision tensors: the state dict without transforms and qparams. A tied
+    ``lm_head.weight`` stays (as its own copy): vllm-ascend looks every linear and
+    embedding, the tied lm_head included, up in the description, and vLLM skips the
+    tensor itself when the embeddings are tied.
+    """
     skip_modules = {
         name for name, module in model.named_modules()
         if isinstance(module, KroneckerQuantTransform)
@@ -251,27 +256,15 @@ def _plain_state_dict(model: Module) -> dict[str, torch.Tensor]:
         "input_zero_point", "input_global_scale", "output_scale", "output_zero_point",
         "weight_g_idx",
     )
-    tied = _tied_keys(model)
     state = {}
     for key, tensor in model.state_dict().items():
         module_name = key.rpartition(".")[0]
         if any(module_name == s or module_name.startswith(s + ".") for s in skip_modules):
             continue
-        if key.rpartition(".")[2] in qparam_suffixes or key in tied:
+        if key.rpartition(".")[2] in qparam_suffixes:
             continue
         state[key] = tensor.detach().cpu().clone()
     return state
-
-
-def _tied_keys(model: Module) -> set[str]:
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "tie_word_embeddings", False):
-        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if output is not None:
-            for name, module in model.named_modules():
-                if module is output:
-                    return {f"{name}.weight"}
-    return set()
 
 
 def _params_dtype(model: Module) -> torch.dtype:
