@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from compressed_tensors.quantization import QuantizationStrategy, QuantizationType
+from compressed_tensors.quantization.lifecycle.forward import quantize
 from compressed_tensors.utils import align_module_device
 from huggingface_hub import save_torch_state_dict
 from loguru import logger
@@ -184,10 +185,13 @@ def _weight_integers(name: str, module: Module, scale: torch.Tensor) -> torch.Te
     ``save_pretrained(save_compressed=True)`` packed the model in place, from the
     compressed-tensors packed weight."""
     if hasattr(module, "weight"):
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return torch.clamp(torch.round(module.weight.detach().float() / safe), -8, 7).to(
-            torch.int8
-        )
+        # compressed-tensors' own quantize: the same integers as its fake quantization
+        # and its packed format, ties at -7.5 included
+        return quantize(
+            module.weight.detach(), module.weight_scale.detach(),
+            getattr(module, "weight_zero_point", None), module.quantization_scheme.weights,
+            dtype=torch.int8,
+        ).reshape(module.weight.shape)
     if hasattr(module, "weight_packed"):
         shape = torch.Size(module.weight_shape.tolist())
         return unpack_from_int32(module.weight_packed.detach(), 4, shape).to(torch.int8)
