@@ -167,20 +167,17 @@ def write_parameters(updates: list[tuple[nn.Module, str, torch.Tensor]]):
         return
     dist.barrier()
     for module, name, value in updates:
-        device = _comm_device(value)
-        buffer = value.detach().to(device).contiguous()
-        dist.broadcast(as_broadcastable(buffer), src=0)
-        update_offload_parameter(module, name, buffer.to(value.device))
+        update_offload_parameter(module, name, broadcast_(value.detach().clone()))
     dist.barrier()
 
 
-def broadcast_(tensor: torch.Tensor) -> torch.Tensor:
-    """Rank 0's ``tensor`` on every rank (in place)."""
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank ``src``'s ``tensor`` on every rank (in place)."""
     if not is_distributed():
         return tensor
     device = _comm_device(tensor)
     buffer = tensor if tensor.device == device else tensor.to(device)
-    dist.broadcast(as_broadcastable(buffer), src=0)
+    dist.broadcast(as_broadcastable(buffer), src=src)
     if buffer is not tensor:
         tensor.copy_(buffer)
     return tensor
@@ -253,11 +250,9 @@ def sync_weight_qparams(model: nn.Module):
             value = getattr(module, key, None)
             if not isinstance(value, torch.Tensor):
                 continue
-            device = _comm_device(value)
-            buffer = value.detach().to(device).clone()
-            dist.broadcast(as_broadcastable(buffer), src=owner)
+            received = broadcast_(value.detach().clone(), src=owner)
             if rank != owner:
-                update_offload_parameter(module, key, buffer.to(value.device))
+                update_offload_parameter(module, key, received)
         synced += 1
     if synced:
         logger.info(f"FlatQuant: synchronised the weight qparams of {synced} modules "
