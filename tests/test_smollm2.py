@@ -7,7 +7,7 @@ project's CPU budget (32 x 512 tokens, 15 epochs, about 28 minutes) is
 
 import pytest
 import torch
-from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+from compressed_tensors.quantization.lifecycle.forward import quantize
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from transformers import CompressedTensorsConfig
@@ -84,19 +84,23 @@ def test_ascend_export_evaluates_like_the_fake_quantized_model(flatquant_smollm2
     model, tok, _ = flatquant_smollm2
     out = save_ascend_checkpoint(model, tmp_path / "ascend", tok)
     ascend = load_ascend_model(out, dtype=torch.float64)
-    # the weights the float32 model evaluates (and the export stores), lifted to float64:
-    # re-quantizing in float64 would round the -7.5 ties at each row's negative maximum
-    # differently (compressed-tensors' amax / 7.5 puts one weight per row on a tie)
-    frozen = {}
+    # the reference weights are the fake-quantized weights in exact arithmetic:
+    # compressed-tensors' integers (as the export stores them) times the scales, formed
+    # in float64. Neither re-quantizing in float64 (it rounds the -7.5 ties at each
+    # row's negative maximum differently) nor lifting the float32 products q * scale
+    # (rounded to float32, 1e-7 off) gives the function both models compute.
+    integers = {}
     for module in model.modules():
         if getattr(module, "quantization_enabled", False) and hasattr(module, "weight_scale"):
-            frozen[module] = module.weight.data.clone()
-            module.weight.data = fake_quantize(
+            integers[module] = quantize(
                 module.weight.data, module.weight_scale, module.weight_zero_point,
                 module.quantization_scheme.weights,
             )
-            module.quantization_enabled = False
+    frozen = {module: module.weight.data.clone() for module in integers}
     reference = model.to(torch.float64)
+    for module, q in integers.items():
+        module.weight.data = q.to(torch.float64) * module.weight_scale.to(torch.float64)
+        module.quantization_enabled = False
     try:
         ppl_ascend = perplexity(ascend, tok, WIKITEXT_TEST, 2048, 8)
         ppl_reference = perplexity(reference, tok, WIKITEXT_TEST, 2048, 8)
