@@ -1,5 +1,7 @@
 """The PyTorch reference of the NPU ops against hand-computed cases."""
 
+import importlib.util
+
 import pytest
 import torch
 from compressed_tensors.transform import TransformArgs, TransformScheme
@@ -142,3 +144,17 @@ def test_runtime_refuses_sizes_not_divisible_by_8():
         AscendW4A4FlatQuantLinear(12, 4)
     with pytest.raises(ValueError, match="N % 8 == 0, got N=4"):
         kronecker_quant(torch.zeros(1, 4, 4), torch.eye(4), torch.eye(4))
+
+
+def test_asking_for_the_npu_without_torch_npu_is_a_clear_error():
+    if importlib.util.find_spec("torch_npu") is not None:
+        pytest.skip("torch_npu is installed")
+    x = torch.zeros(1, 8, 8)
+    with pytest.raises(RuntimeError, match=r"use_npu=True needs torch_npu"):
+        kronecker_quant(x, torch.eye(8), torch.eye(8), use_npu=True)
+    with pytest.raises(RuntimeError, match=r"flatquant-modifier\[npu\]"):
+        quant_matmul(torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
+                     torch.ones(1), torch.ones(1), use_npu=True)
+    # left to choose (use_npu=None), a CPU tensor takes the reference
+    packed, scale = kronecker_quant(x, torch.eye(8), torch.eye(8))
+    assert packed.shape == (1, 8, 1) and scale.tolist() == [0.0]
