@@ -61,13 +61,17 @@ def build_tiny_llama(seed: int = 0, outliers: bool = True, **overrides) -> Llama
     return model
 
 
-@pytest.fixture()
-def tiny_llama_dir(tmp_path) -> Path:
-    """A tiny Llama with outliers + tokenizer saved to disk (fresh per test)."""
-    path = tmp_path / "tiny-llama"
+def save_tiny_llama(path: Path) -> Path:
+    """Save the default tiny Llama (with outliers) and the byte tokenizer to ``path``."""
     build_tiny_llama().save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture()
+def tiny_llama_dir(tmp_path) -> Path:
+    """A tiny Llama with outliers + tokenizer saved to disk (fresh per test)."""
+    return save_tiny_llama(tmp_path / "tiny-llama")
 
 
 def load_tiny(path: Path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import build_tiny_llama, byte_tokenizer
+from tests.conftest import save_tiny_llama
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 ROOT = WORKER.parents[1]
@@ -47,9 +47,7 @@ def _launch(model_dir: Path, out: Path, nproc: int | None, *extra: str, timeout=
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
-    model_dir = root / "tiny-llama"
-    build_tiny_llama().save_pretrained(model_dir)
-    byte_tokenizer().save_pretrained(model_dir)
+    model_dir = save_tiny_llama(root / "tiny-llama")
     results = {}
     for label, nproc, extra in (
         ("single", None, ()), ("two", 2, ()),
@@ -136,9 +134,7 @@ def test_only_rank0_writes_checkpoints(runs):
 
 
 def test_a_failing_rank_fails_the_run_with_its_error(tmp_path):
-    model_dir = tmp_path / "tiny-llama"
-    build_tiny_llama().save_pretrained(model_dir)
-    byte_tokenizer().save_pretrained(model_dir)
+    model_dir = save_tiny_llama(tmp_path / "tiny-llama")
     proc = _launch(model_dir, tmp_path / "out", 2, "--fail-rank", "1", timeout=300)
     assert proc.returncode != 0
     assert "injected failure on rank 1 in model.layers.1" in proc.stdout + proc.stderr

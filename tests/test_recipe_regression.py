@@ -32,7 +32,7 @@ from safetensors import safe_open
 
 from flatquant_modifier import FlatQuantModifier
 
-from tests.conftest import build_tiny_llama, byte_tokenizer, load_tiny
+from tests.conftest import byte_tokenizer, load_tiny, save_tiny_llama
 from tests.test_modifier import run
 from tests.test_recipes import RECIPES
 
@@ -115,7 +115,5 @@ def test_recipe_matches_its_pins(recipe, tmp_path):
 
 if __name__ == "__main__":  # the subprocess: build the tiny model, run the recipe
     recipe_path, work = Path(sys.argv[1]), Path(sys.argv[2])
-    model_dir = work / "tiny-llama"
-    build_tiny_llama().save_pretrained(model_dir)
-    byte_tokenizer().save_pretrained(model_dir)
+    model_dir = save_tiny_llama(work / "tiny-llama")
     print(json.dumps(_figures(recipe_path, model_dir, work)))
