@@ -7,7 +7,6 @@ project's CPU budget (32 x 512 tokens, 15 epochs, about 28 minutes) is
 
 import pytest
 import torch
-from compressed_tensors.quantization.lifecycle.forward import quantize
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from transformers import CompressedTensorsConfig
@@ -17,7 +16,7 @@ from flatquant_modifier.ascend import load_ascend_model, save_ascend_checkpoint
 from flatquant_modifier.calibration_data import text_windows_dataset
 from flatquant_modifier.perplexity import perplexity
 from flatquant_modifier.smollm2 import load_smollm2
-from tests.conftest import WIKITEXT_TEST, WIKITEXT_VALID
+from tests.conftest import WIKITEXT_TEST, WIKITEXT_VALID, exact_fake_quant
 
 pytestmark = pytest.mark.slow
 
@@ -88,31 +87,9 @@ def test_ascend_export_evaluates_like_the_fake_quantized_model(flatquant_smollm2
     model, tok, _ = flatquant_smollm2
     out = save_ascend_checkpoint(model, tmp_path / "ascend", tok)
     ascend = load_ascend_model(out, dtype=torch.float64)
-    # the reference weights are the fake-quantized weights in exact arithmetic:
-    # compressed-tensors' integers (as the export stores them) times the scales, formed
-    # in float64. Neither re-quantizing in float64 (it rounds the -7.5 ties at each
-    # row's negative maximum differently) nor lifting the float32 products q * scale
-    # (rounded to float32, 1e-7 off) gives the function both models compute.
-    integers = {}
-    for module in model.modules():
-        if getattr(module, "quantization_enabled", False) and hasattr(module, "weight_scale"):
-            integers[module] = quantize(
-                module.weight.data, module.weight_scale, module.weight_zero_point,
-                module.quantization_scheme.weights,
-            )
-    frozen = {module: module.weight.data.clone() for module in integers}
-    reference = model.to(torch.float64)
-    for module, q in integers.items():
-        module.weight.data = q.to(torch.float64) * module.weight_scale.to(torch.float64)
-        module.quantization_enabled = False
-    try:
-        ppl_ascend = perplexity(ascend, tok, WIKITEXT_TEST, 2048, 8)
+    ppl_ascend = perplexity(ascend, tok, WIKITEXT_TEST, 2048, 8)
+    with exact_fake_quant(model) as reference:
         ppl_reference = perplexity(reference, tok, WIKITEXT_TEST, 2048, 8)
-    finally:
-        model.to(torch.float32)
-        for module, weight in frozen.items():
-            module.weight.data = weight
-            module.quantization_enabled = True
     assert ppl_ascend == pytest.approx(ppl_reference, rel=0.005)
 
 
