@@ -5,6 +5,10 @@ the top operators (torch.profiler) and the host/device syncs per step.
 
     python benchmarks/profile_layer.py --device cuda --num-samples 16 --seq-len 2048 \
         [--layer 10] [--epochs 2] [--profile] [--sync-debug] [--json out.json]
+
+``--random-model`` uses a randomly initialised model of SmolLM2-135M's shapes and
+random tokens instead (no GGUF, no data files: for a GPU machine that has neither);
+the timings are those of the real model, the losses are not.
 """
 
 import argparse
@@ -51,6 +55,20 @@ def layer_inputs(model, layer, input_ids: torch.Tensor) -> list[dict]:
     return calls
 
 
+def random_smollm2(num_layers: int):
+    """A randomly initialised Llama with SmolLM2-135M-Instruct's shapes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536,
+        num_hidden_layers=num_layers, num_attention_heads=9, num_key_value_heads=3,
+        max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -60,6 +78,9 @@ def main():
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--autocast", choices=["bfloat16", "float16"], default=None)
+    parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--tf32", action="store_true", help="TF32 float32 matmuls")
+    parser.add_argument("--random-model", action="store_true")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--sync-debug", action="store_true")
     parser.add_argument("--calib-data", default=str(DATA / "wikitext2-valid.txt"))
@@ -68,10 +89,22 @@ def main():
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    model, tokenizer = load_smollm2(args.model_cache)
-    model.to(device).eval()
-    dataset = text_windows_dataset(tokenizer, args.calib_data, args.num_samples, args.seq_len)
-    input_ids = torch.tensor(dataset["input_ids"], device=device)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.random_model:
+        model = random_smollm2(args.layer + 1)
+        generator = torch.Generator().manual_seed(0)
+        input_ids = torch.randint(
+            model.config.vocab_size, (args.num_samples, args.seq_len), generator=generator
+        ).to(device)
+        model.to(device).eval()
+    else:
+        model, tokenizer = load_smollm2(args.model_cache)
+        model.to(device).eval()
+        dataset = text_windows_dataset(
+            tokenizer, args.calib_data, args.num_samples, args.seq_len
+        )
+        input_ids = torch.tensor(dataset["input_ids"], device=device)
     name = f"model.layers.{args.layer}"
     layer = model.model.layers[args.layer]
     groups = resolve_layer(name, layer, infer_mappings_from_model(model), ["lm_head"])
@@ -81,6 +114,7 @@ def main():
     config = TrainConfig(
         epochs=args.epochs,
         autocast_dtype=getattr(torch, args.autocast) if args.autocast else None,
+        cuda_graphs=not args.no_cuda_graphs,
     )
 
     def run():
@@ -121,6 +155,9 @@ def main():
         "batch_size": args.batch_size,
         "epochs": args.epochs,
         "autocast": args.autocast,
+        "cuda_graphs": not args.no_cuda_graphs,
+        "tf32": args.tf32,
+        "random_model": args.random_model,
         "seconds": round(seconds, 3),
         "ms_per_training_step_upper_bound": round(1000 * seconds / passes, 2),
         "loss": [report.loss_init, report.loss_final],

@@ -48,6 +48,10 @@ def parse_args():
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe")
+    parser.add_argument("--autocast", choices=["float32", "bfloat16"], default=None,
+                        help="override the recipe's autocast_dtype (float32: none)")
+    parser.add_argument("--no-cuda-graphs", action="store_true",
+                        help="override the recipe: run the training steps eagerly")
     parser.add_argument("--eval-windows", type=int, default=8, help="0: all windows")
     parser.add_argument("--full-eval", action="store_true",
                         help="also report the W4A4 perplexity over all windows")
@@ -89,8 +93,16 @@ def main():
 
     recipe = Recipe.create_instance(args.recipe)
     for modifier in recipe.modifiers:
-        if isinstance(modifier, FlatQuantModifier) and args.epochs is not None:
+        if not isinstance(modifier, FlatQuantModifier):
+            continue
+        if args.epochs is not None:
             modifier.epochs = args.epochs
+        if args.autocast is not None:
+            modifier.autocast_dtype = (
+                None if args.autocast == "float32" else getattr(torch, args.autocast)
+            )
+        if args.no_cuda_graphs:
+            modifier.cuda_graphs = False
     # every rank draws the same windows and keeps its own contiguous shard of them
     dataset = shard_dataset(text_windows_dataset(
         tokenizer, args.calib_data, args.num_samples, args.seq_len, seed=args.seed
@@ -107,6 +119,13 @@ def main():
         max_seq_length=args.seq_len,
     )
     result["calibration_seconds"] = round(time.perf_counter() - start, 1)
+    flatquant = [m for m in recipe.modifiers if isinstance(m, FlatQuantModifier)]
+    if flatquant:
+        reports = flatquant[0].reports
+        result["flatquant_train_seconds"] = round(sum(r.seconds for r in reports), 1)
+        result["mean_final_layer_loss"] = sum(r.loss_final for r in reports) / max(
+            len(reports), 1
+        )
     memory = {"peak_rss_GiB": round(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2
     )}

@@ -30,7 +30,6 @@ __all__ = [
     "barrier",
     "all_gather_varlen",
     "all_reduce_",
-    "all_reduce_gradients",
     "broadcast_",
     "shard_dataset",
     "write_parameters",
@@ -123,29 +122,6 @@ def all_reduce_(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if buffer is not tensor:
         tensor.copy_(buffer)
     return tensor
-
-
-def all_reduce_gradients(params: list[nn.Parameter]):
-    """
-    Sum the gradients of ``params`` over ranks in one flat all-reduce. Each rank has
-    already weighted its loss by its share of the step's samples, so the sum is the
-    gradient of the global mean loss. Missing gradients count as zeros (a rank with
-    no sample in a step still takes part).
-    """
-    if not is_distributed() or not params:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    all_reduce_(flat)
-    offset = 0
-    for p, grad in zip(params, grads):
-        count = p.numel()
-        summed = flat[offset : offset + count].view_as(p)
-        if p.grad is None:
-            p.grad = summed.clone()
-        else:
-            grad.copy_(summed)
-        offset += count
 
 
 @torch.no_grad()

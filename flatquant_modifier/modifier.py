@@ -150,8 +150,15 @@ class FlatQuantModifier(Modifier):
     :param lr: AdamW learning rate of the transforms and smoothing vectors
     :param clip_lr: AdamW learning rate of the clip factors
     :param weight_decay: AdamW weight decay
-    :param autocast_dtype: optional autocast dtype for the training forward
-        (``bfloat16``/``float16``); master weights stay float32
+    :param autocast_dtype: autocast dtype of the training forward (``bfloat16``/
+        ``float16``), master weights staying float32; None trains in float32.
+        ``"auto"`` (default): ``bfloat16`` on CUDA, as the paper's code trains (its
+        attention then runs in flash kernels; in float32 with grouped KV heads torch
+        falls back to the math kernel), float32 elsewhere
+    :param cuda_graphs: on CUDA, capture each training step (forward, loss,
+        gradients) once per input shape as a CUDA graph and replay it: the same
+        kernels without the host's launch cost. Falls back to eager execution, with a
+        warning, if a capture fails
     :param offload_device: device on which cached layer inputs and targets are kept
         (None: the layer's execution device)
     :param seed: seed of the random initialisations
@@ -196,7 +203,8 @@ class FlatQuantModifier(Modifier):
     lr: float = Field(default=5e-3, ge=0.0)
     clip_lr: float = Field(default=5e-2, ge=0.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
-    autocast_dtype: TorchDtype | None = None
+    autocast_dtype: Literal["auto"] | TorchDtype | None = "auto"
+    cuda_graphs: bool = True
     offload_device: str | None = None
     seed: int = 0
     on_nonfinite: Literal["raise", "skip"] = "raise"
@@ -310,8 +318,18 @@ class FlatQuantModifier(Modifier):
 
     # ------------------------------------------------------------------ helpers
 
-    def _train_config(self) -> TrainConfig:
+    def _autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        if self.autocast_dtype != "auto":
+            return self.autocast_dtype
+        if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+
+    def _train_config(self, device: torch.device, layer: Module) -> TrainConfig:
+        # float64 models train in float64 (reproducible across CPUs), others in float32
+        float64 = any(p.dtype == torch.float64 for p in layer.parameters())
         return TrainConfig(
+            dtype=torch.float64 if float64 else torch.float32,
             epochs=self.epochs,
             lr=self.lr,
             clip_lr=self.clip_lr,
@@ -325,7 +343,8 @@ class FlatQuantModifier(Modifier):
             smooth_alpha=self.smooth_alpha,
             parametrization=self.parametrization,
             transform_init=self.transform_init,
-            autocast_dtype=self.autocast_dtype,
+            autocast_dtype=None if float64 else self._autocast_dtype(device),
+            cuda_graphs=self.cuda_graphs,
             seed=self.seed,
             quant_format=self.quant_format,
         )
@@ -388,7 +407,7 @@ class FlatQuantModifier(Modifier):
             self._step_of_call = assign_steps(call_keys(calls), self.batch_size)
         steps = plan_steps(calls, *self._step_of_call)
         del calls
-        config = self._train_config()
+        config = self._train_config(device, layer)
         with align_module_device(layer), HooksMixin.disable_hooks():
             targets, act_max = _full_precision_pass(layer, steps, groups, device)
             generator = torch.Generator().manual_seed(self.seed + index)
@@ -413,14 +432,19 @@ class FlatQuantModifier(Modifier):
             return KRONECKER_TRANSFORM_TYPE
         return FLATQUANT_TRANSFORM_TYPE
 
+    def _transform_scheme(self, names: list[str], precision: torch.dtype) -> TransformScheme:
+        return TransformScheme(
+            type=self._transform_type(),
+            apply=[TransformArgs(targets=names, location="input")],
+            precision=precision,
+        )
+
     def _attach_transforms(
         self, model: Module, group: ResolvedGroup, p1, p2, clip_ratio: float
     ):
         names = [name for name, _ in group.linears]
-        scheme = TransformScheme(
-            type=self._transform_type(),
-            apply=[TransformArgs(targets=names, location="input")],
-        )
+        # the transforms keep the training precision (float32; float64 models: float64)
+        scheme = self._transform_scheme(names, p1.dtype)
         TransformFactory.from_scheme(scheme, name=TRANSFORM_NAME).apply_to_model(
             model, use_tqdm=False
         )
@@ -445,11 +469,11 @@ class FlatQuantModifier(Modifier):
     def _record_transform_config(self, model: Module):
         if not self._transformed:
             return
+        first = get_flatquant_transform(model.get_submodule(self._transformed[0]))
         ours = TransformConfig(
             config_groups={
-                TRANSFORM_NAME: TransformScheme(
-                    type=self._transform_type(),
-                    apply=[TransformArgs(targets=list(self._transformed), location="input")],
+                TRANSFORM_NAME: self._transform_scheme(
+                    list(self._transformed), first.left_trans.dtype
                 )
             }
         )

@@ -16,6 +16,7 @@ __all__ = [
     "LearnableMatrix",
     "LearnableKronecker",
     "ClipFactor",
+    "matrices_and_inverses",
 ]
 
 Parametrization = Literal["orthogonal", "dense"]
@@ -92,6 +93,30 @@ class LearnableMatrix(nn.Module):
             return (u * s) @ v.T, (u / s) @ v.T
         p = self.matrix.double()
         return p, torch.linalg.inv(p).T
+
+
+def matrices_and_inverses(
+    matrices: list[LearnableMatrix],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """
+    ``(P, P^-T)`` of every matrix, as each one's ``forward`` gives them, with the dense
+    matrices of equal size inverted in one batched call: a layer has up to eight
+    small matrices, and one small inversion costs about as much as a batch of them.
+    """
+    results: list = [None] * len(matrices)
+    by_size: dict[int, list[int]] = {}
+    for index, matrix in enumerate(matrices):
+        if matrix.parametrization == "dense":
+            by_size.setdefault(matrix.size, []).append(index)
+        else:
+            results[index] = matrix()
+    for indices in by_size.values():
+        stacked = torch.stack([matrices[i].matrix for i in indices])
+        # inv_ex: no error check, hence no device sync in every training step
+        inverses = torch.linalg.inv_ex(stacked).inverse.transpose(-1, -2)
+        for i, inverse_t in zip(indices, inverses.unbind(0)):
+            results[i] = (matrices[i].matrix, inverse_t)
+    return results
 
 
 class LearnableKronecker(nn.Module):

@@ -21,11 +21,8 @@ from loguru import logger
 from torch import nn
 from tqdm import tqdm
 
-from flatquant_modifier.distributed import (
-    all_reduce_,
-    all_reduce_gradients,
-    write_parameters,
-)
+from flatquant_modifier.cuda_graphs import StepGraphs
+from flatquant_modifier.distributed import all_reduce_, write_parameters
 from flatquant_modifier.kronecker import kronecker_matmul
 from flatquant_modifier.mappings import ResolvedGroup
 from flatquant_modifier.modules import (
@@ -33,6 +30,7 @@ from flatquant_modifier.modules import (
     LearnableKronecker,
     Parametrization,
     TransformInit,
+    matrices_and_inverses,
 )
 from flatquant_modifier.quantize import (
     fake_quantize_activation,
@@ -73,6 +71,10 @@ class TrainConfig:
     autocast_dtype: torch.dtype | None = None
     seed: int = 0
     quant_format: str = "int"  # "int" (Ascend W4A4) or "nvfp4"
+    cuda_graphs: bool = True  # replay each sub-batch's step as a CUDA graph on CUDA
+    # dtype of the learnable parameters and of the quantized forward: float32, or
+    # float64 for a float64 model (results reproducible across CPUs)
+    dtype: torch.dtype = torch.float32
 
 
 @dataclass
@@ -122,7 +124,9 @@ class GroupParams(nn.Module):
         )
         # smoothing vector at the granularity of the layer it is folded into
         self.smooth = (
-            nn.Parameter(smooth_init.float().clone()) if smooth_init is not None else None
+            nn.Parameter(smooth_init.to(config.dtype).clone())
+            if smooth_init is not None
+            else None
         )
         if self.smooth is not None and group.smooth_index is not None:
             self.register_buffer("smooth_index", group.smooth_index.clone())
@@ -137,10 +141,8 @@ class GroupParams(nn.Module):
             return self.smooth
         return self.smooth[self.smooth_index]
 
-    def transform_and_clips(self):
-        ((p1, p1_inv_t), (p2, p2_inv_t)) = self.kron()
-        act_clip = self.act_clip() if self.act_clip is not None else 1.0
-        return p1, p1_inv_t, p2, p2_inv_t, act_clip
+    def activation_clip(self) -> torch.Tensor | float:
+        return self.act_clip() if self.act_clip is not None else 1.0
 
     def param_groups(self, config: TrainConfig) -> list[dict]:
         transform = list(self.kron.parameters())
@@ -165,17 +167,19 @@ def smoothquant_init(
     SmoothQuant scales ``s_j = max|X_j|^alpha / max|W_:j|^(1 - alpha)`` at the
     granularity of the smooth layer (channels tied by ``smooth_index`` share one).
     """
+    # float64: pow is computed by CPU-specific kernels, and float32 results would differ
+    # in the last bit between machines (the training then diverges at 4 bits)
     w_max = torch.stack(
-        [linear.weight.detach().abs().amax(dim=0).float() for _, linear in group.linears]
+        [linear.weight.detach().abs().amax(dim=0).double() for _, linear in group.linears]
     ).amax(dim=0)
-    act_max = act_max.float().to(w_max.device)
+    act_max = act_max.double().to(w_max.device)
     if group.smooth_index is not None:
         size = int(group.smooth_index.max()) + 1
         index = group.smooth_index.to(w_max.device)
-        act_max = torch.zeros(size, device=w_max.device).scatter_reduce(
+        act_max = act_max.new_zeros(size).scatter_reduce(
             0, index, act_max, "amax"
         )
-        w_max = torch.zeros(size, device=w_max.device).scatter_reduce(
+        w_max = w_max.new_zeros(size).scatter_reduce(
             0, index, w_max, "amax"
         )
     scale = act_max.clamp(min=1e-5).pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)
@@ -203,7 +207,7 @@ class _PatchedLayer:
         # the linears of a group stacked by rows: transformed and quantized in one go
         self.weights = [
             torch.cat(
-                [linear.weight.detach().to(device=device, dtype=torch.float32)
+                [linear.weight.detach().to(device=device, dtype=config.dtype)
                  for _, linear in group.linears]
             )
             for group in groups
@@ -213,7 +217,7 @@ class _PatchedLayer:
             [
                 None
                 if linear.bias is None
-                else linear.bias.detach().to(device=device, dtype=torch.float32)
+                else linear.bias.detach().to(device=device, dtype=config.dtype)
                 for _, linear in group.linears
             ]
             for group in groups
@@ -228,9 +232,17 @@ class _PatchedLayer:
         self._inputs.clear()
 
     def _matrices(self, gi: int):
-        if gi not in self._step:
-            p = self.params[gi]
-            self._step[gi] = (*p.transform_and_clips(), p.smooth_vector())
+        """``(P1, P1^-T, P2, P2^-T, act_clip, smooth)`` of group ``gi``; all groups'
+        matrices are computed together, once per step (batched inverses)."""
+        if not self._step:
+            factors = matrices_and_inverses(
+                [m for p in self.params for m in (p.kron.left, p.kron.right)]
+            )
+            for index, p in enumerate(self.params):
+                (p1, p1_inv_t), (p2, p2_inv_t) = factors[2 * index : 2 * index + 2]
+                self._step[index] = (
+                    p1, p1_inv_t, p2, p2_inv_t, p.activation_clip(), p.smooth_vector()
+                )
         return self._step[gi]
 
     def _group_weights(self, gi: int) -> tuple[torch.Tensor, ...]:
@@ -262,14 +274,14 @@ class _PatchedLayer:
         if cached is not None and cached[0] is x:
             h = cached[1]
         else:
-            h = x.float()
+            h = x.to(cfg.dtype)
             if smooth is not None:
                 h = h / smooth
             h = kronecker_matmul(h, p1, p2)
             if cfg.quant_format == "nvfp4":
-                h = fake_quantize_nvfp4(h.float())
+                h = fake_quantize_nvfp4(h.to(cfg.dtype))
             elif cfg.a_bits is not None:
-                h = fake_quantize_activation(h.float(), act_clip, cfg.a_bits)
+                h = fake_quantize_activation(h.to(cfg.dtype), act_clip, cfg.a_bits)
             self._inputs[gi] = (x, h)
         weight = self._group_weights(gi)[li]
         return F.linear(h, weight, self.biases[gi][li]).to(x.dtype)
@@ -317,7 +329,9 @@ def build_group_params(
         smooth_init = None
         if config.smooth and group.smooth is not None and amax is not None:
             smooth_init = smoothquant_init(amax, group, config.smooth_alpha)
-        params.append(GroupParams(group, config, smooth_init, generator).to(device))
+        params.append(
+            GroupParams(group, config, smooth_init, generator).to(device, config.dtype)
+        )
     return params
 
 
@@ -341,22 +355,47 @@ def _step_weights(
     ]
 
 
-def _mean_loss(layer, patched, steps, targets, weights, autocast) -> float:
+def _mean_loss(layer, patched, steps, targets, weights, autocast, graphs) -> float:
     """Mean over steps of the step MSE (over all ranks)."""
     total = torch.zeros((), dtype=torch.float64, device=_device_of(targets))
-    with torch.no_grad(), patched.patched():
+
+    def evaluate(kwargs, target):
+        with torch.no_grad():
+            patched.new_step()
+            with autocast():
+                out = _output(layer(**kwargs))
+            dtype = patched.config.dtype
+            loss = F.mse_loss(out.to(dtype), target.to(dtype))
+            patched.new_step()
+        return loss
+
+    with patched.patched():
         for batches, step_targets, step_weights in zip(steps, targets, weights):
             for kwargs, target, weight in zip(batches, step_targets, step_weights):
-                patched.new_step()
-                with autocast():
-                    out = _output(layer(**kwargs))
-                total += F.mse_loss(out.float(), target.float()).double() * weight
-    patched.new_step()
+                loss = graphs(("eval", id(patched)), evaluate, kwargs, target)
+                total += loss.double() * weight
     return float(all_reduce_(total)) / max(len(steps), 1)
 
 
 def _device_of(targets: list[list[torch.Tensor]]) -> torch.device:
     return next((t.device for step in targets for t in step), torch.device("cpu"))
+
+
+def _flat_gradients(params: list[nn.Parameter], device: torch.device):
+    """
+    One flat buffer (the parameters' dtype) holding every parameter's ``.grad`` (as views), so that
+    the sum over ranks is one all-reduce and sub-batches accumulate with one
+    ``_foreach_add_``.
+    """
+    dtype = params[0].dtype if params else torch.float32
+    buffer = torch.zeros(sum(p.numel() for p in params), device=device, dtype=dtype)
+    views, offset = [], 0
+    for p in params:
+        views.append(buffer[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    for p, view in zip(params, views):
+        p.grad = view
+    return buffer, views
 
 
 def train_layer(
@@ -376,7 +415,10 @@ def train_layer(
     ``steps[k]`` holds the sub-batches of optimisation step ``k`` on this rank (see
     :func:`flatquant_modifier.batching.plan_steps`); under ``torch.distributed``
     every rank takes the same number of steps and the gradients are summed over ranks
-    after each step, so all ranks hold identical parameters.
+    after each step, so all ranks hold identical parameters. On CUDA the loss and
+    gradient computation of a sub-batch runs as a CUDA graph
+    (:class:`flatquant_modifier.cuda_graphs.StepGraphs`, ``config.cuda_graphs``);
+    the optimizer step stays eager.
 
     :raises NonFiniteLossError: if the loss becomes NaN/Inf (``params`` are then
         garbage and must not be applied; the layer itself is untouched)
@@ -385,7 +427,10 @@ def train_layer(
     patched = _PatchedLayer(groups, params, config, device)
     if config.autocast_dtype is not None:
         def autocast():
-            return torch.autocast(device.type, dtype=config.autocast_dtype)
+            # no cast cache: it would hold tensors across graph replays
+            return torch.autocast(
+                device.type, dtype=config.autocast_dtype, cache_enabled=False
+            )
     else:
         autocast = contextlib.nullcontext
 
@@ -393,11 +438,24 @@ def train_layer(
     flat_params = [p for g in trainable for p in g["params"]]
     weights = _step_weights(targets, device)
     total_steps = config.epochs * len(steps)
+    graphs = StepGraphs(device, enabled=config.cuda_graphs)
+
+    def loss_and_grads(kwargs, target):
+        patched.new_step()
+        with autocast():
+            out = _output(layer(**kwargs))
+        loss = F.mse_loss(out.to(config.dtype), target.to(config.dtype))
+        grads = torch.autograd.grad(loss, flat_params, allow_unused=True)
+        patched.new_step()
+        return loss.detach(), [
+            torch.zeros_like(p) if g is None else g for p, g in zip(flat_params, grads)
+        ]
+
     rtn = _PatchedLayer(groups, _identity_params(groups, config, device), config, device)
-    with _frozen(layer), torch.enable_grad():
-        loss_rtn = _mean_loss(layer, rtn, steps, targets, weights, autocast)
+    with _frozen(layer), torch.enable_grad(), _cuda_linalg(device):
+        loss_rtn = _mean_loss(layer, rtn, steps, targets, weights, autocast, graphs)
         del rtn
-        loss_init = _mean_loss(layer, patched, steps, targets, weights, autocast)
+        loss_init = _mean_loss(layer, patched, steps, targets, weights, autocast, graphs)
         # one optimizer implementation for every launch mode (torchrun or not), so
         # that a 1-rank torchrun run is the plain run bit for bit
         optimizer = torch.optim.AdamW(
@@ -406,26 +464,25 @@ def train_layer(
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=max(total_steps, 1), eta_min=0.0
         )
+        grad_buffer, grad_views = _flat_gradients(flat_params, device)
         epoch_losses = []
         bar = tqdm(range(config.epochs), desc=f"FlatQuant {name}", leave=False)
         for epoch in bar:
             total = torch.zeros((), dtype=torch.float64, device=device)
             with patched.patched():
                 for batches, step_targets, step_weights in zip(steps, targets, weights):
-                    optimizer.zero_grad(set_to_none=True)
+                    grad_buffer.zero_()
                     for kwargs, target, weight in zip(batches, step_targets, step_weights):
-                        patched.new_step()
-                        with autocast():
-                            out = _output(layer(**kwargs))
-                        loss = F.mse_loss(out.float(), target.float()) * weight
-                        loss.backward()
-                        total += loss.detach().double()
-                    all_reduce_gradients(flat_params)
+                        # each sub-batch's loss weighted by its share of the step
+                        loss, grads = graphs("train", loss_and_grads, kwargs, target)
+                        torch._foreach_add_(grad_views, grads, alpha=weight)
+                        total += loss.double() * weight
+                    all_reduce_(grad_buffer)
                     optimizer.step()
                     scheduler.step()
-            patched.new_step()
             mean = float(all_reduce_(total)) / max(len(steps), 1)
             if not math.isfinite(mean):
+                graphs.close()
                 raise NonFiniteLossError(
                     f"FlatQuant: the training loss of layer {name} became {mean} in "
                     f"epoch {epoch + 1}/{config.epochs}; the layer was left unchanged. "
@@ -434,10 +491,30 @@ def train_layer(
                 )
             epoch_losses.append(mean)
             bar.set_postfix(loss=f"{mean:.3g}")
-        loss_final = _mean_loss(layer, patched, steps, targets, weights, autocast)
+        loss_final = _mean_loss(layer, patched, steps, targets, weights, autocast, graphs)
+        graphs.close()
+        for p in flat_params:
+            p.grad = None
     return LayerReport(
         name, loss_rtn, loss_init, loss_final, epoch_losses, time.perf_counter() - start
     )
+
+
+@contextlib.contextmanager
+def _cuda_linalg(device: torch.device):
+    """
+    cuSOLVER/cuBLAS for the (batched) inverses on CUDA: MAGMA, which torch picks for
+    some batched sizes, synchronises with the host and cannot be captured in a graph.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cuda.preferred_linalg_library()
+    torch.backends.cuda.preferred_linalg_library("cusolver")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_linalg_library(previous)
 
 
 def _identity_params(
@@ -454,7 +531,7 @@ def _identity_params(
         parametrization="dense",
         transform_init="identity",
     )
-    return [GroupParams(g, plain, None, None).to(device) for g in groups]
+    return [GroupParams(g, plain, None, None).to(device, config.dtype) for g in groups]
 
 
 @torch.no_grad()
@@ -487,7 +564,7 @@ def absorb_into_layer(
         updates += _smooth_layer_updates(group, params.smooth.detach().double())
     write_parameters(updates)
     act_clip = float(params.act_clip()) if params.act_clip is not None else 1.0
-    return p1.float(), p2.float(), act_clip
+    return p1.to(config.dtype), p2.to(config.dtype), act_clip
 
 
 def _smooth_layer_updates(group: ResolvedGroup, smooth: torch.Tensor) -> list[tuple]:

@@ -66,6 +66,32 @@ def test_transforms_preserve_the_unquantized_model(tiny_llama_dir):
     assert rel < 1e-4, rel
 
 
+def test_float64_model_trains_and_transforms_in_float64(tiny_llama_dir):
+    model, tok = load_tiny(tiny_llama_dir)
+    model.to(torch.float64)
+    reference = logits(model)
+    modifier = FlatQuantModifier(epochs=1, learn_weight_clip=False)
+    run(model, tok, [modifier])
+    transform = get_flatquant_transform(model.model.layers[1].mlp.down_proj)
+    assert transform.left_trans.dtype == torch.float64
+    assert all(r.loss_final < r.loss_rtn for r in modifier.reports)
+    model.apply(disable_quantization)
+    out = logits(model)
+    # the absorbed transforms are exact to float64 rounding (float32 models: 1e-4)
+    rel = ((out - reference).norm() / reference.norm()).item()
+    assert rel < 1e-10, rel
+
+
+def test_autocast_auto_is_bfloat16_on_cuda_only():
+    modifier = FlatQuantModifier()
+    assert modifier.autocast_dtype == "auto"
+    assert modifier._autocast_dtype(torch.device("cpu")) is None
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        assert modifier._autocast_dtype(torch.device("cuda:0")) == torch.bfloat16
+    assert FlatQuantModifier(autocast_dtype="bfloat16").autocast_dtype == torch.bfloat16
+    assert FlatQuantModifier(autocast_dtype=None)._autocast_dtype(torch.device("cuda")) is None
+
+
 @pytest.mark.parametrize("parametrization", ["orthogonal", "dense"])
 @pytest.mark.parametrize("init", ["identity", "random"])
 def test_training_beats_identity_transforms_in_every_layer(tiny_llama_dir, parametrization, init):

@@ -1,7 +1,12 @@
 import pytest
 import torch
 
-from flatquant_modifier.modules import ClipFactor, LearnableKronecker, LearnableMatrix
+from flatquant_modifier.modules import (
+    ClipFactor,
+    LearnableKronecker,
+    LearnableMatrix,
+    matrices_and_inverses,
+)
 
 
 @pytest.mark.parametrize("parametrization", ["orthogonal", "dense"])
@@ -38,3 +43,22 @@ def test_clip_factor_init_and_shape():
     clip = ClipFactor(5, init_logit=4.0)
     torch.testing.assert_close(clip(), torch.full((5,), torch.sigmoid(torch.tensor(4.0)).item()))
     assert ClipFactor(1)().shape == (1,)
+
+
+def test_batched_inverses_equal_each_matrix_alone():
+    g = torch.Generator().manual_seed(0)
+    matrices = [LearnableMatrix(n, p, "random", g)
+                for n, p in [(6, "dense"), (4, "dense"), (6, "orthogonal"), (6, "dense"),
+                             (4, "dense")]]
+    with torch.no_grad():
+        for m in matrices:
+            for p in m.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    batched = matrices_and_inverses(matrices)
+    for m, (p, p_inv_t) in zip(matrices, batched):
+        alone_p, alone_inv_t = m()
+        torch.testing.assert_close(p, alone_p, atol=0, rtol=0)
+        torch.testing.assert_close(p_inv_t, alone_inv_t, atol=1e-6, rtol=0)
+    # gradients reach every matrix through the batched inverse
+    sum(inv.sum() for _, inv in batched).backward()
+    assert all(p.grad is not None for m in matrices for p in m.parameters() if p.requires_grad)

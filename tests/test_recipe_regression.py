@@ -8,13 +8,19 @@ To re-pin on purpose (a deliberate change of the algorithm or its defaults), run
     FLATQUANT_REPIN=1 python -m pytest -q tests/test_recipe_regression.py
 review the diff of tests/pins/recipes.json, and commit it with the reason.
 
-The figures are computed in a subprocess with machine-independent CPU kernels (scalar
-ATen kernels, MKL's conditional-numerical-reproducibility mode, oneDNN limited to
-SSE4.1, one thread). With the default kernels they depend on the CPU: a 4-bit (or FP4 /
-FP8-scaled) model flips roundings on last-bit differences and the flips compound over
-the training steps and the layers. Measured 2026-11-25 on the flatquant_nvfp4 recipe:
-the second layer's loss was 0.00139 (AVX2 kernels), 0.00156 (scalar ATen kernels),
-0.00145 (two threads) and 0.00193 (the CI machine the pins were first taken on).
+The figures are computed on a float64 copy of the model (FlatQuant then trains in
+float64) in a subprocess with machine-independent CPU kernels (scalar ATen kernels,
+MKL's conditional-numerical-reproducibility mode, oneDNN limited to SSE4.1, one
+thread). In float32 a 4-bit (or FP4 / FP8-scaled) model flips roundings on last-bit
+differences and the flips compound over the training steps and the layers: the
+float32 figures depended on the CPU even with those kernels (flatquant_nvfp4's
+second-layer loss: 0.00193 on the machine the pins were first taken on, 0.00173 on
+an Intel Xeon with AVX-512 on 2026-11-26; with other kernels on one machine, from
+0.00139 to 0.00209). In float64 the W4A4 recipes' layer losses are identical to all
+printed digits with scalar, two-thread and AVX-512 kernels; flatquant_nvfp4's still
+moved 8 % between scalar and AVX-512 kernels (2026-11-26), hence the kernels.
+The saved tensors are cast back to float32 first, so their layout is that of a
+float32 model.
 """
 
 import json
@@ -62,6 +68,7 @@ def _figures(recipe: Path, model_dir: Path, tmp_path: Path) -> dict:
     small = tmp_path / recipe.name
     small.write_text(yaml.safe_dump(spec))
     model, tok = load_tiny(model_dir)
+    model.to(torch.float64)
     run(model, tok, str(small), num_samples=16)
     flatquant = next(
         m for m in active_session().lifecycle.recipe.modifiers
@@ -70,6 +77,7 @@ def _figures(recipe: Path, model_dir: Path, tmp_path: Path) -> dict:
     ids = byte_tokenizer()(TEXT, return_tensors="pt").input_ids[:, :256]
     with torch.no_grad():
         loss = model(ids, labels=ids).loss.item()
+    _float64_to_float32(model)
     model.save_pretrained(tmp_path / "saved", save_compressed=True)
     tensors = {}
     with safe_open(next((tmp_path / "saved").glob("*.safetensors")), "pt") as reader:
@@ -82,6 +90,16 @@ def _figures(recipe: Path, model_dir: Path, tmp_path: Path) -> dict:
         "ppl_short_text": math.exp(loss),
         "q_proj_tensors": tensors,
     }
+
+
+@torch.no_grad()
+def _float64_to_float32(model):
+    """Cast float64 parameters and buffers to float32 (FP8 scales stay FP8)."""
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for name, tensor in tensors.items():
+                if tensor is not None and tensor.dtype == torch.float64:
+                    tensor.data = tensor.data.float()
 
 
 def _figures_with_reproducible_kernels(recipe: Path, tmp_path: Path) -> dict:

@@ -1,0 +1,65 @@
+"""The training step as CUDA graphs: the same losses and parameters as the eager step
+(GPU only; on a CPU the graphs fall back to eager execution, tested here too)."""
+
+import pytest
+import torch
+
+from flatquant_modifier.batching import assign_steps, call_keys, plan_steps
+from flatquant_modifier.cuda_graphs import StepGraphs
+from flatquant_modifier.mappings import infer_mappings_from_model, resolve_layer
+from flatquant_modifier.modifier import _full_precision_pass
+from flatquant_modifier.train import TrainConfig, build_group_params, train_layer
+from tests.conftest import build_tiny_llama
+
+
+def test_graphs_run_eagerly_off_cuda():
+    graphs = StepGraphs(torch.device("cpu"))
+    assert not graphs.enabled
+    x = torch.arange(4.0)
+    assert torch.equal(graphs("tag", lambda t: t * 2, x), x * 2)
+    assert graphs.num_graphs == 0
+
+
+def _train(model, layer_index, calls, device, cuda_graphs, autocast=None):
+    layer = model.model.layers[layer_index]
+    name = f"model.layers.{layer_index}"
+    groups = resolve_layer(name, layer, infer_mappings_from_model(model), ["lm_head"])
+    steps = plan_steps(calls, *assign_steps(call_keys(calls), 2))
+    targets, act_max = _full_precision_pass(layer, steps, groups, device)
+    config = TrainConfig(epochs=3, cuda_graphs=cuda_graphs, autocast_dtype=autocast)
+    params = build_group_params(groups, act_max, config, device, torch.Generator().manual_seed(0))
+    report = train_layer(name, layer, groups, params, steps, targets, config, device)
+    return report, [p.detach().clone() for g in params for p in g.parameters()]
+
+
+def _layer_calls(model, layer, ids):
+    calls = []
+
+    def capture(_module, args, kwargs):
+        call = dict(kwargs)
+        call["hidden_states"] = args[0] if args else kwargs["hidden_states"]
+        call.pop("past_key_values", None)
+        calls.append({k: v.detach() if isinstance(v, torch.Tensor) else v
+                      for k, v in call.items()})
+
+    handle = layer.register_forward_pre_hook(capture, with_kwargs=True)
+    with torch.no_grad():
+        for row in ids:
+            model(row.unsqueeze(0))
+    handle.remove()
+    return calls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_graphed_training_equals_eager_training(autocast):
+    device = torch.device("cuda")
+    model = build_tiny_llama().to(device)
+    ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(0)).to(device)
+    calls = _layer_calls(model, model.model.layers[0], ids)
+    eager, eager_params = _train(model, 0, calls, device, False, autocast)
+    graphed, graphed_params = _train(model, 0, calls, device, True, autocast)
+    assert graphed.epoch_losses == eager.epoch_losses
+    assert graphed.loss_final == eager.loss_final and graphed.loss_rtn == eager.loss_rtn
+    for a, b in zip(graphed_params, eager_params):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
