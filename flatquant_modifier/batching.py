@@ -18,11 +18,12 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from loguru import logger
 
-from flatquant_modifier.distributed import all_gather_varlen, get_rank
+from flatquant_modifier.distributed import all_gather_varlen, all_reduce_, get_rank
 
-__all__ = ["merge_calls", "call_keys", "assign_steps", "plan_steps"]
+__all__ = ["merge_calls", "call_keys", "calls_per_step", "assign_steps", "plan_steps"]
 
 _MISMATCH = object()
 
@@ -59,6 +60,27 @@ def call_keys(calls: list[dict[str, Any]]) -> torch.Tensor:
         flat = hidden.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
         keys.append(float(flat @ torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64)))
     return torch.tensor(keys, dtype=torch.float64)
+
+
+def calls_per_step(calls: list[dict[str, Any]], batch_size: int) -> int:
+    """
+    How many cached calls make a step of ``batch_size`` samples. Each call holds one
+    calibration batch of llm-compressor's dataloader (``oneshot(batch_size=b)``: ``b``
+    samples, the last one maybe fewer); the largest over all ranks must divide
+    ``batch_size``.
+
+    :raises ValueError: if it does not
+    """
+    largest = max((_samples(call) for call in calls), default=1)
+    largest = int(all_reduce_(torch.tensor([largest]), op=dist.ReduceOp.MAX))
+    if batch_size % largest:
+        raise ValueError(
+            f"FlatQuantModifier(batch_size={batch_size}) counts calibration samples per "
+            f"optimisation step, but llm-compressor calls the layers with batches of "
+            f"{largest} samples (oneshot(batch_size={largest})), which does not divide "
+            f"it: make FlatQuantModifier's batch_size a multiple of oneshot's"
+        )
+    return batch_size // largest
 
 
 def assign_steps(keys: torch.Tensor, batch_size: int) -> tuple[list[int], int]:
@@ -122,16 +144,27 @@ def _merge(calls: list[dict[str, Any]]) -> dict[str, Any] | object:
     keys = calls[0].keys()
     if any(call.keys() != keys for call in calls):
         return _MISMATCH
+    batch = _samples(calls[0])
     merged = {}
     for key in keys:
-        value = _merge_values([call[key] for call in calls])
+        value = _merge_values([call[key] for call in calls], batch)
         if value is _MISMATCH:
             return _MISMATCH
         merged[key] = value
     return merged
 
 
-def _merge_values(values: list[Any]) -> Any:
+def _samples(call: dict[str, Any]) -> int:
+    """Samples in a cached call: the batch size of its first tensor (the layer input)."""
+    return next(v for v in call.values() if isinstance(v, torch.Tensor)).shape[0]
+
+
+def _merge_values(values: list[Any], batch: int) -> Any:
+    """
+    Merge one argument of calls of ``batch`` samples each: per-sample tensors are
+    concatenated; tensors identical across calls are passed once when they broadcast
+    over the merged batch (a batch dimension of 1, or none).
+    """
     first = values[0]
     if len(values) == 1:
         return first
@@ -140,7 +173,8 @@ def _merge_values(values: list[Any]) -> Any:
             isinstance(v, torch.Tensor) and v.shape == first.shape for v in values
         ):
             return _MISMATCH
-        if all(v is first or torch.equal(v, first) for v in values[1:]):
+        per_sample = batch > 1 and first.ndim >= 2 and first.shape[0] == batch
+        if not per_sample and all(v is first or torch.equal(v, first) for v in values[1:]):
             return first
         if first.ndim == 0:
             return _MISMATCH
@@ -148,7 +182,7 @@ def _merge_values(values: list[Any]) -> Any:
     if isinstance(first, (tuple, list)):
         if not all(isinstance(v, type(first)) and len(v) == len(first) for v in values):
             return _MISMATCH
-        parts = [_merge_values([v[i] for v in values]) for i in range(len(first))]
+        parts = [_merge_values([v[i] for v in values], batch) for i in range(len(first))]
         if any(p is _MISMATCH for p in parts):
             return _MISMATCH
         return type(first)(parts)

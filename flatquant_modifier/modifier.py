@@ -31,7 +31,12 @@ from llmcompressor.pipelines.cache import IntermediatesCache
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
 from flatquant_modifier import fusion
-from flatquant_modifier.batching import assign_steps, call_keys, plan_steps
+from flatquant_modifier.batching import (
+    assign_steps,
+    call_keys,
+    calls_per_step,
+    plan_steps,
+)
 from flatquant_modifier.distributed import (
     all_reduce_,
     mark_weight_qparams_unset,
@@ -146,7 +151,10 @@ class FlatQuantModifier(Modifier):
         (README, "Choosing the defaults")
     :param transform_init: ``"random"`` (random orthogonal factors) or ``"identity"``
     :param epochs: training epochs per layer
-    :param batch_size: calibration samples per optimisation step
+    :param batch_size: calibration samples per optimisation step; a multiple of
+        ``oneshot``'s ``batch_size`` (llm-compressor calls the layers with batches of
+        that many samples; 4 with ``oneshot(batch_size=4)`` makes its calibration and
+        propagation passes 4x fewer calls)
     :param lr: AdamW learning rate of the transforms and smoothing vectors
     :param clip_lr: AdamW learning rate of the clip factors
     :param weight_decay: AdamW weight decay
@@ -404,7 +412,9 @@ class FlatQuantModifier(Modifier):
         if self._step_of_call is None or len(self._step_of_call[0]) != len(calls):
             # once, at the first layer: the layer inputs are then the embeddings, equal
             # for equal samples in any process
-            self._step_of_call = assign_steps(call_keys(calls), self.batch_size)
+            self._step_of_call = assign_steps(
+                call_keys(calls), calls_per_step(calls, self.batch_size)
+            )
         steps = plan_steps(calls, *self._step_of_call)
         del calls
         config = self._train_config(device, layer)

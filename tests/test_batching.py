@@ -37,6 +37,22 @@ def test_different_masks_are_concatenated_and_lengths_split_batches():
     assert [tuple(b["hidden_states"].shape[:2]) for b in batches] == [(1, 5), (2, 7)]
 
 
+def test_calls_of_several_samples_concatenate_their_per_sample_arguments():
+    # oneshot(batch_size=2): every call holds 2 samples and its own copy of the
+    # (identical) mask and rotary embeddings, shaped by that batch
+    def pair(seed):
+        g = torch.Generator().manual_seed(seed)
+        return {"hidden_states": torch.randn(2, 5, 4, generator=g),
+                "position_embeddings": (torch.ones(2, 5, 2), torch.zeros(2, 5, 2)),
+                "attention_mask": torch.zeros(2, 1, 5, 5), "cache_position": torch.arange(5)}
+
+    merged = merge_calls([pair(0), pair(1)], batch_size=2)[0]
+    assert merged["hidden_states"].shape == (4, 5, 4)
+    assert merged["attention_mask"].shape == (4, 1, 5, 5)
+    assert merged["position_embeddings"][0].shape == (4, 5, 2)
+    assert merged["cache_position"].shape == (5,)  # no batch dimension: passed once
+
+
 def test_steps_follow_the_content_not_the_arrival_order_nor_the_sharding():
     calls = [_call(i) for i in range(8)]
     steps, num_steps = assign_steps(call_keys(calls), batch_size=4)

@@ -194,3 +194,17 @@ def test_nan_loss_stops_with_layer_and_epoch_and_leaves_layer_unchanged(tiny_lla
     run(model, tok, [modifier])
     assert modifier.reports == []
     assert get_flatquant_transform(model.model.layers[1].mlp.down_proj) is None
+
+
+def test_batch_size_counts_samples_when_oneshot_batches_them(tiny_llama_dir):
+    # 8 samples in oneshot batches of 2: FlatQuant's steps still hold 4 samples
+    model, tok = load_tiny(tiny_llama_dir)
+    modifier = FlatQuantModifier(epochs=1, batch_size=4)
+    run(model, tok, [modifier], batch_size=2)
+    step_of_call, num_steps = modifier._step_of_call
+    assert num_steps == 2 and len(step_of_call) == 4
+    assert sorted(step_of_call) == [0, 0, 1, 1]
+    # a step size that batches of 3 do not divide is refused with the fix
+    model, tok = load_tiny(tiny_llama_dir)
+    with pytest.raises(ValueError, match=r"batches of 3 samples.*multiple of oneshot's"):
+        run(model, tok, [FlatQuantModifier(epochs=1, batch_size=4)], batch_size=3)
