@@ -77,7 +77,8 @@ def main():
     parser.add_argument("--layer", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--autocast", choices=["bfloat16", "float16"], default=None)
+    parser.add_argument("--autocast", choices=["bfloat16", "float16", "float32"], default=None,
+                        help="default: as FlatQuantModifier's 'auto' (bfloat16 on CUDA)")
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--tf32", action="store_true", help="TF32 float32 matmuls")
     parser.add_argument("--random-model", action="store_true")
@@ -111,9 +112,11 @@ def main():
     calls = layer_inputs(model, layer, input_ids)
     steps = plan_steps(calls, *assign_steps(call_keys(calls), args.batch_size))
     targets, act_max = _full_precision_pass(layer, steps, groups, device)
+    if args.autocast is None:
+        args.autocast = "bfloat16" if device.type == "cuda" else "float32"
     config = TrainConfig(
         epochs=args.epochs,
-        autocast_dtype=getattr(torch, args.autocast) if args.autocast else None,
+        autocast_dtype=None if args.autocast == "float32" else getattr(torch, args.autocast),
         cuda_graphs=not args.no_cuda_graphs,
     )
 
