@@ -14,6 +14,7 @@ the timings are those of the real model, the losses are not.
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -120,17 +121,20 @@ def main():
         cuda_graphs=not args.no_cuda_graphs,
     )
 
-    def run():
+    def run(epochs=args.epochs):
         params = build_group_params(
             groups, act_max, config, device, torch.Generator().manual_seed(0)
         )
         original = {k: v.clone() for k, v in layer.state_dict().items()}
         try:
-            return train_layer(name, layer, groups, params, steps, targets, config, device)
+            return train_layer(name, layer, groups, params, steps, targets,
+                               replace(config, epochs=epochs), device)
         finally:
             layer.load_state_dict(original)
 
     run()  # warm-up (kernels, allocator)
+    # the same without training steps: the time of the evaluation passes and captures
+    overhead = run(0).seconds
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -163,6 +167,11 @@ def main():
         "random_model": args.random_model,
         "seconds": round(seconds, 3),
         "ms_per_training_step_upper_bound": round(1000 * seconds / passes, 2),
+        # (train_layer's time - its time with 0 epochs) / training steps
+        "ms_per_training_step": round(
+            1000 * (report.seconds - overhead) / max(args.epochs * len(steps), 1), 2
+        ),
+        "cuda_graphs_captured": report.cuda_graphs,
         "loss": [report.loss_init, report.loss_final],
     }
     if device.type == "cuda":

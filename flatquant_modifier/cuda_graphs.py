@@ -42,16 +42,20 @@ class StepGraphs:
     graphs share one memory pool), so use them before the next call.
 
     Falls back to calling ``fn`` eagerly when disabled, when an argument is not a
-    tensor or plain value, and, after a logged warning, for good once a capture
-    failed.
+    tensor on the graphs' device or a plain value (with a warning, once per reason),
+    and, after a warning, for good once a capture failed.
     """
 
     def __init__(self, device: torch.device, enabled: bool = True, warmup: int = 2):
+        device = torch.device(device)
         self.enabled = bool(enabled) and device.type == "cuda"
+        if self.enabled and device.index is None:  # tensors report "cuda:<index>"
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.warmup = warmup
         self._graphs: dict[Hashable, _Captured] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.enabled else None
+        self._eager_reasons: set[str] = set()
 
     @property
     def num_graphs(self) -> int:
@@ -62,7 +66,10 @@ class StepGraphs:
             return fn(*args)
         leaves, spec = tree_flatten(args)
         key = self._signature(tag, leaves)
-        if key is None:
+        if isinstance(key, str):  # an argument a graph cannot take: run eagerly
+            if key not in self._eager_reasons:
+                self._eager_reasons.add(key)
+                logger.warning(f"FlatQuant: no CUDA graph for this step ({key}); eager")
             return fn(*args)
         captured = self._graphs.get(key)
         if captured is None:
@@ -89,18 +96,19 @@ class StepGraphs:
         self._pool = None
         self.enabled = False
 
-    def _signature(self, tag: Hashable, leaves: list) -> tuple | None:
+    def _signature(self, tag: Hashable, leaves: list) -> tuple | str:
+        """The graph key of these arguments, or why they cannot be graphed."""
         parts: list = [tag]
         for leaf in leaves:
             if isinstance(leaf, torch.Tensor):
                 if leaf.device != self.device:
-                    return None
+                    return f"a tensor on {leaf.device}, the graphs run on {self.device}"
                 parts.append(("t", tuple(leaf.shape), leaf.dtype, leaf.stride(),
                               leaf.requires_grad))
             elif isinstance(leaf, _PLAIN):
                 parts.append(("v", type(leaf), leaf))
             else:
-                return None
+                return f"an argument of type {type(leaf).__name__}"
         return tuple(parts)
 
     def _capture(self, fn: Callable, leaves: list, spec) -> _Captured:

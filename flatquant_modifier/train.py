@@ -92,6 +92,7 @@ class LayerReport:
     loss_final: float
     epoch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    cuda_graphs: int = 0  # CUDA graphs captured for the layer (0: eager steps)
 
 
 class GroupParams(nn.Module):
@@ -492,11 +493,13 @@ def train_layer(
             epoch_losses.append(mean)
             bar.set_postfix(loss=f"{mean:.3g}")
         loss_final = _mean_loss(layer, patched, steps, targets, weights, autocast, graphs)
+        num_graphs = graphs.num_graphs
         graphs.close()
         for p in flat_params:
             p.grad = None
     return LayerReport(
-        name, loss_rtn, loss_init, loss_final, epoch_losses, time.perf_counter() - start
+        name, loss_rtn, loss_init, loss_final, epoch_losses, time.perf_counter() - start,
+        num_graphs,
     )
 
 

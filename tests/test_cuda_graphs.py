@@ -20,6 +20,32 @@ def test_graphs_run_eagerly_off_cuda():
     assert graphs.num_graphs == 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_replays_with_new_inputs_and_skips_what_it_cannot_take():
+    graphs = StepGraphs(torch.device("cuda"))
+    weight = torch.ones(3, device="cuda")
+
+    def fn(x, scale):
+        return (x * weight * scale).sum()
+
+    for value in (1.0, 2.0, 3.0):
+        x = torch.full((3,), value, device="cuda")
+        assert graphs("f", fn, x, 2).item() == 6 * value
+    assert graphs.num_graphs == 1
+    with torch.no_grad():
+        weight.mul_(10)  # parameters updated in place are seen by the replay
+    assert graphs("f", fn, torch.ones(3, device="cuda"), 2).item() == 60
+    assert graphs("f", fn, torch.ones(5, device="cuda"), 2).item() == 100  # new shape
+    assert graphs.num_graphs == 2
+    # an argument a graph cannot take (here an arbitrary object) runs eagerly
+    class Scale:
+        value = 4.0
+
+    assert graphs("g", lambda x, s: (x * s.value).sum(), torch.ones(3, device="cuda"),
+                  Scale()).item() == 12
+    assert graphs.num_graphs == 2
+
+
 def _train(model, layer_index, calls, device, cuda_graphs, autocast=None):
     layer = model.model.layers[layer_index]
     name = f"model.layers.{layer_index}"
@@ -53,12 +79,14 @@ def _layer_calls(model, layer, ids):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16])
 def test_graphed_training_equals_eager_training(autocast):
-    device = torch.device("cuda")
+    device = torch.device("cuda")  # no index: the tensors say cuda:0
     model = build_tiny_llama().to(device)
     ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(0)).to(device)
     calls = _layer_calls(model, model.model.layers[0], ids)
     eager, eager_params = _train(model, 0, calls, device, False, autocast)
     graphed, graphed_params = _train(model, 0, calls, device, True, autocast)
+    # one graph per kind of pass: evaluation round-to-nearest, evaluation, training
+    assert eager.cuda_graphs == 0 and graphed.cuda_graphs == 3
     assert graphed.epoch_losses == eager.epoch_losses
     assert graphed.loss_final == eager.loss_final and graphed.loss_rtn == eager.loss_rtn
     for a, b in zip(graphed_params, eager_params):
