@@ -23,7 +23,13 @@ from loguru import logger
 
 from flatquant_modifier.distributed import all_gather_varlen, all_reduce_, get_rank
 
-__all__ = ["merge_calls", "call_keys", "calls_per_step", "assign_steps", "plan_steps"]
+__all__ = [
+    "merge_calls",
+    "call_keys",
+    "calls_per_step",
+    "assign_steps",
+    "plan_steps",
+]
 
 _MISMATCH = object()
 
@@ -189,3 +195,4 @@ def _merge_values(values: list[Any], batch: int) -> Any:
     if all(v is first or v == first for v in values[1:]):
         return first
     return _MISMATCH
+

@@ -112,12 +112,20 @@ def _comm_device(tensor: torch.Tensor) -> torch.device:
                         torch.accelerator.current_device_index())
 
 
+def _comm_buffer(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself if a collective can take it, else a contiguous copy on the
+    backend's device (collectives refuse non-contiguous tensors, e.g. transposed)."""
+    device = _comm_device(tensor)
+    if tensor.device == device and tensor.is_contiguous():
+        return tensor
+    return tensor.to(device, memory_format=torch.contiguous_format)
+
+
 def all_reduce_(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """In-place all-reduce of ``tensor`` (moved to the backend's device and back)."""
     if not is_distributed():
         return tensor
-    device = _comm_device(tensor)
-    buffer = tensor if tensor.device == device else tensor.to(device)
+    buffer = _comm_buffer(tensor)
     dist.all_reduce(buffer, op=op)
     if buffer is not tensor:
         tensor.copy_(buffer)
@@ -151,8 +159,7 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Rank ``src``'s ``tensor`` on every rank (in place)."""
     if not is_distributed():
         return tensor
-    device = _comm_device(tensor)
-    buffer = tensor if tensor.device == device else tensor.to(device)
+    buffer = _comm_buffer(tensor)
     dist.broadcast(as_broadcastable(buffer), src=src)
     if buffer is not tensor:
         tensor.copy_(buffer)

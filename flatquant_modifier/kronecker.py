@@ -98,4 +98,5 @@ def random_orthogonal(
     g = torch.randn(size, size, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(g)
     q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
-    return q.to(dtype)
+    # LAPACK returns Q column-major; a row-major parameter is what collectives take
+    return q.to(dtype).contiguous()

@@ -1,6 +1,7 @@
 """``FlatQuantModifier``: the llm-compressor lifecycle of FlatQuant; the math lives in
 :mod:`flatquant_modifier.train` and :mod:`flatquant_modifier.kronecker`."""
 
+import contextlib
 import inspect
 from typing import Literal
 
@@ -31,6 +32,7 @@ from llmcompressor.pipelines.cache import IntermediatesCache
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
 from flatquant_modifier import fusion
+from flatquant_modifier.attention import training_attention
 from flatquant_modifier.batching import (
     assign_steps,
     call_keys,
@@ -233,6 +235,8 @@ class FlatQuantModifier(Modifier):
     _step_of_call: tuple[list[int], int] | None = PrivateAttr(default=None)
     # per-layer training reports, in order
     _reports: list[LayerReport] = PrivateAttr(default_factory=list)
+    # the model's attention implementation before calibration forced eager
+    _attn_implementation: str | None = PrivateAttr(default=None)
 
     @field_validator("ignore", "sequential_targets", "sibling_patterns", mode="before")
     @classmethod
@@ -266,6 +270,9 @@ class FlatQuantModifier(Modifier):
                 "num_calibration_samples=...)"
             )
         model = state.model
+        self._attn_implementation = getattr(
+            getattr(model, "config", None), "_attn_implementation", None
+        )
         if self.mappings is None:
             self.mappings = infer_mappings_from_model(model)
         targets = self.sequential_targets or infer_sequential_targets(
@@ -418,7 +425,12 @@ class FlatQuantModifier(Modifier):
         steps = plan_steps(calls, *self._step_of_call)
         del calls
         config = self._train_config(device, layer)
-        with align_module_device(layer), HooksMixin.disable_hooks():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(align_module_device(layer))
+            stack.enter_context(HooksMixin.disable_hooks())
+            steps = stack.enter_context(
+                training_attention(model, layer, steps, self._attn_implementation)
+            )
             targets, act_max = _full_precision_pass(layer, steps, groups, device)
             generator = torch.Generator().manual_seed(self.seed + index)
             params = build_group_params(groups, act_max, config, device, generator)

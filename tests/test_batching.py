@@ -89,3 +89,4 @@ def test_samples_shared_by_ranks_are_reported(capsys):
     finally:
         logger.remove(handle)
     assert len(messages) == 1 and "shard_dataset" in messages[0]
+

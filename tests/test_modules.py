@@ -62,3 +62,10 @@ def test_batched_inverses_equal_each_matrix_alone():
     # gradients reach every matrix through the batched inverse
     sum(inv.sum() for _, inv in batched).backward()
     assert all(p.grad is not None for m in matrices for p in m.parameters() if p.requires_grad)
+
+
+def test_random_init_is_a_row_major_parameter():
+    # collectives (broadcast of the learned matrices under torchrun) refuse transposed
+    # tensors; LAPACK's QR returns Q column-major
+    matrix = LearnableMatrix(24, "dense", "random", torch.Generator().manual_seed(0))
+    assert matrix.matrix.is_contiguous()

@@ -1,0 +1,114 @@
+"""
+FlatQuant's own forward passes of a decoder layer (targets, training, evaluation) run
+with SDPA attention where the model uses it.
+
+llm-compressor's calibration context forces eager attention on the whole model
+(``use_eager_attention``: its traced pipeline bakes in the eager causal-mask add) and
+hands every layer an explicit 4-D causal mask. Eager attention materialises the
+``[batch, heads, seq, seq]`` scores and their gradients: at 4 x 2048 tokens that is
+most of a training step. So while a layer trains, the model's own implementation
+(SDPA) is restored and a mask that is exactly causal is replaced by None (SDPA then
+runs its causal kernels, flash on CUDA), after checking on one sub-batch that the
+layer gives the same output both ways.
+"""
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from compressed_tensors.utils import patch_attr
+from loguru import logger
+from torch import nn
+
+from flatquant_modifier.distributed import all_reduce_
+
+__all__ = ["training_attention", "drop_causal_masks"]
+
+SDPA = "sdpa"
+
+
+@contextlib.contextmanager
+def training_attention(
+    model: nn.Module,
+    layer: nn.Module,
+    steps: list[list[dict[str, Any]]],
+    implementation: str | None,
+) -> Iterator[list[list[dict[str, Any]]]]:
+    """
+    Within the context, ``layer`` runs with ``implementation`` (the model's attention
+    before llm-compressor forced eager) if that is SDPA and gives the layer's eager
+    output on the first sub-batch; yields the steps to use (pure causal masks dropped
+    when SDPA is on, the given steps otherwise).
+    """
+    config = getattr(model, "config", None)
+    if (
+        implementation != SDPA
+        or config is None
+        or getattr(config, "_attn_implementation", None) == SDPA
+    ):
+        yield steps
+        return
+    sdpa_steps = drop_causal_masks(steps)
+    same = torch.ones(1)
+    first = next(((i, j) for i, batch in enumerate(steps) for j in range(len(batch))), None)
+    if first is not None:
+        i, j = first
+        with torch.no_grad():
+            eager = _output(layer(**steps[i][j]))
+            with patch_attr(config, "_attn_implementation", SDPA):
+                sdpa = _output(layer(**sdpa_steps[i][j]))
+        tol = 1e-3 if eager.dtype in (torch.float32, torch.float64) else 3e-2
+        same[0] = float(torch.allclose(sdpa, eager, rtol=tol, atol=tol * float(eager.abs().max())))
+    # every rank must run the same function
+    if not bool(all_reduce_(same, op=dist.ReduceOp.MIN)):
+        logger.info(
+            "FlatQuant: SDPA attention does not reproduce the layer's eager output; "
+            "training with eager attention"
+        )
+        yield steps
+        return
+    with patch_attr(config, "_attn_implementation", SDPA):
+        yield sdpa_steps
+
+
+def _output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def drop_causal_masks(steps: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
+    """
+    Replace an ``attention_mask`` that is exactly the causal mask (no padding) by None.
+
+    With an explicit mask SDPA cannot take its flash kernel; with None, transformers'
+    SDPA attention sets ``is_causal`` (the same function for a layer run with SDPA
+    only: eager attention would then attend to every position). Masks with padding,
+    windows or biases are kept.
+    """
+    verdicts: dict[int, bool] = {}
+    out = []
+    for batches in steps:
+        new_batches = []
+        for kwargs in batches:
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor):
+                if id(mask) not in verdicts:
+                    verdicts[id(mask)] = _is_causal_mask(mask)
+                if verdicts[id(mask)]:
+                    kwargs = {**kwargs, "attention_mask": None}
+            new_batches.append(kwargs)
+        out.append(new_batches)
+    return out
+
+
+def _is_causal_mask(mask: torch.Tensor) -> bool:
+    if mask.ndim != 4 or mask.shape[-1] != mask.shape[-2]:
+        return False
+    size = mask.shape[-1]
+    causal = torch.ones(size, size, dtype=torch.bool, device=mask.device).tril()
+    if mask.dtype == torch.bool:
+        return bool((mask == causal).all())
+    if not mask.is_floating_point():
+        return False
+    masked_out = mask <= torch.finfo(mask.dtype).min / 2
+    return bool(((mask == 0) == causal).all() and (masked_out == ~causal).all())
