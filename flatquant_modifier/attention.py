@@ -22,6 +22,7 @@ from loguru import logger
 from torch import nn
 
 from flatquant_modifier.distributed import all_reduce_
+from flatquant_modifier.train import layer_output
 
 __all__ = ["training_attention", "drop_causal_masks"]
 
@@ -55,9 +56,9 @@ def training_attention(
     if first is not None:
         i, j = first
         with torch.no_grad():
-            eager = _output(layer(**steps[i][j]))
+            eager = layer_output(layer(**steps[i][j]))
             with patch_attr(config, "_attn_implementation", SDPA):
-                sdpa = _output(layer(**sdpa_steps[i][j]))
+                sdpa = layer_output(layer(**sdpa_steps[i][j]))
         tol = 1e-3 if eager.dtype in (torch.float32, torch.float64) else 3e-2
         same[0] = float(torch.allclose(sdpa, eager, rtol=tol, atol=tol * float(eager.abs().max())))
     # every rank must run the same function
@@ -70,10 +71,6 @@ def training_attention(
         return
     with patch_attr(config, "_attn_implementation", SDPA):
         yield sdpa_steps
-
-
-def _output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def drop_causal_masks(steps: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:

@@ -195,4 +195,3 @@ def _merge_values(values: list[Any], batch: int) -> Any:
     if all(v is first or v == first for v in values[1:]):
         return first
     return _MISMATCH
-

@@ -58,6 +58,7 @@ from flatquant_modifier.train import (
     TrainConfig,
     absorb_into_layer,
     build_group_params,
+    layer_output,
     log_report,
     train_layer,
 )
@@ -336,7 +337,8 @@ class FlatQuantModifier(Modifier):
     def _autocast_dtype(self, device: torch.device) -> torch.dtype | None:
         if self.autocast_dtype != "auto":
             return self.autocast_dtype
-        if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        cuda = device.type == "cuda" and torch.cuda.is_available()
+        if cuda and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return None
 
@@ -535,10 +537,7 @@ def _full_precision_pass(
         for batches in tqdm(steps, desc="FlatQuant targets", leave=False):
             step_targets = []
             for kwargs in batches:
-                out = layer(**kwargs)
-                step_targets.append(
-                    (out[0] if isinstance(out, (tuple, list)) else out).detach()
-                )
+                step_targets.append(layer_output(layer(**kwargs)).detach())
             targets.append(step_targets)
     finally:
         for handle in handles:

@@ -46,6 +46,7 @@ __all__ = [
     "build_group_params",
     "train_layer",
     "absorb_into_layer",
+    "layer_output",
 ]
 
 
@@ -301,7 +302,8 @@ class _PatchedLayer:
         return lambda x: self._forward(gi, li, x)
 
 
-def _output(out: Any) -> torch.Tensor:
+def layer_output(out: Any) -> torch.Tensor:
+    """The hidden states a decoder layer returns (alone or first of a tuple)."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -364,7 +366,7 @@ def _mean_loss(layer, patched, steps, targets, weights, autocast, graphs) -> flo
         with torch.no_grad():
             patched.new_step()
             with autocast():
-                out = _output(layer(**kwargs))
+                out = layer_output(layer(**kwargs))
             dtype = patched.config.dtype
             loss = F.mse_loss(out.to(dtype), target.to(dtype))
             patched.new_step()
@@ -384,9 +386,9 @@ def _device_of(targets: list[list[torch.Tensor]]) -> torch.device:
 
 def _flat_gradients(params: list[nn.Parameter], device: torch.device):
     """
-    One flat buffer (the parameters' dtype) holding every parameter's ``.grad`` (as views), so that
-    the sum over ranks is one all-reduce and sub-batches accumulate with one
-    ``_foreach_add_``.
+    One flat buffer (the parameters' dtype) holding every parameter's ``.grad`` (as
+    views), so that the sum over ranks is one all-reduce and sub-batches accumulate
+    with one ``_foreach_add_``.
     """
     dtype = params[0].dtype if params else torch.float32
     buffer = torch.zeros(sum(p.numel() for p in params), device=device, dtype=dtype)
@@ -444,7 +446,7 @@ def train_layer(
     def loss_and_grads(kwargs, target):
         patched.new_step()
         with autocast():
-            out = _output(layer(**kwargs))
+            out = layer_output(layer(**kwargs))
         loss = F.mse_loss(out.to(config.dtype), target.to(config.dtype))
         grads = torch.autograd.grad(loss, flat_params, allow_unused=True)
         patched.new_step()
@@ -566,8 +568,7 @@ def absorb_into_layer(
     if smooth is not None:
         updates += _smooth_layer_updates(group, params.smooth.detach().double())
     write_parameters(updates)
-    act_clip = float(params.act_clip()) if params.act_clip is not None else 1.0
-    return p1.to(config.dtype), p2.to(config.dtype), act_clip
+    return p1.to(config.dtype), p2.to(config.dtype), float(params.activation_clip())
 
 
 def _smooth_layer_updates(group: ResolvedGroup, smooth: torch.Tensor) -> list[tuple]:
