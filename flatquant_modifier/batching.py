@@ -1,8 +1,9 @@
 """
 Merge cached decoder-layer calls (one per calibration batch) into training batches.
 
-llm-compressor calls a decoder layer once per calibration batch (usually one sample).
-FlatQuant trains on mini-batches of several samples, so calls are merged:
+llm-compressor calls a decoder layer once per calibration batch (``oneshot``'s
+``batch_size`` samples). FlatQuant splits the calls into samples and trains on
+mini-batches of several samples, so calls are merged:
 ``hidden_states`` (and any other per-sample tensor) are concatenated along the batch
 dimension, while arguments identical across the calls (rotary embeddings, causal
 mask, position ids of equal-length samples) are passed once and broadcast.
@@ -25,8 +26,8 @@ from flatquant_modifier.distributed import all_gather_varlen, all_reduce_, get_r
 
 __all__ = [
     "merge_calls",
+    "split_calls",
     "call_keys",
-    "calls_per_step",
     "assign_steps",
     "plan_steps",
 ]
@@ -55,6 +56,36 @@ def merge_calls(calls: list[dict[str, Any]], batch_size: int) -> list[dict[str, 
     return batches
 
 
+def split_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """
+    One call per sample: a call of ``b`` samples (``oneshot(batch_size=b)``) becomes
+    ``b`` calls holding views of its per-sample tensors (batch dimension ``b``, at
+    least 2-D) and the same shared arguments. Steps are then formed from samples, so
+    that oneshot's batch size (and where a batch landed) does not change them.
+    """
+    out = []
+    for call in calls:
+        batch = _samples(call)
+        if batch == 1:
+            out.append(call)
+            continue
+        out.extend(
+            {key: _sample_of(value, batch, i) for key, value in call.items()}
+            for i in range(batch)
+        )
+    return out
+
+
+def _sample_of(value: Any, batch: int, index: int) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.ndim >= 2 and value.shape[0] == batch:
+            return value[index : index + 1]
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_sample_of(v, batch, index) for v in value)
+    return value
+
+
 def call_keys(calls: list[dict[str, Any]]) -> torch.Tensor:
     """
     A float64 key per call from its first tensor argument (the layer input): equal
@@ -66,27 +97,6 @@ def call_keys(calls: list[dict[str, Any]]) -> torch.Tensor:
         flat = hidden.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
         keys.append(float(flat @ torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64)))
     return torch.tensor(keys, dtype=torch.float64)
-
-
-def calls_per_step(calls: list[dict[str, Any]], batch_size: int) -> int:
-    """
-    How many cached calls make a step of ``batch_size`` samples. Each call holds one
-    calibration batch of llm-compressor's dataloader (``oneshot(batch_size=b)``: ``b``
-    samples, the last one maybe fewer); the largest over all ranks must divide
-    ``batch_size``.
-
-    :raises ValueError: if it does not
-    """
-    largest = max((_samples(call) for call in calls), default=1)
-    largest = int(all_reduce_(torch.tensor([largest]), op=dist.ReduceOp.MAX))
-    if batch_size % largest:
-        raise ValueError(
-            f"FlatQuantModifier(batch_size={batch_size}) counts calibration samples per "
-            f"optimisation step, but llm-compressor calls the layers with batches of "
-            f"{largest} samples (oneshot(batch_size={largest})), which does not divide "
-            f"it: make FlatQuantModifier's batch_size a multiple of oneshot's"
-        )
-    return batch_size // largest
 
 
 def assign_steps(keys: torch.Tensor, batch_size: int) -> tuple[list[int], int]:

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 from compressed_tensors import TRANSFORM_CONFIG_NAME
+from compressed_tensors.offload import remove_dispatch
 from compressed_tensors.transform import TransformConfig, apply_transform_config
 from safetensors import safe_open
 
 from flatquant_modifier.transform import KroneckerQuantTransform
+from flatquant_modifier.verify import verify_model
 
 __all__ = ["load_flatquant_model"]
 
@@ -27,17 +29,33 @@ def load_flatquant_model(path: str | Path, **from_pretrained_kwargs):
     ``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` plus the FlatQuant online
     transforms recorded in ``config.json`` (``quantization_config.transform_config``).
 
+    :raises FileNotFoundError: if ``path`` is not a saved checkpoint directory
     :raises ValueError: if a transform parameter is missing from the checkpoint
+    :raises flatquant_modifier.verify.FlatQuantStateError: if the loaded model does not
+        carry the recorded transforms or does not compute their function
     """
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} has no config.json; pass the directory written by "
+            "save_pretrained(..., save_compressed=True)"
+        )
     model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    if "device_map" not in from_pretrained_kwargs:
+        # compressed-tensors dispatches a model it decompresses (offloaded in CPU memory,
+        # onloaded to the GPU where there is one); without a device_map the caller gets
+        # a plain model, whose .to(device / dtype) moves its tensors
+        remove_dispatch(model)
     config = json.loads((path / "config.json").read_text())
     transform_config = (config.get("quantization_config") or {}).get(TRANSFORM_CONFIG_NAME)
     if not transform_config:
         return model
-    apply_transform_config(model, TransformConfig.model_validate(transform_config))
+    transform_config = TransformConfig.model_validate(transform_config)
+    apply_transform_config(model, transform_config)
     wanted = {
         f"{name}.{param}": (module, param)
         for name, module in model.named_modules()
@@ -57,4 +75,6 @@ def load_flatquant_model(path: str | Path, **from_pretrained_kwargs):
             f"{path}: the checkpoint lacks FlatQuant transform parameters, e.g. "
             f"{sorted(wanted)[:3]}; was it saved after FlatQuantModifier?"
         )
+    # apply_transform_config recorded the config on the model: verify against it
+    verify_model(model, where=f"loading {path}")
     return model

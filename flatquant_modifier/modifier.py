@@ -2,6 +2,7 @@
 :mod:`flatquant_modifier.train` and :mod:`flatquant_modifier.kronecker`."""
 
 import contextlib
+import functools
 import inspect
 from typing import Literal
 
@@ -36,8 +37,8 @@ from flatquant_modifier.attention import training_attention
 from flatquant_modifier.batching import (
     assign_steps,
     call_keys,
-    calls_per_step,
     plan_steps,
+    split_calls,
 )
 from flatquant_modifier.distributed import (
     all_reduce_,
@@ -52,12 +53,16 @@ from flatquant_modifier.mappings import (
     resolve_layer,
 )
 from flatquant_modifier.modules import Parametrization, TransformInit
+from flatquant_modifier.offload import hold_weights_during_forward
 from flatquant_modifier.train import (
     LayerReport,
     NonFiniteLossError,
     TrainConfig,
     absorb_into_layer,
     build_group_params,
+    check_finite_parameters,
+    check_finite_targets,
+    deterministic_algorithms,
     layer_output,
     log_report,
     train_layer,
@@ -68,6 +73,7 @@ from flatquant_modifier.transform import (
     TRANSFORM_NAME,
     get_flatquant_transform,
 )
+from flatquant_modifier.verify import verify_model
 
 __all__ = ["FlatQuantModifier"]
 
@@ -154,10 +160,10 @@ class FlatQuantModifier(Modifier):
         (README, "Choosing the defaults")
     :param transform_init: ``"random"`` (random orthogonal factors) or ``"identity"``
     :param epochs: training epochs per layer
-    :param batch_size: calibration samples per optimisation step; a multiple of
-        ``oneshot``'s ``batch_size`` (llm-compressor calls the layers with batches of
-        that many samples; 4 with ``oneshot(batch_size=4)`` makes its calibration and
-        propagation passes 4x fewer calls)
+    :param batch_size: calibration samples per optimisation step. Independent of
+        ``oneshot``'s ``batch_size`` (samples per layer call in llm-compressor's
+        calibration and propagation passes): FlatQuant splits those calls into
+        samples, so any oneshot batch size gives the same steps
     :param lr: AdamW learning rate of the transforms and smoothing vectors
     :param clip_lr: AdamW learning rate of the clip factors
     :param weight_decay: AdamW weight decay
@@ -170,6 +176,9 @@ class FlatQuantModifier(Modifier):
         gradients) once per input shape as a CUDA graph and replay it: the same
         kernels without the host's launch cost. Falls back to eager execution, with a
         warning, if a capture fails
+    :param deterministic: train with ``torch.use_deterministic_algorithms(True)``
+        (the attention backward included), so that two runs on the same GPU give the
+        same model; without it, GPU runs differ slightly (README, "Reproducibility")
     :param offload_device: device on which cached layer inputs and targets are kept
         (None: the layer's execution device)
     :param seed: seed of the random initialisations
@@ -216,6 +225,7 @@ class FlatQuantModifier(Modifier):
     weight_decay: float = Field(default=0.0, ge=0.0)
     autocast_dtype: Literal["auto"] | TorchDtype | None = "auto"
     cuda_graphs: bool = True
+    deterministic: bool = False
     offload_device: str | None = None
     seed: int = 0
     on_nonfinite: Literal["raise", "skip"] = "raise"
@@ -330,6 +340,11 @@ class FlatQuantModifier(Modifier):
             groups = fusion.fuse_global_scales(state.model, self.sibling_patterns)
             if groups:
                 logger.info(f"FlatQuant: shared weight global scales in {groups} groups")
+        hold_weights_during_forward(state.model)
+        checked = verify_model(state.model, self._transformed, where="after oneshot")
+        logger.info(f"FlatQuant: {len(self._transformed)} online transforms attached; "
+                    f"{checked} linears compute their saved function")
+        _verify_before_saving(state.model, list(self._transformed))
         return True
 
     # ------------------------------------------------------------------ helpers
@@ -416,27 +431,28 @@ class FlatQuantModifier(Modifier):
         device = get_execution_device(layer)
         if device == "disk" or not isinstance(device, torch.device):
             device = torch.device("cpu")
-        calls = [cache.fetch(i) for i in range(len(cache))]
+        calls = split_calls([cache.fetch(i) for i in range(len(cache))])
         del cache
         if self._step_of_call is None or len(self._step_of_call[0]) != len(calls):
             # once, at the first layer: the layer inputs are then the embeddings, equal
             # for equal samples in any process
-            self._step_of_call = assign_steps(
-                call_keys(calls), calls_per_step(calls, self.batch_size)
-            )
+            self._step_of_call = assign_steps(call_keys(calls), self.batch_size)
         steps = plan_steps(calls, *self._step_of_call)
         del calls
         config = self._train_config(device, layer)
         with contextlib.ExitStack() as stack:
             stack.enter_context(align_module_device(layer))
             stack.enter_context(HooksMixin.disable_hooks())
-            steps = stack.enter_context(
-                training_attention(model, layer, steps, self._attn_implementation)
-            )
-            targets, act_max = _full_precision_pass(layer, steps, groups, device)
-            generator = torch.Generator().manual_seed(self.seed + index)
-            params = build_group_params(groups, act_max, config, device, generator)
+            stack.enter_context(deterministic_algorithms(self.deterministic))
             try:
+                check_finite_parameters(name, layer)
+                steps = stack.enter_context(
+                    training_attention(model, layer, steps, self._attn_implementation)
+                )
+                targets, act_max = _full_precision_pass(layer, steps, groups, device)
+                check_finite_targets(name, targets)
+                generator = torch.Generator().manual_seed(self.seed + index)
+                params = build_group_params(groups, act_max, config, device, generator)
                 report = train_layer(
                     name, layer, groups, params, steps, targets, config, device
                 )
@@ -506,6 +522,22 @@ class FlatQuantModifier(Modifier):
             existing.config_groups.update(ours.config_groups)
             ours = existing
         setattr(model, TRANSFORM_CONFIG_NAME, ours)
+
+
+def _verify_before_saving(model: Module, transformed: list[str]):
+    """Run :func:`verify_model` before every ``model.save_pretrained`` (llm-compressor
+    wraps that method on the instance too; its markers are kept)."""
+    save_pretrained = model.save_pretrained
+    if getattr(save_pretrained, "flatquant_verifies", False):
+        return
+
+    @functools.wraps(save_pretrained)
+    def verified_save_pretrained(*args, **kwargs):
+        verify_model(model, transformed, where="before save_pretrained")
+        return save_pretrained(*args, **kwargs)
+
+    verified_save_pretrained.flatquant_verifies = True
+    model.save_pretrained = verified_save_pretrained
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ calls :func:`train_layer` and :func:`absorb_into_layer` once per decoder layer.
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -46,12 +47,46 @@ __all__ = [
     "build_group_params",
     "train_layer",
     "absorb_into_layer",
+    "check_finite_parameters",
+    "check_finite_targets",
+    "deterministic_algorithms",
     "layer_output",
 ]
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss of a layer became NaN/Inf; the layer was left unchanged."""
+    """A layer's weights, full-precision outputs or training loss are NaN/Inf; the
+    layer was left unchanged."""
+
+
+def check_finite_parameters(name: str, layer: nn.Module):
+    """:raises NonFiniteLossError: naming the weights and biases of ``layer`` holding
+    NaN/Inf (quantization parameters are not set yet and are not looked at)"""
+    bad = [
+        f"{name}.{key}" for key, value in layer.named_parameters()
+        if key.rpartition(".")[2] in ("weight", "bias")
+        and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+    if bad:
+        raise NonFiniteLossError(
+            f"FlatQuant: {', '.join(bad)} contain NaN/Inf before calibration; the "
+            f"layer {name} was left unchanged. Repair the checkpoint, or pass "
+            "on_nonfinite='skip' to leave such layers untransformed."
+        )
+
+
+def check_finite_targets(name: str, targets: list[list[torch.Tensor]]):
+    """:raises NonFiniteLossError: if the full-precision outputs of layer ``name`` on
+    the calibration data are NaN/Inf (non-finite inputs from an earlier layer, or an
+    overflow in the model's dtype)"""
+    finite = all(bool(torch.isfinite(t).all()) for step in targets for t in step)
+    if not bool(all_reduce_(torch.tensor([float(finite)]), op=torch.distributed.ReduceOp.MIN)):
+        raise NonFiniteLossError(
+            f"FlatQuant: the full-precision outputs of layer {name} on the calibration "
+            "data contain NaN/Inf (its inputs are not finite, or the model's dtype "
+            f"overflows); the layer {name} was left unchanged. Check the calibration "
+            "data and the earlier layers, or pass on_nonfinite='skip'."
+        )
 
 
 @dataclass
@@ -503,6 +538,29 @@ def train_layer(
         name, loss_rtn, loss_init, loss_final, epoch_losses, time.perf_counter() - start,
         num_graphs,
     )
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """
+    ``torch.use_deterministic_algorithms(True)`` within the context (the previous mode
+    after): the flash-attention backward then runs its deterministic kernel, and an op
+    without a deterministic implementation raises instead of varying between runs.
+    cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` for that; it is set to ``:4096:8`` if
+    unset (set it before the process starts for runs that are bitwise equal across
+    processes).
+    """
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 @contextlib.contextmanager

@@ -62,8 +62,16 @@ class FlatQuantTransformFactory(TransformFactory):
             self.scheme,
             args,
             quantize=self.scheme.type == FLATQUANT_TRANSFORM_TYPE,
-            device=get_offloaded_device(module),
+            device=_creation_device(module),
         )
+
+
+def _creation_device(module: Module) -> torch.device:
+    """Where a new transform's tensors are made: the linear's offload device, or the
+    CPU for disk offload (``register_offload_module`` then offloads them like the
+    linear's own)."""
+    device = get_offloaded_device(module)
+    return torch.device("cpu") if device == "disk" else device
 
 
 class KroneckerQuantTransform(TransformBase):
@@ -102,10 +110,17 @@ class KroneckerQuantTransform(TransformBase):
     _dynamic_tied_weights_keys: list[str] = []
 
     def forward(self, value: Tensor) -> Tensor:
+        return self.apply_to(
+            value, self.quantize and getattr(self, "quantization_enabled", True)
+        )
+
+    def apply_to(self, value: Tensor, quantize: bool) -> Tensor:
+        """``value @ kron(left_trans, right_trans)``, int4 fake-quantized if
+        ``quantize``, in ``value``'s dtype."""
         left = self.left_trans.to(value.device)
         right = self.right_trans.to(value.device)
         y = kronecker_matmul(value.to(left.dtype), left, right)
-        if self.quantize and getattr(self, "quantization_enabled", True):
+        if quantize:
             clip = self.clip_ratio.to(device=value.device, dtype=y.dtype)
             y = fake_quantize_activation(y, clip, ACTIVATION_BITS)
         return y.to(value.dtype)

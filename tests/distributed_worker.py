@@ -23,7 +23,7 @@ from flatquant_modifier.distributed import init_distributed, shard_dataset  # no
 from flatquant_modifier.transform import get_flatquant_transform  # noqa: E402
 from llmcompressor import oneshot  # noqa: E402
 from tests.conftest import load_tiny, random_token_dataset  # noqa: E402
-from tests.test_modifier import weight_quantizer  # noqa: E402
+from tests.test_modifier import logits, weight_quantizer  # noqa: E402
 
 
 def inject_failure(rank: int):
@@ -46,6 +46,9 @@ def main():
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--fp-propagation", dest="propagate_activation_quant",
                         action="store_false")
+    parser.add_argument("--model-on-gpu", action="store_true",
+                        help="move the model to this rank's GPU first (else it stays on "
+                        "the CPU and llm-compressor onloads each layer to the GPU)")
     args = parser.parse_args()
     distributed = init_distributed()
     rank = dist.get_rank() if distributed else 0
@@ -53,6 +56,11 @@ def main():
         inject_failure(rank)
     out = Path(args.out)
     model, tok = load_tiny(Path(args.model))
+    offload = {}
+    if args.model_on_gpu:
+        device = f"cuda:{torch.cuda.current_device()}"
+        model.to(device)
+        offload["sequential_offload_device"] = device
     flatquant = FlatQuantModifier(
         epochs=3, batch_size=4, propagate_activation_quant=args.propagate_activation_quant
     )
@@ -60,7 +68,7 @@ def main():
     torch.manual_seed(0)
     oneshot(model=model, processor=tok, dataset=dataset,
             recipe=[flatquant, weight_quantizer()],
-            num_calibration_samples=len(dataset), max_seq_length=32)
+            num_calibration_samples=len(dataset), max_seq_length=32, **offload)
 
     dump = {"reports": [vars(r) for r in flatquant.reports], "transforms": {},
             "weights": {}, "weight_scales": {}}
@@ -74,6 +82,8 @@ def main():
         if hasattr(module, "weight_scale"):
             dump["weights"][name] = module.weight.detach().clone()
             dump["weight_scales"][name] = module.weight_scale.detach().clone()
+    # the function of the model in memory, before save_pretrained packs it
+    dump["logits"] = logits(model).cpu()
     # per-rank paths show which ranks write; real runs give every rank the same path
     model.save_pretrained(out / f"compressed-rank{rank}", save_compressed=True)
     save_ascend_checkpoint(model, out / f"ascend-rank{rank}", tok)

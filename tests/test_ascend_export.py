@@ -9,8 +9,9 @@ from safetensors import safe_open
 
 from flatquant_modifier import FlatQuantModifier
 from flatquant_modifier.ascend import AscendExportError, load_ascend_model, save_ascend_checkpoint
+from flatquant_modifier.evaluation import exact_fake_quant
 from flatquant_modifier.transform import get_flatquant_transform
-from tests.conftest import exact_fake_quant, load_tiny
+from tests.conftest import load_tiny
 from tests.test_modifier import logits, run, weight_quantizer
 
 LINEAR_TENSORS = {"weight", "weight_scale", "weight_offset", "left_trans", "right_trans",

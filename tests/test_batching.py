@@ -1,6 +1,12 @@
 import torch
 
-from flatquant_modifier.batching import assign_steps, call_keys, merge_calls, plan_steps
+from flatquant_modifier.batching import (
+    assign_steps,
+    call_keys,
+    merge_calls,
+    plan_steps,
+    split_calls,
+)
 
 
 def _call(seed, seq=5, mask=None):
@@ -90,3 +96,18 @@ def test_samples_shared_by_ranks_are_reported(capsys):
         logger.remove(handle)
     assert len(messages) == 1 and "shard_dataset" in messages[0]
 
+
+
+def test_calls_of_several_samples_split_into_the_calls_of_one_sample():
+    # what oneshot(batch_size=2) caches, back to what batch_size=1 caches
+    singles = [_call(i) for i in range(4)]
+    pairs = merge_calls(singles, batch_size=2)
+    pairs[0]["cache_position"] = torch.arange(5)  # no batch dimension: shared
+    split = split_calls(pairs)
+    assert len(split) == 4
+    for ours, single in zip(split, singles):
+        torch.testing.assert_close(ours["hidden_states"], single["hidden_states"])
+        assert ours["position_embeddings"][0].shape == (1, 5, 2)
+        assert ours["attention_mask"].shape == (1, 1, 5, 5)
+    assert split[1]["cache_position"] is pairs[0]["cache_position"]
+    torch.testing.assert_close(call_keys(split), call_keys(singles))

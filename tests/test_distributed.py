@@ -39,7 +39,8 @@ def _launch(model_dir: Path, out: Path, nproc: int | None, *extra: str, timeout=
         command += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                     f"--master_port={_free_port()}"]
     command += [str(WORKER), "--model", str(model_dir), "--out", str(out), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                           env=env, cwd=ROOT)
 
@@ -131,6 +132,26 @@ def test_only_rank0_writes_checkpoints(runs):
     assert not (out / "compressed-rank1").exists()
     assert not (out / "ascend-rank1").exists()
     assert not list(out.glob(".ascend-rank*"))  # no staging directory left behind
+
+
+@pytest.mark.parametrize("label", ["one", "two"])
+def test_in_memory_reloaded_and_exported_models_are_one_function(runs, label):
+    """torchrun with 1 and 2 ranks: every rank's model in memory computes what rank 0
+    saved, reloaded here in a fresh process, in both formats."""
+    from transformers import CompressedTensorsConfig
+
+    from flatquant_modifier import load_flatquant_model
+    from tests.test_ascend_export import assert_same_function, exact_logits
+    from tests.test_modifier import logits
+
+    out = runs[label]
+    reloaded = load_flatquant_model(
+        out / "compressed-rank0", quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
+    for rank in range(1 if label == "one" else 2):
+        torch.testing.assert_close(_dump(out, rank)["logits"], logits(reloaded),
+                                   atol=1e-5, rtol=0, msg=lambda m: f"rank {rank}: {m}")
+    assert_same_function(out / "ascend-rank0", exact_logits(reloaded))
 
 
 def test_a_failing_rank_fails_the_run_with_its_error(tmp_path):

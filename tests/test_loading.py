@@ -51,3 +51,19 @@ def test_console_script_converts_a_saved_checkpoint_to_ascend(tiny_llama_dir, tm
     main([str(tmp_path / "ct"), str(tmp_path / "ascend")])
     assert (tmp_path / "ascend" / "tokenizer.json").exists()
     assert_same_function(tmp_path / "ascend", reference)
+
+
+def test_a_missing_directory_is_named(tmp_path, capsys):
+    import pytest
+
+    from flatquant_modifier import load_flatquant_model
+    from flatquant_modifier.ascend.cli import main
+
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "nowhere"), str(tmp_path / "ascend")])
+    assert "nowhere: no such directory" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="nowhere: no such checkpoint directory"):
+        load_flatquant_model(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty has no config.json"):
+        load_flatquant_model(tmp_path / "empty")

@@ -46,7 +46,7 @@ def run(model, tok, recipe, num_samples=8, seq_len=32, **kwargs):
 def logits(model, seed=1):
     ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        return model(ids).logits
+        return model(ids.to(next(model.parameters()).device)).logits
 
 
 def test_transforms_preserve_the_unquantized_model(tiny_llama_dir):
@@ -196,15 +196,26 @@ def test_nan_loss_stops_with_layer_and_epoch_and_leaves_layer_unchanged(tiny_lla
     assert get_flatquant_transform(model.model.layers[1].mlp.down_proj) is None
 
 
-def test_batch_size_counts_samples_when_oneshot_batches_them(tiny_llama_dir):
-    # 8 samples in oneshot batches of 2: FlatQuant's steps still hold 4 samples
+def test_oneshot_batch_size_does_not_change_the_steps(tiny_llama_dir):
+    # 8 samples in oneshot batches of 1, 2 or 3 (the last one short): FlatQuant splits
+    # the calls into samples, so its steps of 4 samples, and the training, are the same
+    runs = {}
+    for oneshot_batch in (1, 2, 3):
+        model, tok = load_tiny(tiny_llama_dir)
+        modifier = FlatQuantModifier(epochs=1, batch_size=4)
+        run(model, tok, [modifier], batch_size=oneshot_batch)
+        runs[oneshot_batch] = modifier
+    step_of_call, num_steps = runs[1]._step_of_call
+    assert num_steps == 2 and sorted(step_of_call) == [0, 0, 0, 0, 1, 1, 1, 1]
+    for oneshot_batch in (2, 3):
+        assert runs[oneshot_batch]._step_of_call == runs[1]._step_of_call
+        for ours, plain in zip(runs[oneshot_batch].reports, runs[1].reports):
+            assert ours.loss_final == pytest.approx(plain.loss_final, rel=1e-5)
+
+
+def test_deterministic_option_restores_the_global_mode(tiny_llama_dir):
     model, tok = load_tiny(tiny_llama_dir)
-    modifier = FlatQuantModifier(epochs=1, batch_size=4)
-    run(model, tok, [modifier], batch_size=2)
-    step_of_call, num_steps = modifier._step_of_call
-    assert num_steps == 2 and len(step_of_call) == 4
-    assert sorted(step_of_call) == [0, 0, 1, 1]
-    # a step size that batches of 3 do not divide is refused with the fix
-    model, tok = load_tiny(tiny_llama_dir)
-    with pytest.raises(ValueError, match=r"batches of 3 samples.*multiple of oneshot's"):
-        run(model, tok, [FlatQuantModifier(epochs=1, batch_size=4)], batch_size=3)
+    modifier = FlatQuantModifier(epochs=1, deterministic=True)
+    run(model, tok, [modifier])
+    assert len(modifier.reports) == 2
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -16,7 +16,8 @@ from flatquant_modifier.ascend import load_ascend_model, save_ascend_checkpoint
 from flatquant_modifier.calibration_data import text_windows_dataset
 from flatquant_modifier.perplexity import perplexity
 from flatquant_modifier.smollm2 import load_smollm2
-from tests.conftest import WIKITEXT_TEST, WIKITEXT_VALID, exact_fake_quant
+from flatquant_modifier.evaluation import exact_fake_quant
+from tests.conftest import WIKITEXT_TEST, WIKITEXT_VALID
 
 pytestmark = pytest.mark.slow
 

@@ -5,6 +5,7 @@ into the vllm-ascend W4A4_FLATQUANT_DYNAMIC layout.
 """
 
 import argparse
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None):
@@ -16,6 +17,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--max-shard-size", default="5GB")
     args = parser.parse_args(argv)
+    if not Path(args.checkpoint).is_dir():
+        parser.error(f"{args.checkpoint}: no such directory")
 
     from transformers import AutoTokenizer, CompressedTensorsConfig
 

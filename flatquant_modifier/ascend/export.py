@@ -32,6 +32,7 @@ from flatquant_modifier.ascend.runtime import DESCRIPTION_FILE, QUANT_TYPE
 from flatquant_modifier.distributed import barrier, is_source_process
 from flatquant_modifier.kronecker import get_decompose_dim
 from flatquant_modifier.transform import KroneckerQuantTransform, get_flatquant_transform
+from flatquant_modifier.verify import verify_model
 
 __all__ = ["FUSED_SIBLINGS", "AscendExportError", "save_ascend_checkpoint"]
 
@@ -68,10 +69,13 @@ def save_ascend_checkpoint(
         scheme, in_features % 8, fused siblings with different transforms, clip ratio
         outside (0, 1], NaN/Inf)
     :raises FileExistsError: if ``save_dir`` exists and ``overwrite`` is False
+    :raises flatquant_modifier.verify.FlatQuantStateError: if the model in memory does
+        not compute the function of its tensors (a transform or quantizer inactive)
     """
     save_dir = Path(save_dir)
     if save_dir.exists() and not overwrite:
         raise FileExistsError(f"{save_dir} exists; pass overwrite=True to replace it")
+    verify_model(model, where="before the Ascend export")
     tensors, description = _collect_tensors(model)
     barrier()  # every rank has checked save_dir before rank 0 creates it
     if not is_source_process():

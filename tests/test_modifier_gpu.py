@@ -1,0 +1,39 @@
+"""FlatQuantModifier on CUDA (skipped without it): ``deterministic=True`` gives the
+same model in two runs. Run on a GPU machine with
+``python -m pytest -q tests/test_modifier_gpu.py``."""
+
+import pytest
+import torch
+
+from flatquant_modifier import FlatQuantModifier
+from flatquant_modifier.transform import get_flatquant_transform
+from tests.conftest import load_tiny
+from tests.test_modifier import logits, run, weight_quantizer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def calibrate(model_dir, **options):
+    model, tok = load_tiny(model_dir)
+    model.to("cuda:0")
+    modifier = FlatQuantModifier(epochs=3, **options)
+    run(model, tok, [modifier, weight_quantizer()], num_samples=16, seq_len=64,
+        sequential_offload_device="cuda:0")
+    transforms = {
+        name: get_flatquant_transform(module).left_trans.detach().cpu().clone()
+        for name, module in model.named_modules()
+        if get_flatquant_transform(module) is not None
+    }
+    return modifier, transforms, logits(model).cpu()
+
+
+def test_deterministic_runs_give_the_same_model(tiny_llama_dir):
+    first = calibrate(tiny_llama_dir, deterministic=True)
+    second = calibrate(tiny_llama_dir, deterministic=True)
+    assert [r.epoch_losses for r in first[0].reports] == [
+        r.epoch_losses for r in second[0].reports
+    ]
+    for name, value in first[1].items():
+        assert torch.equal(value, second[1][name]), name
+    assert torch.equal(first[2], second[2])
+    assert not torch.are_deterministic_algorithms_enabled()  # restored
