@@ -9,19 +9,27 @@ This re-applies the transform config with compressed-tensors' ``apply_transform_
 and loads the transform parameters from the checkpoint's safetensors files.
 """
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
 from compressed_tensors import TRANSFORM_CONFIG_NAME
 from compressed_tensors.offload import remove_dispatch
-from compressed_tensors.transform import TransformConfig, apply_transform_config
+from compressed_tensors.transform import (
+    TransformConfig,
+    TransformLocation,
+    apply_transform_config,
+)
 from safetensors import safe_open
 
-from flatquant_modifier.transform import KroneckerQuantTransform
+from flatquant_modifier.transform import TRANSFORM_NAME, KroneckerQuantTransform
 from flatquant_modifier.verify import verify_model
 
-__all__ = ["load_flatquant_model"]
+__all__ = ["check_safetensors_files", "load_flatquant_model"]
+
+# the parameters of the online transforms, loaded here rather than by transformers
+_TRANSFORM_KEY = f".{TRANSFORM_NAME}_{TransformLocation.INPUT.value}."
 
 
 def load_flatquant_model(path: str | Path, **from_pretrained_kwargs):
@@ -30,7 +38,8 @@ def load_flatquant_model(path: str | Path, **from_pretrained_kwargs):
     transforms recorded in ``config.json`` (``quantization_config.transform_config``).
 
     :raises FileNotFoundError: if ``path`` is not a saved checkpoint directory
-    :raises ValueError: if a transform parameter is missing from the checkpoint
+    :raises ValueError: if a weight or a transform parameter is missing from the
+        checkpoint, a tensor is unexpected or of another shape, or a file is corrupt
     :raises flatquant_modifier.verify.FlatQuantStateError: if the loaded model does not
         carry the recorded transforms or does not compute their function
     """
@@ -44,7 +53,12 @@ def load_flatquant_model(path: str | Path, **from_pretrained_kwargs):
             f"{path} has no config.json; pass the directory written by "
             "save_pretrained(..., save_compressed=True)"
         )
-    model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    files = check_safetensors_files(path)
+    with _quiet_transformers():  # its load report lists our transform keys as unexpected
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, output_loading_info=True, **from_pretrained_kwargs
+        )
+    _check_loading_info(path, info)
     if "device_map" not in from_pretrained_kwargs:
         # compressed-tensors dispatches a model it decompresses (offloaded in CPU memory,
         # onloaded to the GPU where there is one); without a device_map the caller gets
@@ -62,7 +76,7 @@ def load_flatquant_model(path: str | Path, **from_pretrained_kwargs):
         if isinstance(module, KroneckerQuantTransform)
         for param, _ in module.named_parameters(recurse=False)
     }
-    for file in sorted(path.glob("*.safetensors")):
+    for file in files:
         with safe_open(file, "pt") as reader:
             for key in reader.keys():
                 if key in wanted:
@@ -78,3 +92,56 @@ def load_flatquant_model(path: str | Path, **from_pretrained_kwargs):
     # apply_transform_config recorded the config on the model: verify against it
     verify_model(model, where=f"loading {path}")
     return model
+
+
+def check_safetensors_files(path: Path) -> list[Path]:
+    """
+    The ``*.safetensors`` files of a checkpoint directory, each opened once (its
+    header and size checked).
+
+    :raises ValueError: naming a truncated or corrupt file
+    """
+    files = sorted(Path(path).glob("*.safetensors"))
+    for file in files:
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except Exception as error:  # SafetensorError, OSError
+            raise ValueError(
+                f"{file}: not a readable safetensors file ({error}); the checkpoint is "
+                "truncated or corrupt, save or copy it again"
+            ) from error
+    return files
+
+
+def _check_loading_info(path: Path, info: dict):
+    """:raises ValueError: if transformers left weights missing, unexpected or of
+    another shape (re-initialised), the online transforms' parameters excepted"""
+    problems = {
+        "missing": list(info.get("missing_keys") or []),
+        "unexpected": [k for k in info.get("unexpected_keys") or [] if _TRANSFORM_KEY not in k],
+        "of another shape": [str(k) for k in info.get("mismatched_keys") or []],
+    }
+    problems = {kind: sorted(keys) for kind, keys in problems.items() if keys}
+    if problems:
+        listed = "; ".join(
+            f"{len(keys)} {kind}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+            for kind, keys in problems.items()
+        )
+        raise ValueError(
+            f"{path}: transformers could not load every weight of the checkpoint into the "
+            f"model ({listed}); those weights would be left re-initialised. The checkpoint does not match its config.json (a layout "
+            "this transformers version renames, or a checkpoint from another model)."
+        )
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)

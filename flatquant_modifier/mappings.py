@@ -184,18 +184,22 @@ def _resolve_group(
         )
     in_features = sizes.pop()
     m, n = get_decompose_dim(in_features)
+    # what works instead: leave the whole group (it shares one transform) unquantized
+    fix = (
+        f"Add {names if len(names) > 1 else names[0]} to `ignore` of FlatQuantModifier "
+        "and of the weight quantizer to keep "
+        + ("them" if len(names) > 1 else "it") + " in full precision"
+    )
     if m == 1:
         raise ValueError(
             f"FlatQuant: in_features={in_features} of {names[0]} only decomposes as "
             f"1 x {n} (a prime size), so the Kronecker transform would degenerate to "
-            f"one dense {n}x{n} matrix; refusing. Add the layer to `ignore` to keep it "
-            "in full precision."
+            f"one dense {n}x{n} matrix; refusing. {fix}."
         )
     if in_features % 8 != 0:
         raise ValueError(
             f"FlatQuant: {names[0]} has in_features={in_features}, not divisible by 8; "
-            "int4 activations are packed 8 per int32 on Ascend. Add the layer to "
-            "`ignore` to keep it in full precision."
+            f"int4 activations are packed 8 per int32 on Ascend. {fix}."
         )
     if n % 8 != 0:
         logger.warning(

@@ -67,3 +67,83 @@ def test_a_missing_directory_is_named(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty has no config.json"):
         load_flatquant_model(tmp_path / "empty")
+
+
+def _saved(tiny_llama_dir, tmp_path):
+    model, tok = load_tiny(tiny_llama_dir)
+    run(model, tok, [FlatQuantModifier(epochs=1), weight_quantizer()])
+    model.save_pretrained(tmp_path / "ct", save_compressed=True)
+    tok.save_pretrained(tmp_path / "ct")
+    return tmp_path / "ct"
+
+
+def test_truncated_missing_and_unexpected_weights_are_named(tiny_llama_dir, tmp_path):
+    import shutil
+
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    from flatquant_modifier import load_flatquant_model
+
+    saved = _saved(tiny_llama_dir, tmp_path)
+    file = saved / "model.safetensors"
+    tensors = load_file(file)
+    # a weight the model needs is missing, another one is foreign
+    broken = tmp_path / "broken"
+    shutil.copytree(saved, broken)
+    edited = dict(tensors)
+    del edited["model.norm.weight"]
+    edited["model.layers.0.mlp.extra.weight"] = torch.zeros(2)
+    save_file(edited, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"1 missing: model\.norm\.weight; 1 unexpected: "
+                       r"model\.layers\.0\.mlp\.extra\.weight.*re-initialised"):
+        load_flatquant_model(broken)
+    # a truncated file is named
+    data = file.read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"broken/model\.safetensors: not a readable "
+                       r"safetensors file.*truncated or corrupt"):
+        load_flatquant_model(broken)
+
+
+def test_the_export_cli_never_overwrites_its_source(tiny_llama_dir, tmp_path, capsys):
+    import pytest
+
+    from flatquant_modifier.ascend.cli import main
+
+    saved = _saved(tiny_llama_dir, tmp_path)
+    before = sorted(p.name for p in saved.iterdir())
+    for target in (saved, saved / "ascend", tmp_path):
+        with pytest.raises(SystemExit):
+            main([str(saved), str(target), "--overwrite"])
+        assert "the checkpoint the model was loaded from" in capsys.readouterr().err
+    assert sorted(p.name for p in saved.iterdir()) == before
+
+
+def test_the_export_cleans_up_after_killed_runs_and_uses_the_umask(tiny_llama_dir, tmp_path):
+    import os
+
+    from loguru import logger
+
+    from flatquant_modifier.ascend import save_ascend_checkpoint
+
+    model, tok = load_tiny(tiny_llama_dir)
+    run(model, tok, [FlatQuantModifier(epochs=1), weight_quantizer()])
+    dead = 2**22 + 12345  # above the usual pid_max: no such process
+    (tmp_path / f".ascend.tmp-{dead}-x1y2").mkdir()
+    (tmp_path / f".ascend.tmp-{dead}-x1y2" / "model.safetensors").write_bytes(b"partial")
+    (tmp_path / f".ascend.old-{dead}").write_text("a file the killed run moved aside")
+    (tmp_path / f".ascend.tmp-{os.getpid()}-live").mkdir()  # a running export: kept
+    (tmp_path / ".ascend.tmp-k3j2x").mkdir()  # owner unknown: kept and reported
+    messages = []
+    handle = logger.add(messages.append, level="INFO")
+    try:
+        out = save_ascend_checkpoint(model, tmp_path / "ascend", tok)
+    finally:
+        logger.remove(handle)
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".ascend."))
+    assert left == [f".ascend.tmp-{os.getpid()}-live", ".ascend.tmp-k3j2x"]
+    assert any("owner unknown" in m for m in messages)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask

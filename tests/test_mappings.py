@@ -53,8 +53,16 @@ def test_unknown_architecture_error_says_how_to_pass_mappings():
 
 def test_in_features_not_divisible_by_8_is_refused_naming_the_layer():
     model = build_tiny_llama(hidden_size=60, num_attention_heads=4, num_key_value_heads=2)
-    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj.*in_features=60.*ignore"):
-        resolve_layer("model.layers.0", model.model.layers[0], infer_mappings_from_model(model))
+    layer, mappings = model.model.layers[0], infer_mappings_from_model(model)
+    # the message names the whole group sharing the transform, and what works
+    with pytest.raises(ValueError, match=r"q_proj has in_features=60.*Add \[.*q_proj', "
+                       r"'.*k_proj', '.*v_proj'\] to `ignore` of FlatQuantModifier and of "
+                       r"the weight quantizer"):
+        resolve_layer("model.layers.0", layer, mappings)
+    # following the advice for every group of size 60 leaves the one that fits
+    ignore = ["re:.*self_attn.*", "re:.*gate_proj$", "re:.*up_proj$"]
+    groups = resolve_layer("model.layers.0", layer, mappings, ignore)
+    assert [g.name.split(".")[-1] for g in groups] == ["down"]
 
 
 def test_prime_sizes_that_degenerate_are_refused():

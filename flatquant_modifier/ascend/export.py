@@ -34,7 +34,12 @@ from flatquant_modifier.kronecker import get_decompose_dim
 from flatquant_modifier.transform import KroneckerQuantTransform, get_flatquant_transform
 from flatquant_modifier.verify import verify_model
 
-__all__ = ["FUSED_SIBLINGS", "AscendExportError", "save_ascend_checkpoint"]
+__all__ = [
+    "FUSED_SIBLINGS",
+    "AscendExportError",
+    "check_destination",
+    "save_ascend_checkpoint",
+]
 
 # vllm packs these per-layer siblings into one linear; they share the per-tensor params
 FUSED_SIBLINGS = {
@@ -68,11 +73,14 @@ def save_ascend_checkpoint(
     :raises AscendExportError: on anything vllm-ascend would load wrongly (unsupported
         scheme, in_features % 8, fused siblings with different transforms, clip ratio
         outside (0, 1], NaN/Inf)
+    :raises AscendExportError: also if ``save_dir`` is, contains or lies inside the
+        directory the model was loaded from (``model.name_or_path``)
     :raises FileExistsError: if ``save_dir`` exists and ``overwrite`` is False
     :raises flatquant_modifier.verify.FlatQuantStateError: if the model in memory does
         not compute the function of its tensors (a transform or quantizer inactive)
     """
     save_dir = Path(save_dir)
+    check_destination(save_dir, getattr(model, "name_or_path", None))
     if save_dir.exists() and not overwrite:
         raise FileExistsError(f"{save_dir} exists; pass overwrite=True to replace it")
     verify_model(model, where="before the Ascend export")
@@ -82,7 +90,10 @@ def save_ascend_checkpoint(
         barrier()
         return save_dir
     save_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=save_dir.parent, prefix=f".{save_dir.name}.tmp-"))
+    _remove_stale_staging(save_dir)
+    staging = Path(tempfile.mkdtemp(
+        dir=save_dir.parent, prefix=f".{save_dir.name}.tmp-{os.getpid()}-"
+    ))
     try:
         save_torch_state_dict(tensors, staging, max_shard_size=max_shard_size)
         description = {
@@ -94,6 +105,8 @@ def save_ascend_checkpoint(
         _write_config(model, staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        # mkdtemp made it private (0700); the checkpoint gets the usual mode (umask)
+        staging.chmod(0o777 & ~_umask())
         _replace(staging, save_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -301,9 +314,62 @@ def _write_config(model: Module, directory: Path):
 def _replace(staging: Path, target: Path):
     """Move ``staging`` to ``target``; an existing ``target`` is removed only after."""
     old = None
-    if target.exists():
+    if target.exists() or target.is_symlink():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         target.rename(old)
     staging.rename(target)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def _remove(path: Path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def check_destination(save_dir: Path, source: str | None):
+    """Refuse to write into, over or around the checkpoint the model was loaded from
+    (with ``overwrite=True`` the export would replace it)."""
+    if not source or not Path(source).is_dir():
+        return
+    target, origin = save_dir.resolve(), Path(source).resolve()
+    if target == origin or origin in target.parents or target in origin.parents:
+        raise AscendExportError(
+            f"{save_dir} is, contains or lies inside {source}, the checkpoint the model "
+            "was loaded from; write the Ascend checkpoint to a directory of its own"
+        )
+
+
+def _remove_stale_staging(save_dir: Path):
+    """Staging (``.NAME.tmp-PID-*``) and replaced (``.NAME.old-PID``) directories that
+    earlier exports to ``save_dir`` left when they were killed: removed when their
+    process is gone, reported when their owner is unknown."""
+    for path in sorted(save_dir.parent.glob(f".{save_dir.name}.*-*")):
+        kind, _, rest = path.name[len(save_dir.name) + 2:].partition("-")
+        if kind not in ("tmp", "old"):
+            continue
+        pid = rest.partition("-")[0]
+        if not pid.isdigit():
+            logger.warning(f"{path}: left by an interrupted export (owner unknown); "
+                           "remove it if no export is running")
+        elif not _process_alive(int(pid)):
+            _remove(path)
+            logger.info(f"Removed {path}, left by an interrupted export")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -23,6 +23,7 @@ from flatquant_modifier.ascend.ops import (
     pack_int4,
     quant_matmul,
 )
+from flatquant_modifier.loading import check_safetensors_files
 
 __all__ = [
     "QUANT_TYPE",
@@ -127,6 +128,11 @@ def load_ascend_model(path: str | Path, dtype: torch.dtype | None = None, use_np
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
+    if not (path / DESCRIPTION_FILE).is_file():
+        raise FileNotFoundError(
+            f"{path}: no {DESCRIPTION_FILE}; pass a directory written by "
+            "save_ascend_checkpoint / flatquant-export-ascend"
+        )
     description = json.loads((path / DESCRIPTION_FILE).read_text())
     config = AutoConfig.from_pretrained(path)
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
@@ -151,7 +157,7 @@ def load_ascend_model(path: str | Path, dtype: torch.dtype | None = None, use_np
             ),
         )
     state = {}
-    for shard in sorted(path.glob("*.safetensors")):
+    for shard in check_safetensors_files(path):
         state.update(load_file(shard))
     # copy into the allocated parameters: they carry the runtime dtypes (int8 weight,
     # float32 scales and clip ratio, params_dtype for the rest)
