@@ -11,6 +11,7 @@ and loads the transform parameters from the checkpoint's safetensors files.
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -123,16 +124,23 @@ def _check_loading_info(path: Path, info: dict):
         "of another shape": [str(k) for k in info.get("mismatched_keys") or []],
     }
     problems = {kind: sorted(keys) for kind, keys in problems.items() if keys}
-    if problems:
-        listed = "; ".join(
-            f"{len(keys)} {kind}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
-            for kind, keys in problems.items()
-        )
-        raise ValueError(
-            f"{path}: transformers could not load every weight of the checkpoint into the "
-            f"model ({listed}); those weights would be left re-initialised. The checkpoint does not match its config.json (a layout "
-            "this transformers version renames, or a checkpoint from another model)."
-        )
+    if not problems:
+        return
+    listed = "; ".join(
+        f"{len(keys)} {kind}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+        for kind, keys in problems.items()
+    )
+    hint = ""
+    if any(re.search(r"\.experts\.\d+\.", key) for key in problems.get("unexpected", [])):
+        hint = (" Its MoE experts were saved one linear per expert (llm-compressor unpacks "
+                "fused experts for calibration; vLLM loads that layout), which this "
+                "transformers version's fused experts cannot load.")
+    raise ValueError(
+        f"{path}: transformers could not load every weight of the checkpoint into the "
+        f"model ({listed}); those weights would be left re-initialised. The checkpoint "
+        "does not match its config.json (a layout this transformers version renames, or "
+        "a checkpoint from another model)." + hint
+    )
 
 
 @contextlib.contextmanager

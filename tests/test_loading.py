@@ -147,3 +147,32 @@ def test_the_export_cleans_up_after_killed_runs_and_uses_the_umask(tiny_llama_di
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_a_checkpoint_transformers_cannot_load_whole_is_refused(tmp_path):
+    """Mixtral's fused experts (transformers 5): llm-compressor saves them one linear
+    per expert, which transformers' fused experts cannot load. The load says so instead
+    of returning a model with re-initialised experts."""
+    import pytest
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from flatquant_modifier import FlatQuantMapping, load_flatquant_model
+    from tests.conftest import byte_tokenizer
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           num_local_experts=4, num_experts_per_tok=2)
+    MixtralForCausalLM(config).save_pretrained(tmp_path / "mixtral")
+    byte_tokenizer().save_pretrained(tmp_path / "mixtral")
+    model, tok = load_tiny(tmp_path / "mixtral")
+    attention = [
+        FlatQuantMapping(name="qkv", targets=["re:.*q_proj$", "re:.*k_proj$", "re:.*v_proj$"],
+                         smooth_layer="re:.*input_layernorm$"),
+        FlatQuantMapping(name="o", targets=["re:.*o_proj$"]),
+    ]
+    run(model, tok, [FlatQuantModifier(epochs=1, mappings=attention), weight_quantizer()])
+    model.save_pretrained(tmp_path / "ct", save_compressed=True)
+    with pytest.raises(ValueError, match=r"(?s)missing: model\.layers\.0\.mlp\.experts\.down_proj"
+                       r".*unexpected: model\.layers\.0\.mlp\.experts\.0\..*one linear per expert"):
+        load_flatquant_model(tmp_path / "ct")
