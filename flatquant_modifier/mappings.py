@@ -23,6 +23,7 @@ __all__ = [
     "ResolvedGroup",
     "resolve_layer",
     "LLAMA_MAPPINGS",
+    "GEMMA_MAPPINGS",
     "FLATQUANT_MAPPING_REGISTRY",
     "infer_mappings_from_model",
 ]
@@ -69,15 +70,30 @@ LLAMA_MAPPINGS = [
     ),
 ]
 
+# Gemma 2/3 normalise the attention output before the residual add
+# (post_attention_layernorm); the MLP reads pre_feedforward_layernorm's output
+GEMMA_MAPPINGS = [
+    *LLAMA_MAPPINGS[:2],
+    FlatQuantMapping(
+        name="gate_up",
+        targets=["re:.*mlp\\.gate_proj$", "re:.*mlp\\.up_proj$"],
+        smooth_layer="re:.*pre_feedforward_layernorm$",
+    ),
+    LLAMA_MAPPINGS[3],
+]
+
 # keyed on the model's class name, as llm-compressor's AWQ/SpinQuant registries are
 FLATQUANT_MAPPING_REGISTRY: dict[str, list[FlatQuantMapping]] = {
-    name: LLAMA_MAPPINGS
-    for name in (
-        "LlamaForCausalLM",
-        "MistralForCausalLM",
-        "Qwen2ForCausalLM",
-        "Qwen3ForCausalLM",
-    )
+    **{
+        name: LLAMA_MAPPINGS
+        for name in (
+            "LlamaForCausalLM",
+            "MistralForCausalLM",
+            "Qwen2ForCausalLM",
+            "Qwen3ForCausalLM",
+        )
+    },
+    **{name: GEMMA_MAPPINGS for name in ("Gemma2ForCausalLM", "Gemma3ForCausalLM")},
 }
 
 
@@ -91,7 +107,10 @@ def infer_mappings_from_model(model: Module) -> list[FlatQuantMapping]:
     raise ValueError(
         f"FlatQuantModifier has no default mappings for architecture {arch} "
         f"(supported: {supported}). Pass them explicitly, one entry per transformed "
-        "input, e.g. in YAML:\n"
+        "input. The layout of Llama, NOT checked for this architecture: each "
+        "smooth_layer must be the module whose output is exactly the targets' input "
+        "(FlatQuant checks that numerically and turns smoothing off where it is not), "
+        "e.g. in YAML:\n"
         "  mappings:\n"
         "    - {name: qkv, targets: ['re:.*q_proj$', 're:.*k_proj$', 're:.*v_proj$'], "
         "smooth_layer: 're:.*input_layernorm$'}\n"

@@ -66,6 +66,7 @@ from flatquant_modifier.train import (
     layer_output,
     log_report,
     train_layer,
+    unfoldable_smoothing,
 )
 from flatquant_modifier.transform import (
     FLATQUANT_TRANSFORM_TYPE,
@@ -246,6 +247,8 @@ class FlatQuantModifier(Modifier):
     _step_of_call: tuple[list[int], int] | None = PrivateAttr(default=None)
     # per-layer training reports, in order
     _reports: list[LayerReport] = PrivateAttr(default_factory=list)
+    # per decoder-layer structure, the mappings whose smoothing cannot be folded exactly
+    _unfoldable: dict[tuple, list[str]] = PrivateAttr(default_factory=dict)
     # the model's attention implementation before calibration forced eager
     _attn_implementation: str | None = PrivateAttr(default=None)
 
@@ -432,6 +435,7 @@ class FlatQuantModifier(Modifier):
         if device == "disk" or not isinstance(device, torch.device):
             device = torch.device("cpu")
         calls = split_calls([cache.fetch(i) for i in range(len(cache))])
+        probe = calls[0]  # one sample, for the smoothing check
         del cache
         if self._step_of_call is None or len(self._step_of_call[0]) != len(calls):
             # once, at the first layer: the layer inputs are then the embeddings, equal
@@ -446,6 +450,7 @@ class FlatQuantModifier(Modifier):
             stack.enter_context(deterministic_algorithms(self.deterministic))
             try:
                 check_finite_parameters(name, layer)
+                self._check_smoothing(name, layer, groups, probe, device)
                 steps = stack.enter_context(
                     training_attention(model, layer, steps, self._attn_implementation)
                 )
@@ -466,6 +471,43 @@ class FlatQuantModifier(Modifier):
                 self._attach_transforms(model, group, p1, p2, clip)
         log_report(report)
         self._reports.append(report)
+
+    def _check_smoothing(self, name, layer, groups, probe, device):
+        """
+        Once per layer structure: smoothing that cannot be folded exactly into its
+        smooth layer (:func:`flatquant_modifier.train.unfoldable_smoothing`) is turned
+        off for that mapping, with one logged line, or refused when ``smooth=True``
+        was asked for explicitly.
+        """
+        if not self.smooth:
+            return
+        structure = (type(layer).__name__, tuple(
+            (_relative(name, g.name), g.smooth and _relative(name, g.smooth[0]))
+            for g in groups
+        ))
+        if structure not in self._unfoldable:
+            found = unfoldable_smoothing(name, layer, groups, probe, device)
+            flags = torch.tensor([float(g.name in found) for g in groups])
+            all_reduce_(flags, op=torch.distributed.ReduceOp.MAX)  # one verdict
+            unfoldable = [_relative(name, g.name) for g, f in zip(groups, flags) if f]
+            self._unfoldable[structure] = unfoldable
+            if unfoldable:
+                smooth_layers = [_relative(name, g.smooth[0]) for g, f in zip(groups, flags)
+                                 if f]
+                message = (
+                    f"FlatQuant: the smoothing of {unfoldable} cannot be folded exactly "
+                    f"into {smooth_layers} in {name} (the layer's output changes), so "
+                    "the model would not be the one trained"
+                )
+                if "smooth" in self.model_fields_set:
+                    raise ValueError(
+                        f"{message}. Point the mapping's smooth_layer at the module that "
+                        "produces exactly these linears' input, or set it to None."
+                    )
+                logger.warning(f"{message}; smoothing off for these inputs.")
+        for group in groups:
+            if _relative(name, group.name) in self._unfoldable[structure]:
+                group.smooth, group.smooth_index = None, None
 
     def _transform_type(self) -> str:
         if self.a_bits is None or self.quant_format == "nvfp4":
@@ -522,6 +564,10 @@ class FlatQuantModifier(Modifier):
             existing.config_groups.update(ours.config_groups)
             ours = existing
         setattr(model, TRANSFORM_CONFIG_NAME, ours)
+
+
+def _relative(layer_name: str, name: str) -> str:
+    return name[len(layer_name) + 1:]
 
 
 def _verify_before_saving(model: Module, transformed: list[str]):

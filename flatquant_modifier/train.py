@@ -12,11 +12,13 @@ import contextlib
 import math
 import os
 import time
+from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from compressed_tensors.offload import remove_dispatch
 from compressed_tensors.utils import patch_attr
 from loguru import logger
 from torch import nn
@@ -51,6 +53,7 @@ __all__ = [
     "check_finite_targets",
     "deterministic_algorithms",
     "layer_output",
+    "unfoldable_smoothing",
 ]
 
 
@@ -624,14 +627,13 @@ def absorb_into_layer(
             weight = torch.maximum(torch.minimum(weight, bound), -bound)
         updates.append((linear, "weight", weight.to(linear.weight.dtype)))
     if smooth is not None:
-        updates += _smooth_layer_updates(group, params.smooth.detach().double())
+        updates += _fold_into_producer(group.smooth[1], params.smooth.detach().double())
     write_parameters(updates)
     return p1.to(config.dtype), p2.to(config.dtype), float(params.activation_clip())
 
 
-def _smooth_layer_updates(group: ResolvedGroup, smooth: torch.Tensor) -> list[tuple]:
+def _fold_into_producer(module: nn.Module, smooth: torch.Tensor) -> list[tuple]:
     """Fold ``1/s`` into the producer of the input: a norm's weight or a linear's rows."""
-    _, module = group.smooth
     weight = module.weight.detach()
     s = smooth.to(weight.device)
     if weight.ndim == 1:
@@ -642,6 +644,88 @@ def _smooth_layer_updates(group: ResolvedGroup, smooth: torch.Tensor) -> list[tu
     if bias is not None:
         updates.append((module, "bias", (bias.double() / s).to(bias.dtype)))
     return updates
+
+
+@torch.no_grad()
+def unfoldable_smoothing(
+    layer_name: str,
+    layer: nn.Module,
+    groups: list[ResolvedGroup],
+    kwargs: dict[str, Any],
+    device: torch.device,
+) -> list[str]:
+    """
+    Names of the groups whose smoothing cannot be folded exactly into their smooth
+    layer (e.g. a norm that does not produce the group's input, as Gemma2's
+    ``post_attention_layernorm`` for its MLP): on a float64 copy of ``layer``, run on
+    one cached call, dividing the smooth layer by a random ``s`` and multiplying the
+    group's weights by ``s`` must leave the layer's output unchanged (what training
+    emulates by dividing the linears' input by ``s``).
+    """
+    candidates = [group for group in groups if group.smooth is not None]
+    if not candidates:
+        return []
+    copy = _float64_copy(layer, device)
+    probe = _to_float64(kwargs, device)
+    reference = layer_output(copy(**probe))
+    generator = torch.Generator().manual_seed(0)
+    unfoldable = []
+    for group in candidates:
+        producer = copy.get_submodule(_relative(layer_name, group.smooth[0]))
+        linears = [copy.get_submodule(_relative(layer_name, n)) for n, _ in group.linears]
+        s = torch.empty(producer.weight.shape[0], dtype=torch.float64).uniform_(
+            0.5, 2.0, generator=generator
+        ).to(device)
+        columns = s if group.smooth_index is None else s[group.smooth_index.to(device)]
+        updates = _fold_into_producer(producer, s) + [
+            (linear, "weight", linear.weight * columns) for linear in linears
+        ]
+        saved = [(module, name, getattr(module, name).clone()) for module, name, _ in updates]
+        for module, name, value in updates:
+            getattr(module, name).copy_(value)
+        folded = layer_output(copy(**probe))
+        for module, name, value in saved:
+            getattr(module, name).copy_(value)
+        error = (folded - reference).norm() / reference.norm().clamp_min(1e-300)
+        # an exact fold moves the output by rounding only (1e-7 where a module computes
+        # in float32 internally, as llm-compressor's offset-norm replacement does); a
+        # fold into the wrong module moves it by about s - 1, i.e. O(1)
+        if not float(error) <= 1e-3:
+            unfoldable.append(group.name)
+    return unfoldable
+
+
+def _float64_copy(layer: nn.Module, device: torch.device) -> nn.Module:
+    """A float64 copy of ``layer`` on ``device`` without hooks (they reference the
+    modifiers and their caches) and without offloading."""
+    hook_dicts = ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks",
+                  "_backward_pre_hooks")
+    saved = {(module, key): getattr(module, key)
+             for module in layer.modules() for key in hook_dicts}
+    try:
+        for module, key in saved:
+            setattr(module, key, type(saved[module, key])())
+        copy = deepcopy(layer)
+    finally:
+        for (module, key), value in saved.items():
+            setattr(module, key, value)
+    remove_dispatch(copy)
+    return copy.to(device=device, dtype=torch.float64)
+
+
+def _to_float64(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.to(device)
+        return value.double() if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_float64(v, device) for v in value)
+    if isinstance(value, dict):
+        return {key: _to_float64(v, device) for key, v in value.items()}
+    return value
+
+
+def _relative(layer_name: str, name: str) -> str:
+    return name[len(layer_name) + 1:] if layer_name else name
 
 
 def log_report(report: LayerReport):

@@ -47,7 +47,7 @@ def test_unknown_architecture_error_says_how_to_pass_mappings():
     class FancyForCausalLM(torch.nn.Module):
         pass
 
-    with pytest.raises(ValueError, match="(?s)FancyForCausalLM.*mappings"):
+    with pytest.raises(ValueError, match="(?s)FancyForCausalLM.*NOT checked.*mappings"):
         infer_mappings_from_model(FancyForCausalLM())
 
 

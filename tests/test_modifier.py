@@ -219,3 +219,51 @@ def test_deterministic_option_restores_the_global_mode(tiny_llama_dir):
     run(model, tok, [modifier])
     assert len(modifier.reports) == 2
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def _tiny_gemma2(path):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from tests.conftest import byte_tokenizer
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=16, max_position_embeddings=256)
+    Gemma2ForCausalLM(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return load_tiny(path)
+
+
+def test_smoothing_that_does_not_fold_exactly_is_turned_off_or_refused(tmp_path):
+    """Gemma2 normalises the attention output before the residual add
+    (post_attention_layernorm): Llama's mappings fold the MLP's smoothing there, which
+    changes the layer (logit error 1.16 with quantization off, measured). FlatQuant
+    finds it on the first layer and turns that smoothing off; its own Gemma mappings
+    fold into pre_feedforward_layernorm, exactly."""
+    from loguru import logger
+
+    from flatquant_modifier.mappings import LLAMA_MAPPINGS
+
+    def transforms_only_error(**options):
+        model, tok = _tiny_gemma2(tmp_path / "gemma2")
+        reference = logits(model)
+        messages = []
+        handle = logger.add(messages.append, level="WARNING")
+        try:
+            run(model, tok, [FlatQuantModifier(epochs=1, learn_weight_clip=False, **options)])
+        finally:
+            logger.remove(handle)
+        model.apply(disable_quantization)
+        out = logits(model)
+        return ((out - reference).norm() / reference.norm()).item(), messages
+
+    error, messages = transforms_only_error()  # the registered Gemma mappings
+    assert error < 1e-4 and not any("cannot be folded" in m for m in messages)
+    error, messages = transforms_only_error(mappings=LLAMA_MAPPINGS)
+    assert error < 1e-4
+    assert any("smoothing of ['gate_up'] cannot be folded exactly into "
+               "['post_attention_layernorm']" in m for m in messages)
+    model, tok = _tiny_gemma2(tmp_path / "gemma2")
+    with pytest.raises(ValueError, match=r"gate_up.*post_attention_layernorm.*smooth_layer"):
+        run(model, tok, [FlatQuantModifier(epochs=1, mappings=LLAMA_MAPPINGS, smooth=True)])
