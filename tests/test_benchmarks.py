@@ -55,3 +55,35 @@ def test_checkpoint_comparison(tmp_path):
     assert result["clip_ratio"]["max_abs_diff"] == 0.0
     assert result["weight_packed"]["differing_words"] == 1
     assert "weight" not in result  # embeddings are not FlatQuant tensors
+
+
+def test_placement_table():
+    placements = _load("placements")
+    text = placements.table({
+        "gpu": {"calibration_seconds": 29.2, "ppl_w4a4": 27.672, "ppl_reloaded": 27.672,
+                "ppl_ascend_reference": 27.56},
+        "cpu": {"calibration_seconds": 29.4, "ppl_w4a4": 27.672},
+    })
+    assert "| placement | calibration | in memory | compressed-tensors reload | Ascend " in text
+    assert "| gpu | 29.2 s | 27.67 | 27.67 | 27.56 |" in text
+    assert "| cpu | 29.4 s | 27.67 | - | - |" in text
+
+
+def test_rounding_perturbation_moves_the_first_layer_input_by_its_size():
+    from tests.conftest import build_tiny_llama
+
+    rounding = _load("rounding_sensitivity")
+    model = build_tiny_llama().double()
+    seen = []
+    model.model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]),
+        with_kwargs=True,
+    )
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        model(ids)
+        handle = rounding.perturb_first_layer(model, seed=0, size=1e-7)
+        model(ids)
+        handle.remove()
+    relative = ((seen[1] - seen[0]) / seen[0]).abs()
+    assert 1e-9 < float(relative.max()) < 1e-6
