@@ -26,6 +26,7 @@ __all__ = [
     "GEMMA_MAPPINGS",
     "FLATQUANT_MAPPING_REGISTRY",
     "infer_mappings_from_model",
+    "relative_name",
 ]
 
 
@@ -286,3 +287,8 @@ def _is_ignored(name: str, module: Module, ignore: list[str] | None) -> bool:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def relative_name(layer_name: str, name: str) -> str:
+    """``name`` (a module of the model) relative to the decoder layer ``layer_name``."""
+    return name[len(layer_name) + 1:] if layer_name else name

@@ -50,6 +50,7 @@ from flatquant_modifier.mappings import (
     FlatQuantMapping,
     ResolvedGroup,
     infer_mappings_from_model,
+    relative_name,
     resolve_layer,
 )
 from flatquant_modifier.modules import Parametrization, TransformInit
@@ -482,17 +483,17 @@ class FlatQuantModifier(Modifier):
         if not self.smooth:
             return
         structure = (type(layer).__name__, tuple(
-            (_relative(name, g.name), g.smooth and _relative(name, g.smooth[0]))
+            (relative_name(name, g.name), g.smooth and relative_name(name, g.smooth[0]))
             for g in groups
         ))
         if structure not in self._unfoldable:
             found = unfoldable_smoothing(name, layer, groups, probe, device)
             flags = torch.tensor([float(g.name in found) for g in groups])
             all_reduce_(flags, op=torch.distributed.ReduceOp.MAX)  # one verdict
-            unfoldable = [_relative(name, g.name) for g, f in zip(groups, flags) if f]
+            unfoldable = [relative_name(name, g.name) for g, f in zip(groups, flags) if f]
             self._unfoldable[structure] = unfoldable
             if unfoldable:
-                smooth_layers = [_relative(name, g.smooth[0]) for g, f in zip(groups, flags)
+                smooth_layers = [relative_name(name, g.smooth[0]) for g, f in zip(groups, flags)
                                  if f]
                 message = (
                     f"FlatQuant: the smoothing of {unfoldable} cannot be folded exactly "
@@ -506,7 +507,7 @@ class FlatQuantModifier(Modifier):
                     )
                 logger.warning(f"{message}; smoothing off for these inputs.")
         for group in groups:
-            if _relative(name, group.name) in self._unfoldable[structure]:
+            if relative_name(name, group.name) in self._unfoldable[structure]:
                 group.smooth, group.smooth_index = None, None
 
     def _transform_type(self) -> str:
@@ -564,10 +565,6 @@ class FlatQuantModifier(Modifier):
             existing.config_groups.update(ours.config_groups)
             ours = existing
         setattr(model, TRANSFORM_CONFIG_NAME, ours)
-
-
-def _relative(layer_name: str, name: str) -> str:
-    return name[len(layer_name) + 1:]
 
 
 def _verify_before_saving(model: Module, transformed: list[str]):

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from compressed_tensors.offload import remove_dispatch
+from compressed_tensors.offload import OffloadCache
 from compressed_tensors.utils import patch_attr
 from loguru import logger
 from torch import nn
@@ -27,7 +27,7 @@ from tqdm import tqdm
 from flatquant_modifier.cuda_graphs import StepGraphs
 from flatquant_modifier.distributed import all_reduce_, write_parameters
 from flatquant_modifier.kronecker import kronecker_matmul
-from flatquant_modifier.mappings import ResolvedGroup
+from flatquant_modifier.mappings import ResolvedGroup, relative_name
 from flatquant_modifier.modules import (
     ClipFactor,
     LearnableKronecker,
@@ -671,8 +671,8 @@ def unfoldable_smoothing(
     generator = torch.Generator().manual_seed(0)
     unfoldable = []
     for group in candidates:
-        producer = copy.get_submodule(_relative(layer_name, group.smooth[0]))
-        linears = [copy.get_submodule(_relative(layer_name, n)) for n, _ in group.linears]
+        producer = copy.get_submodule(relative_name(layer_name, group.smooth[0]))
+        linears = [copy.get_submodule(relative_name(layer_name, n)) for n, _ in group.linears]
         s = torch.empty(producer.weight.shape[0], dtype=torch.float64).uniform_(
             0.5, 2.0, generator=generator
         ).to(device)
@@ -696,20 +696,34 @@ def unfoldable_smoothing(
 
 
 def _float64_copy(layer: nn.Module, device: torch.device) -> nn.Module:
-    """A float64 copy of ``layer`` on ``device`` without hooks (they reference the
-    modifiers and their caches) and without offloading."""
+    """
+    A float64 copy of ``layer`` on ``device``: its onloaded tensors (not
+    compressed-tensors' offload storage, which a copy cannot share, e.g. files on
+    disk), without hooks (they reference the modifiers and their caches) and without
+    the offload wrappers of ``forward``.
+    """
     hook_dicts = ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks",
                   "_backward_pre_hooks")
-    saved = {(module, key): getattr(module, key)
-             for module in layer.modules() for key in hook_dicts}
+    saved = []
     try:
-        for module, key in saved:
-            setattr(module, key, type(saved[module, key])())
+        for module in layer.modules():
+            state = {key: getattr(module, key)
+                     for key in (*hook_dicts, "_parameters", "_buffers")}
+            saved.append((module, state))
+            for key in hook_dicts:
+                setattr(module, key, type(state[key])())
+            if isinstance(module._parameters, OffloadCache):
+                module._parameters = dict(module._parameters.items())
+                module._buffers = dict(module._buffers.items())
         copy = deepcopy(layer)
     finally:
-        for (module, key), value in saved.items():
-            setattr(module, key, value)
-    remove_dispatch(copy)
+        for module, state in saved:
+            for key, value in state.items():
+                setattr(module, key, value)
+    for module in copy.modules():
+        if hasattr(module, "_original_forward_func"):  # compressed-tensors' offload wrapper
+            module.forward = module._original_forward_func.__get__(module)
+            del module._original_forward_func
     return copy.to(device=device, dtype=torch.float64)
 
 
@@ -722,10 +736,6 @@ def _to_float64(value: Any, device: torch.device) -> Any:
     if isinstance(value, dict):
         return {key: _to_float64(v, device) for key, v in value.items()}
     return value
-
-
-def _relative(layer_name: str, name: str) -> str:
-    return name[len(layer_name) + 1:] if layer_name else name
 
 
 def log_report(report: LayerReport):
