@@ -16,7 +16,7 @@ from flatquant_modifier.kronecker import (
      (64, (8, 8)), (128, (8, 16)), (7, (1, 7))],
 )
 def test_get_decompose_dim_matches_vllm_ascend(n, expected):
-    # values allocated by vllm-ascend's get_decompose_dim (seed 004)
+    # values allocated by vllm-ascend's get_decompose_dim (its W4A4 FlatQuant method)
     assert get_decompose_dim(n) == expected
 
 

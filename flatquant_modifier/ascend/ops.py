@@ -91,7 +91,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def pack_int4_offset_binary(values: torch.Tensor) -> torch.Tensor:
     """
-    vllm-ascend's CPU fallback ``pack_int4_to_int32`` (seed 004): nibble ``v + 8``
+    vllm-ascend's CPU fallback ``pack_int4_to_int32`` (its W4A4 FlatQuant linear method): nibble ``v + 8``
     (offset binary), low nibble first. A different bit pattern from :func:`pack_int4`;
     vllm-ascend only uses it when ``npu_convert_weight_to_int4pack`` is unavailable.
     """
