@@ -138,20 +138,26 @@ def test_only_rank0_writes_checkpoints(runs):
 def test_in_memory_reloaded_and_exported_models_are_one_function(runs, label):
     """torchrun with 1 and 2 ranks: every rank's model in memory computes what rank 0
     saved, reloaded here in a fresh process, in both formats."""
+    assert_ranks_compute_the_checkpoints(runs[label], 1 if label == "one" else 2)
+
+
+def assert_ranks_compute_the_checkpoints(out: Path, ranks: int, device="cpu"):
+    """Every rank's in-memory logits (dumped by the worker) == rank 0's compressed-tensors
+    checkpoint reloaded here on ``device``, and that == its Ascend export (float64)."""
     from transformers import CompressedTensorsConfig
 
     from flatquant_modifier import load_flatquant_model
     from tests.test_ascend_export import assert_same_function, exact_logits
     from tests.test_modifier import logits
 
-    out = runs[label]
     reloaded = load_flatquant_model(
         out / "compressed-rank0", quantization_config=CompressedTensorsConfig(dequantize=True)
     )
-    for rank in range(1 if label == "one" else 2):
-        torch.testing.assert_close(_dump(out, rank)["logits"], logits(reloaded),
+    reference = logits(reloaded.to(device)).cpu()
+    for rank in range(ranks):
+        torch.testing.assert_close(_dump(out, rank)["logits"], reference,
                                    atol=1e-5, rtol=0, msg=lambda m: f"rank {rank}: {m}")
-    assert_same_function(out / "ascend-rank0", exact_logits(reloaded))
+    assert_same_function(out / "ascend-rank0", exact_logits(reloaded.cpu()))
 
 
 def test_a_failing_rank_fails_the_run_with_its_error(tmp_path):

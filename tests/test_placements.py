@@ -46,17 +46,18 @@ def calibrate(placement, model_dir, tmp_path):
     return model, tok
 
 
-def assert_one_function(model, tok, tmp_path):
-    """In memory == compressed-tensors reload (float32, same kernels), and the reload
-    == the Ascend export (float64: at 4 bits float32 rounding flips differ)."""
+def assert_one_function(model, tok, tmp_path, device="cpu"):
+    """In memory == compressed-tensors reload on ``device`` (float32, same kernels), and
+    the reload == the Ascend export (float64 on the CPU: at 4 bits float32 rounding
+    flips differ)."""
     in_memory = logits(model)
     ascend = save_ascend_checkpoint(model, tmp_path / "ascend", tok)
     model.save_pretrained(tmp_path / "ct", save_compressed=True)
     reloaded = load_flatquant_model(
         tmp_path / "ct", quantization_config=CompressedTensorsConfig(dequantize=True)
     )
-    torch.testing.assert_close(logits(reloaded), in_memory, atol=1e-5, rtol=0)
-    assert_same_function(ascend, exact_logits(reloaded))
+    torch.testing.assert_close(logits(reloaded.to(device)), in_memory, atol=1e-5, rtol=0)
+    assert_same_function(ascend, exact_logits(reloaded.cpu()))
     return in_memory
 
 
