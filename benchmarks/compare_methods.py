@@ -22,7 +22,6 @@ Each method runs in its own process (so peak memory is its own). Writes
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -32,7 +31,10 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("FLATQUANT_DATA", ROOT.parent / "shared" / "data"))
+sys.path.insert(0, str(ROOT))  # examples.common, wherever this script is run from
+from examples.common.data import CALIBRATION_TEXT, TEST_TEXT, text_windows_dataset  # noqa: E402
+from examples.common.perplexity import perplexity  # noqa: E402
+from examples.common.smollm2 import load_smollm2  # noqa: E402
 METHODS = ("fp", "rtn", "quip", "spinquant", "flatquant-rtn", "flatquant-gptq")
 W4_CHANNEL = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel",
               "observer": "minmax"}
@@ -80,21 +82,18 @@ def run_one(method: str, args) -> list[dict]:
 
     import flatquant_modifier  # noqa: F401  registers FlatQuantModifier for YAML
     from flatquant_modifier.ascend import load_ascend_model, save_ascend_checkpoint
-    from flatquant_modifier.calibration_data import text_windows_dataset
-    from flatquant_modifier.perplexity import perplexity
-    from flatquant_modifier.smollm2 import load_smollm2
 
     device = torch.device(args.device)
     model, tokenizer = load_smollm2(args.model_cache)
     model.to(device)
     windows = None if args.full else args.eval_windows
-    test = DATA / "wikitext2-raw-test.txt"
+    test = TEST_TEXT
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     row = {"method": method, "calibration_seconds": 0.0}
     recipe = recipe_for(method, args.epochs)
     if recipe is not None:
-        dataset = text_windows_dataset(tokenizer, DATA / "wikitext2-valid.txt",
+        dataset = text_windows_dataset(tokenizer, CALIBRATION_TEXT,
                                        args.num_samples, args.seq_len, seed=args.seed)
         torch.manual_seed(args.seed)
         start = time.perf_counter()

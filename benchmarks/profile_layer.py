@@ -13,21 +13,23 @@ the timings are those of the real model, the losses are not.
 
 import argparse
 import json
+import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from flatquant_modifier.batching import assign_steps, call_keys, plan_steps
-from flatquant_modifier.calibration_data import text_windows_dataset
+from flatquant_modifier.calibrate import full_precision_pass
 from flatquant_modifier.mappings import infer_mappings_from_model, resolve_layer
-from flatquant_modifier.modifier import _full_precision_pass
-from flatquant_modifier.smollm2 import load_smollm2
-from flatquant_modifier.train import TrainConfig, build_group_params, train_layer
+from flatquant_modifier.modules import build_group_params
+from flatquant_modifier.options import FlatQuantOptions, training_precision
+from flatquant_modifier.train import train_layer
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))  # examples.common, wherever this script is run from
+from examples.common.data import CALIBRATION_TEXT, text_windows_dataset  # noqa: E402
+from examples.common.smollm2 import load_smollm2  # noqa: E402
 
 
 def layer_inputs(model, layer, input_ids: torch.Tensor) -> list[dict]:
@@ -85,7 +87,7 @@ def main():
     parser.add_argument("--random-model", action="store_true")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--sync-debug", action="store_true")
-    parser.add_argument("--calib-data", default=str(DATA / "wikitext2-valid.txt"))
+    parser.add_argument("--calib-data", default=str(CALIBRATION_TEXT))
     parser.add_argument("--model-cache", default=str(ROOT / "outputs" / "smollm2-hf"))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -112,25 +114,26 @@ def main():
     groups = resolve_layer(name, layer, infer_mappings_from_model(model), ["lm_head"])
     calls = layer_inputs(model, layer, input_ids)
     steps = plan_steps(calls, *assign_steps(call_keys(calls), args.batch_size))
-    targets, act_max = _full_precision_pass(layer, steps, groups, device)
+    # the parts of flatquant_modifier.calibrate.calibrate_layer that train, without
+    # the pipeline and without writing the result into the layer
+    targets, act_max = full_precision_pass(layer, steps, groups, device)
     if args.autocast is None:
         args.autocast = "bfloat16" if device.type == "cuda" else "float32"
-    config = TrainConfig(
+    options = FlatQuantOptions(
         epochs=args.epochs,
         autocast_dtype=None if args.autocast == "float32" else getattr(torch, args.autocast),
         cuda_graphs=not args.no_cuda_graphs,
     )
+    precision = training_precision(options, layer, device)
 
     def run(epochs=args.epochs):
+        run_options = options.model_copy(update={"epochs": epochs})
         params = build_group_params(
-            groups, act_max, config, device, torch.Generator().manual_seed(0)
+            groups, act_max, run_options, precision.dtype, device,
+            torch.Generator().manual_seed(0),
         )
-        original = {k: v.clone() for k, v in layer.state_dict().items()}
-        try:
-            return train_layer(name, layer, groups, params, steps, targets,
-                               replace(config, epochs=epochs), device)
-        finally:
-            layer.load_state_dict(original)
+        return train_layer(name, layer, groups, params, steps, targets, run_options,
+                           precision, device)
 
     run()  # warm-up (kernels, allocator)
     # the same without training steps: the time of the evaluation passes and captures

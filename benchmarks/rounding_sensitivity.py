@@ -15,7 +15,7 @@ evaluations of that one function. Writes JSON, prints a table; not a timed test.
 
 import argparse
 import json
-import os
+import sys
 from pathlib import Path
 
 import torch
@@ -23,11 +23,12 @@ from transformers import AutoTokenizer, CompressedTensorsConfig
 
 from flatquant_modifier import load_flatquant_model
 from flatquant_modifier.ascend import load_ascend_model
-from flatquant_modifier.evaluation import exact_fake_quant
-from flatquant_modifier.perplexity import perplexity
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("FLATQUANT_DATA", ROOT.parent / "shared" / "data"))
+sys.path.insert(0, str(ROOT))  # examples.common, wherever this script is run from
+from examples.common.evaluation import exact_fake_quant  # noqa: E402
+from examples.common.perplexity import perplexity  # noqa: E402
+from examples.common.data import TEST_TEXT  # noqa: E402
 
 
 def parse_args():
@@ -42,7 +43,7 @@ def parse_args():
     parser.add_argument("--perturbation", type=float, default=6e-8,
                         help="relative size of the perturbation of the first layer's input")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--test-data", default=str(DATA / "wikitext2-raw-test.txt"))
+    parser.add_argument("--test-data", default=str(TEST_TEXT))
     parser.add_argument("--out", default=str(ROOT / "outputs" / "rounding_sensitivity.json"))
     return parser.parse_args()
 

@@ -9,7 +9,7 @@ Writes a JSON result and prints a Markdown table; not a timed test.
 
 import argparse
 import json
-import os
+import sys
 import resource
 import time
 from pathlib import Path
@@ -19,12 +19,12 @@ from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 
 from flatquant_modifier import FlatQuantModifier
-from flatquant_modifier.calibration_data import text_windows_dataset
-from flatquant_modifier.perplexity import perplexity
-from flatquant_modifier.smollm2 import load_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("FLATQUANT_DATA", ROOT.parent / "shared" / "data"))
+sys.path.insert(0, str(ROOT))  # examples.common, wherever this script is run from
+from examples.common.data import CALIBRATION_TEXT, TEST_TEXT, text_windows_dataset  # noqa: E402
+from examples.common.perplexity import perplexity  # noqa: E402
+from examples.common.smollm2 import load_smollm2  # noqa: E402
 
 VARIANTS = {  # changes from the defaults (dense, random init, smoothing, both clips)
     "rtn": None,  # no FlatQuantModifier: the weight/activation scheme alone
@@ -73,7 +73,7 @@ def run_variant(name, kwargs, args, tokenizer, dataset, device):
         "variant": name,
         "kwargs": kwargs,
         "calibration_seconds": round(seconds, 1),
-        "ppl": round(perplexity(model, tokenizer, DATA / "wikitext2-raw-test.txt",
+        "ppl": round(perplexity(model, tokenizer, TEST_TEXT,
                                 2048, args.eval_windows or None), 3),
     }
     if kwargs is not None:
@@ -100,7 +100,7 @@ def main():
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, tokenizer = load_smollm2(args.model_cache)
-    dataset = text_windows_dataset(tokenizer, DATA / "wikitext2-valid.txt",
+    dataset = text_windows_dataset(tokenizer, CALIBRATION_TEXT,
                                    args.num_samples, args.seq_len, seed=0)
     rows = []
     for name in args.variants.split(","):

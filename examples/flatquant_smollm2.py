@@ -24,6 +24,7 @@ of the samples, gradients are summed across ranks, rank 0 evaluates and writes:
 import argparse
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -35,20 +36,20 @@ from transformers import CompressedTensorsConfig
 import flatquant_modifier  # noqa: F401  registers FlatQuantModifier for YAML recipes
 from flatquant_modifier import FlatQuantModifier, load_flatquant_model
 from flatquant_modifier.ascend import load_ascend_model, save_ascend_checkpoint
-from flatquant_modifier.calibration_data import text_windows_dataset
-from flatquant_modifier.evaluation import exact_fake_quant
+from flatquant_modifier.compat import shard_dataset
 from flatquant_modifier.distributed import (
     barrier,
     get_rank,
     init_distributed,
     is_source_process,
-    shard_dataset,
 )
-from flatquant_modifier.perplexity import perplexity
-from flatquant_modifier.smollm2 import load_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))  # examples.common, wherever this script is run from
+from examples.common.data import CALIBRATION_TEXT, TEST_TEXT, text_windows_dataset  # noqa: E402
+from examples.common.evaluation import exact_fake_quant  # noqa: E402
+from examples.common.perplexity import perplexity  # noqa: E402
+from examples.common.smollm2 import load_smollm2  # noqa: E402
 
 
 def parse_args():
@@ -93,9 +94,9 @@ def parse_args():
                         help="also evaluate the reloaded checkpoint (exact fake quantization) and "
                         "the Ascend checkpoint in float64: separates float32 rounding from a "
                         "real difference between them")
-    parser.add_argument("--calib-data", default=str(DATA / "wikitext2-valid.txt"),
+    parser.add_argument("--calib-data", default=str(CALIBRATION_TEXT),
                         help="calibration text")
-    parser.add_argument("--test-data", default=str(DATA / "wikitext2-raw-test.txt"),
+    parser.add_argument("--test-data", default=str(TEST_TEXT),
                         help="perplexity text")
     parser.add_argument("--output-dir", default=str(ROOT / "outputs" / "smollm2-flatquant-w4a4"),
                         help="compressed-tensors checkpoint and result.json; the Ascend "

@@ -13,12 +13,14 @@ from flatquant_modifier.kronecker import get_decompose_dim, kronecker_matmul
 from flatquant_modifier.loading import load_flatquant_model
 from flatquant_modifier.mappings import LLAMA_MAPPINGS, FlatQuantMapping
 from flatquant_modifier.modifier import FlatQuantModifier
+from flatquant_modifier.options import FlatQuantOptions
 from flatquant_modifier.transform import FlatQuantTransformFactory, KroneckerQuantTransform
 
 ModifierFactory.register("FlatQuantModifier", FlatQuantModifier)
 
 __all__ = [
     "FlatQuantModifier",
+    "FlatQuantOptions",
     "FlatQuantMapping",
     "LLAMA_MAPPINGS",
     "FlatQuantTransformFactory",

@@ -22,7 +22,7 @@ from loguru import logger
 from torch import nn
 
 from flatquant_modifier.distributed import all_reduce_
-from flatquant_modifier.train import layer_output
+from flatquant_modifier.emulation import layer_output
 
 __all__ = ["training_attention", "drop_causal_masks"]
 

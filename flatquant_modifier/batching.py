@@ -19,10 +19,9 @@ import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from loguru import logger
 
-from flatquant_modifier.distributed import all_gather_varlen, all_reduce_, get_rank
+from flatquant_modifier.distributed import all_gather_varlen, get_rank
 
 __all__ = [
     "merge_calls",
@@ -136,7 +135,7 @@ def _warn_on_shared_samples(per_rank: list[torch.Tensor]):
             f"FlatQuant: {shared} calibration samples are on more than one rank, so "
             "the ranks calibrate on overlapping data. llm-compressor's sampler does "
             "not split a dataset across ranks by itself: pass every rank its own shard "
-            "(flatquant_modifier.distributed.shard_dataset)."
+            "(flatquant_modifier.compat.shard_dataset)."
         )
 
 

@@ -1,9 +1,9 @@
 """
 Data-parallel FlatQuant calibration under ``torchrun``, on llm-compressor's own
-distributed engine: its sampler gives every rank a contiguous shard of the
-calibration samples, and each rank runs the sequential pipeline on its shard. Here:
-the collectives FlatQuant adds (statistics, gradients, losses) and the weight
-quantization parameters that llm-compressor leaves unsynchronised on CPU.
+distributed engine: each rank runs the sequential pipeline on its shard of the
+calibration samples. Here: the collectives FlatQuant adds (statistics, gradients,
+losses) and parameter writes every rank agrees on. What works around llm-compressor
+0.14 (dataset sharding, weight-qparam sync) is in :mod:`flatquant_modifier.compat`.
 
 Every helper is a no-op without an initialised process group.
 """
@@ -19,7 +19,6 @@ from compressed_tensors.distributed import (
     is_source_process,
 )
 from compressed_tensors.utils import update_offload_parameter
-from loguru import logger
 from torch import nn
 
 __all__ = [
@@ -31,16 +30,8 @@ __all__ = [
     "all_gather_varlen",
     "all_reduce_",
     "broadcast_",
-    "shard_dataset",
     "write_parameters",
-    "mark_weight_qparams_unset",
-    "sync_weight_qparams",
 ]
-
-# weight quantization parameters llm-compressor's modifiers compute on one rank
-WEIGHT_QPARAMS = ("weight", "weight_scale", "weight_zero_point", "weight_global_scale",
-                  "weight_g_idx")
-
 
 def init_distributed() -> bool:
     """
@@ -58,23 +49,6 @@ def init_distributed() -> bool:
     else:
         dist.init_process_group(backend="gloo", init_method="env://")
     return True
-
-
-def shard_dataset(dataset):
-    """
-    This rank's contiguous shard of a ``datasets.Dataset`` (the whole dataset when not
-    distributed), split as llm-compressor's ``get_rank_partition`` splits a dataset
-    split. Pass it to ``oneshot(dataset=..., num_calibration_samples=len(shard))`` on
-    every rank: llm-compressor 0.14's sampler selects a rank's partition but its
-    dataloader then indexes the whole dataset, so without sharding every rank
-    calibrates on the same first ``1/world_size`` of the samples.
-    """
-    if not is_distributed():
-        return dataset
-    rank, world = dist.get_rank(), dist.get_world_size()
-    start = len(dataset) * rank // world
-    end = len(dataset) * (rank + 1) // world
-    return dataset.select(range(start, end))
 
 
 def get_rank() -> int:
@@ -164,79 +138,3 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if buffer is not tensor:
         tensor.copy_(buffer)
     return tensor
-
-
-def _weight_quantized(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if getattr(getattr(module, "quantization_scheme", None), "weights", None) is not None
-        and isinstance(getattr(module, "weight_scale", None), torch.Tensor)
-    ]
-
-
-@torch.no_grad()
-def mark_weight_qparams_unset(model: nn.Module):
-    """
-    Fill every ``weight_scale`` with NaN before any modifier computes it, so that
-    :func:`sync_weight_qparams` can tell which rank computed which module.
-    """
-    if not is_distributed():
-        return
-    for _, module in _weight_quantized(model):
-        update_offload_parameter(
-            module, "weight_scale", torch.full_like(module.weight_scale, float("nan"))
-        )
-
-
-@torch.no_grad()
-def sync_weight_qparams(model: nn.Module):
-    """
-    Give every rank the weight quantization parameters (and the weight, which GPTQ
-    changes) of the rank that computed them.
-
-    llm-compressor's modifiers split the weight quantization of a layer across ranks
-    and broadcast the results, but skip modules that execute on the CPU
-    (``broadcast_qparams_and_cleanup(skip_cpu=True)``): on a CPU-only run the other
-    ranks keep uninitialised scales, and rank 0 would save garbage. A module's owner is
-    the lowest rank whose ``weight_scale`` is no longer the NaN of
-    :func:`mark_weight_qparams_unset`; modules every rank already holds are skipped.
-
-    :raises RuntimeError: naming the module if no rank computed its scale
-    """
-    if not is_distributed():
-        return
-    modules = _weight_quantized(model)
-    if not modules:
-        return
-    world = dist.get_world_size()
-    rank = dist.get_rank()
-    computed = torch.tensor(
-        [bool(module.weight_scale.float().isfinite().all()) for _, module in modules],
-        dtype=torch.int64,
-    )
-    flags = torch.zeros(world, len(modules), dtype=torch.int64)
-    flags[rank] = computed
-    all_reduce_(flags)
-    synced = 0
-    for index, (name, module) in enumerate(modules):
-        column = flags[:, index]
-        if bool(column.all()):
-            continue
-        if not bool(column.any()):
-            raise RuntimeError(
-                f"no rank computed the weight quantization parameters of {name}; "
-                "its weight quantizer did not run on it (check the recipe's targets)"
-            )
-        owner = int(column.nonzero()[0])
-        for key in WEIGHT_QPARAMS:
-            value = getattr(module, key, None)
-            if not isinstance(value, torch.Tensor):
-                continue
-            received = broadcast_(value.detach().clone(), src=owner)
-            if rank != owner:
-                update_offload_parameter(module, key, received)
-        synced += 1
-    if synced:
-        logger.info(f"FlatQuant: synchronised the weight qparams of {synced} modules "
-                    "across ranks")

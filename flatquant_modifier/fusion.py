@@ -7,13 +7,12 @@ tensor) the siblings must share one ``weight_global_scale``. FlatQuant changes t
 weights (they absorb the inverse transforms), so the shared value is taken from the
 final weights, at finalize.
 
-* :func:`update_fused_layer_weight_global_scales`: the helper llm-compressor had
-  before 0.14 (``llmcompressor.modifiers.utils.helpers``), same semantics: attention
-  (class name contains "attention", has k/v/qkv) and MLP (class name contains "mlp",
-  has gate/up) submodules, only when all siblings are TENSOR_GROUP quantized, the
-  minimum of their global scales (= the maximum of their amax). llm-compressor's own
-  implementation is used when it is importable.
-* :func:`fuse_global_scales`: the generalisation, sibling groups found by regex over
+* :func:`flatquant_modifier.compat.update_fused_layer_weight_global_scales`: the
+  helper llm-compressor had before 0.14, same semantics: attention (class name
+  contains "attention", has k/v/qkv) and MLP (class name contains "mlp", has gate/up)
+  submodules, only when all siblings are TENSOR_GROUP quantized, the minimum of their
+  global scales (= the maximum of their amax).
+* :func:`fuse_global_scales`: its generalisation, sibling groups found by regex over
   module names (the capture groups form the group key: q/k/v and gate/up per parent,
   w1/w3 and gate/up per MoE expert, DeepSeek MLA q_a_proj/kv_a_proj_with_mqa), the
   group amax MAX-reduced across ranks when torch.distributed is initialised, and the
@@ -37,69 +36,25 @@ from compressed_tensors.utils import (
 from loguru import logger
 from torch.nn import Linear, Module
 
+from flatquant_modifier.formats import FUSED_SIBLINGS
+
 __all__ = [
     "DEFAULT_SIBLING_PATTERNS",
     "find_sibling_groups",
     "fuse_global_scales",
-    "update_fused_layer_weight_global_scales",
+    "is_tensor_group",
 ]
 
-# what vLLM fuses; the captured prefix (the parent module) is the group key
-DEFAULT_SIBLING_PATTERNS = (
-    r"(.*)\.(?:q_proj|k_proj|v_proj)",
-    r"(.*)\.(?:gate_proj|up_proj)",
-    r"(.*)\.(?:w1|w3)",
-    r"(.*)\.(?:q_a_proj|kv_a_proj_with_mqa)",
+# what vLLM fuses (one regex per fused layer); the captured prefix is the group key
+DEFAULT_SIBLING_PATTERNS = tuple(
+    rf"(.*)\.(?:{'|'.join(members)})" for members in FUSED_SIBLINGS.values()
 )
 
 
-def _is_tensor_group(layer: Module | None) -> bool:
+def is_tensor_group(layer: Module | None) -> bool:
     scheme = getattr(layer, "quantization_scheme", None)
     weights = getattr(scheme, "weights", None)
     return weights is not None and weights.strategy == QuantizationStrategy.TENSOR_GROUP
-
-
-def _own_update_fused_layer_weight_global_scales(submodule: Module):
-    """Seed-000 semantics, on the offloading-aware compressed-tensors helpers."""
-    name = submodule.__class__.__name__.lower()
-    if "attention" in name and any(
-        hasattr(submodule, attr) for attr in ("k_proj", "v_proj", "qkv_proj")
-    ):
-        if hasattr(submodule, "qkv_proj"):  # already fused: one tensor, one scale
-            return
-        siblings = [submodule.q_proj, submodule.v_proj, submodule.k_proj]
-    elif "mlp" in name and hasattr(submodule, "gate_proj") and hasattr(submodule, "up_proj"):
-        siblings = [submodule.gate_proj, submodule.up_proj]
-    else:
-        return
-    if not all(_is_tensor_group(layer) for layer in siblings):
-        return
-    with align_modules(siblings):
-        shared = torch.min(
-            torch.cat([layer.weight_global_scale.data for layer in siblings])
-        ).reshape([1])
-    for layer in siblings:
-        update_offload_parameter(layer, "weight_global_scale", shared)
-
-
-def _llmcompressor_helper():
-    try:  # removed in llm-compressor 0.14 (observer fusion replaced it)
-        from llmcompressor.modifiers.utils.helpers import (
-            update_fused_layer_weight_global_scales as helper,
-        )
-    except ImportError:
-        return None
-    return helper
-
-
-def update_fused_layer_weight_global_scales(submodule: Module):
-    """
-    Give q/k/v of an attention submodule, and gate/up of an MLP submodule, one shared
-    ``weight_global_scale`` (the minimum of theirs) when all are TENSOR_GROUP
-    quantized; llm-compressor's implementation when it has one.
-    """
-    helper = _llmcompressor_helper() or _own_update_fused_layer_weight_global_scales
-    helper(submodule)
 
 
 def find_sibling_groups(
@@ -146,7 +101,7 @@ def fuse_global_scales(
     groups = [
         (key, members)
         for key, members in find_sibling_groups(model, patterns)
-        if all(_is_tensor_group(module) for _, module in members)
+        if all(is_tensor_group(module) for _, module in members)
         and all(hasattr(module, "weight_global_scale") for _, module in members)
     ]
     if not groups:

@@ -16,6 +16,7 @@ from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
 from torch.nn import Module
 
+from flatquant_modifier.formats import INT4_PER_INT32, npu_kronecker_problem
 from flatquant_modifier.kronecker import get_decompose_dim
 
 __all__ = [
@@ -216,16 +217,17 @@ def _resolve_group(
             f"1 x {n} (a prime size), so the Kronecker transform would degenerate to "
             f"one dense {n}x{n} matrix; refusing. {fix}."
         )
-    if in_features % 8 != 0:
+    if in_features % INT4_PER_INT32 != 0:
         raise ValueError(
-            f"FlatQuant: {names[0]} has in_features={in_features}, not divisible by 8; "
-            f"int4 activations are packed 8 per int32 on Ascend. {fix}."
+            f"FlatQuant: {names[0]} has in_features={in_features}, not divisible by "
+            f"{INT4_PER_INT32}; int4 activations are packed {INT4_PER_INT32} per int32 on "
+            f"Ascend. {fix}."
         )
-    if n % 8 != 0:
+    problem = npu_kronecker_problem(in_features)
+    if problem is not None:
         logger.warning(
-            f"FlatQuant: {names[0]} decomposes as {m} x {n}; vllm-ascend's "
-            "npu_kronecker_quant needs N % 8 == 0, so this layer cannot be exported to "
-            "the Ascend W4A4_FLATQUANT_DYNAMIC format"
+            f"FlatQuant: {names[0]}: {problem}, so this layer cannot be exported to the "
+            "Ascend W4A4_FLATQUANT_DYNAMIC format"
         )
     smooth, smooth_index = _resolve_smooth(layer_name, layer, mapping, linears)
     return ResolvedGroup(

@@ -1,14 +1,19 @@
 """
 Learnable pieces of FlatQuant, used only while a decoder layer is trained:
-Kronecker transforms, clip factors and the smoothing vector.
+Kronecker transforms, clip factors and the smoothing vector, gathered per transformed
+input in :class:`GroupParams`.
 """
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
 from flatquant_modifier.kronecker import random_orthogonal
+from flatquant_modifier.mappings import ResolvedGroup
+
+if TYPE_CHECKING:
+    from flatquant_modifier.options import FlatQuantOptions
 
 __all__ = [
     "Parametrization",
@@ -17,6 +22,10 @@ __all__ = [
     "LearnableKronecker",
     "ClipFactor",
     "matrices_and_inverses",
+    "GroupParams",
+    "smoothquant_init",
+    "build_group_params",
+    "identity_params",
 ]
 
 Parametrization = Literal["orthogonal", "dense"]
@@ -157,3 +166,126 @@ class ClipFactor(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return torch.sigmoid(self.logit)
+
+
+class GroupParams(nn.Module):
+    """Learnable state of one transformed input (one :class:`ResolvedGroup`)."""
+
+    def __init__(
+        self,
+        group: ResolvedGroup,
+        options: "FlatQuantOptions",
+        smooth_init: torch.Tensor | None,
+        generator: torch.Generator | None,
+    ):
+        super().__init__()
+        self.kron = LearnableKronecker(
+            group.m, group.n, options.parametrization, options.transform_init, generator
+        )
+        int_format = options.quant_format == "int"
+        self.act_clip = (
+            ClipFactor(1, options.clip_init_logit)
+            if int_format and options.a_bits is not None and options.learn_activation_clip
+            else None
+        )
+        self.weight_clips = (
+            nn.ModuleList(
+                ClipFactor(linear.out_features, options.clip_init_logit)
+                for _, linear in group.linears
+            )
+            if int_format and options.w_bits is not None and options.learn_weight_clip
+            else None
+        )
+        # smoothing vector at the granularity of the layer it is folded into
+        self.smooth = nn.Parameter(smooth_init.clone()) if smooth_init is not None else None
+        if self.smooth is not None and group.smooth_index is not None:
+            self.register_buffer("smooth_index", group.smooth_index.clone())
+        else:
+            self.smooth_index = None
+
+    def smooth_vector(self) -> torch.Tensor | None:
+        """Smoothing vector over the linears' input channels (expanded for GQA)."""
+        if self.smooth is None:
+            return None
+        if self.smooth_index is None:
+            return self.smooth
+        return self.smooth[self.smooth_index]
+
+    def activation_clip(self) -> torch.Tensor | float:
+        return self.act_clip() if self.act_clip is not None else 1.0
+
+    def weight_clip(self) -> torch.Tensor | float:
+        """Clip factors of the group's output channels, its linears stacked by rows."""
+        if self.weight_clips is None:
+            return 1.0
+        return torch.cat([clip() for clip in self.weight_clips])
+
+    def param_groups(self, options: "FlatQuantOptions") -> list[dict]:
+        transform = list(self.kron.parameters())
+        if self.smooth is not None:
+            transform.append(self.smooth)
+        clips = []
+        if self.act_clip is not None:
+            clips += list(self.act_clip.parameters())
+        if self.weight_clips is not None:
+            clips += list(self.weight_clips.parameters())
+        groups = [{"params": transform, "lr": options.lr}]
+        if clips:
+            groups.append({"params": clips, "lr": options.clip_lr})
+        return groups
+
+
+@torch.no_grad()
+def smoothquant_init(
+    act_max: torch.Tensor, group: ResolvedGroup, alpha: float
+) -> torch.Tensor:
+    """
+    SmoothQuant scales ``s_j = max|X_j|^alpha / max|W_:j|^(1 - alpha)`` at the
+    granularity of the smooth layer (channels tied by ``smooth_index`` share one).
+    """
+    # float64: pow is computed by CPU-specific kernels, and float32 results would differ
+    # in the last bit between machines (the training then diverges at 4 bits)
+    w_max = torch.stack(
+        [linear.weight.detach().abs().amax(dim=0).double() for _, linear in group.linears]
+    ).amax(dim=0)
+    act_max = act_max.double().to(w_max.device)
+    if group.smooth_index is not None:
+        size = int(group.smooth_index.max()) + 1
+        index = group.smooth_index.to(w_max.device)
+        act_max = act_max.new_zeros(size).scatter_reduce(0, index, act_max, "amax")
+        w_max = w_max.new_zeros(size).scatter_reduce(0, index, w_max, "amax")
+    scale = act_max.clamp(min=1e-5).pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)
+    return scale.clamp(min=1e-5)
+
+
+def build_group_params(
+    groups: list[ResolvedGroup],
+    act_max: list[torch.Tensor | None],
+    options: "FlatQuantOptions",
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator,
+) -> list[GroupParams]:
+    """The initial learnable state of every group of a layer (``act_max``: per-channel
+    max|input| of each group, for the smoothing init)."""
+    params = []
+    for group, amax in zip(groups, act_max):
+        smooth_init = None
+        if options.smooth and group.smooth is not None and amax is not None:
+            smooth_init = smoothquant_init(amax, group, options.smooth_alpha).to(dtype)
+        params.append(GroupParams(group, options, smooth_init, generator).to(device, dtype))
+    return params
+
+
+def identity_params(
+    groups: list[ResolvedGroup],
+    options: "FlatQuantOptions",
+    dtype: torch.dtype,
+    device: torch.device,
+) -> list[GroupParams]:
+    """Identity transforms, no smoothing, no clipping: the round-to-nearest baseline."""
+    plain = options.model_copy(update=dict(
+        learn_weight_clip=False, learn_activation_clip=False, smooth=False,
+        parametrization="dense", transform_init="identity",
+    ))
+    return [GroupParams(g, plain, None, None).to(device, dtype) for g in groups]

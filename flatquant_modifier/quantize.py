@@ -23,6 +23,8 @@ E4M3 group scales relative to a float32 global scale ``448 * 6 / amax``.
 
 import torch
 
+from flatquant_modifier.formats import FP4_MAX, FP8_E4M3_MAX, NVFP4_GROUP_SIZE, int_range
+
 __all__ = [
     "int_range",
     "round_ste",
@@ -34,13 +36,8 @@ __all__ = [
     "fake_quantize_nvfp4",
 ]
 
-FP4_MAX, FP8_MAX, NVFP4_GROUP = 6.0, 448.0, 16
+FP8_MAX, NVFP4_GROUP = FP8_E4M3_MAX, NVFP4_GROUP_SIZE
 _FP4_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-
-
-def int_range(num_bits: int) -> tuple[int, int]:
-    """Signed integer range ``(qmin, qmax)``, e.g. ``(-8, 7)`` for 4 bits."""
-    return -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,8 @@ __all__ = [
     "FlatQuantTransformFactory",
     "KroneckerQuantTransform",
     "get_flatquant_transform",
+    "flatquant_scheme",
+    "attach_transforms",
 ]
 
 FLATQUANT_TRANSFORM_TYPE = "flatquant"
@@ -136,3 +138,26 @@ def get_flatquant_transform(module: Module) -> KroneckerQuantTransform | None:
     """The FlatQuant input transform attached to a linear, if any."""
     transform = getattr(module, f"{TRANSFORM_NAME}_{TransformLocation.INPUT.value}", None)
     return transform if isinstance(transform, KroneckerQuantTransform) else None
+
+
+def flatquant_scheme(names: list[str], dtype: torch.dtype, quantize: bool) -> TransformScheme:
+    """The transform scheme of the linears ``names``: ``"flatquant"`` (transform and
+    int4 activations) when ``quantize``, else ``"flatquant-kronecker"``; matrices in
+    ``dtype``."""
+    return TransformScheme(
+        type=FLATQUANT_TRANSFORM_TYPE if quantize else KRONECKER_TRANSFORM_TYPE,
+        apply=[TransformArgs(targets=names, location="input")],
+        precision=dtype,
+    )
+
+
+def attach_transforms(
+    model: Module, names: list[str], dtype: torch.dtype, quantize: bool
+) -> list[KroneckerQuantTransform]:
+    """Attach identity transforms to the linears ``names`` of ``model`` through
+    compressed-tensors (hooks, offloading); the caller writes their values."""
+    scheme = flatquant_scheme(names, dtype, quantize)
+    TransformFactory.from_scheme(scheme, name=TRANSFORM_NAME).apply_to_model(
+        model, use_tqdm=False
+    )
+    return [get_flatquant_transform(model.get_submodule(name)) for name in names]

@@ -1,7 +1,6 @@
 """Shared fixtures: a tiny random Llama (saved with a byte-level tokenizer, as
 llm-compressor's oneshot expects) and calibration data; nothing comes from a hub."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,6 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-WIKITEXT_TEST = Path(os.environ.get("WIKITEXT_TEST", SHARED_DATA / "wikitext2-raw-test.txt"))
-WIKITEXT_VALID = Path(os.environ.get("WIKITEXT_VALID", SHARED_DATA / "wikitext2-valid.txt"))
 
 TINY = dict(
     vocab_size=256,

@@ -16,26 +16,27 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import flatquant_modifier.modifier as modifier_module  # noqa: E402
+import flatquant_modifier.calibrate as calibrate_module  # noqa: E402
 from flatquant_modifier import FlatQuantModifier  # noqa: E402
 from flatquant_modifier.ascend import save_ascend_checkpoint  # noqa: E402
-from flatquant_modifier.distributed import init_distributed, shard_dataset  # noqa: E402
+from flatquant_modifier.compat import shard_dataset
+from flatquant_modifier.distributed import init_distributed  # noqa: E402
 from flatquant_modifier.transform import get_flatquant_transform  # noqa: E402
 from llmcompressor import oneshot  # noqa: E402
 from tests.conftest import load_tiny, random_token_dataset  # noqa: E402
-from tests.test_modifier import logits, weight_quantizer  # noqa: E402
+from tests.helpers import logits, weight_quantizer  # noqa: E402
 
 
 def inject_failure(rank: int):
     """Make this rank raise while training the second decoder layer."""
-    train_layer = modifier_module.train_layer
+    train_layer = calibrate_module.train_layer
 
     def failing(name, *args, **kwargs):
         if name.endswith("layers.1"):
             raise RuntimeError(f"injected failure on rank {rank} in {name}")
         return train_layer(name, *args, **kwargs)
 
-    modifier_module.train_layer = failing
+    calibrate_module.train_layer = failing
 
 
 def main():

@@ -7,9 +7,12 @@ import torch
 from flatquant_modifier.batching import assign_steps, call_keys, plan_steps
 from flatquant_modifier.cuda_graphs import StepGraphs
 from flatquant_modifier.mappings import infer_mappings_from_model, resolve_layer
-from flatquant_modifier.modifier import _full_precision_pass
-from flatquant_modifier.train import TrainConfig, build_group_params, train_layer
+from flatquant_modifier.calibrate import full_precision_pass
+from flatquant_modifier.modules import build_group_params
+from flatquant_modifier.options import FlatQuantOptions, Precision
+from flatquant_modifier.train import train_layer
 from tests.conftest import build_tiny_llama
+from tests.helpers import layer_calls
 
 
 def test_graphs_run_eagerly_off_cuda():
@@ -51,29 +54,14 @@ def _train(model, layer_index, calls, device, cuda_graphs, autocast=None):
     name = f"model.layers.{layer_index}"
     groups = resolve_layer(name, layer, infer_mappings_from_model(model), ["lm_head"])
     steps = plan_steps(calls, *assign_steps(call_keys(calls), 2))
-    targets, act_max = _full_precision_pass(layer, steps, groups, device)
-    config = TrainConfig(epochs=3, cuda_graphs=cuda_graphs, autocast_dtype=autocast)
-    params = build_group_params(groups, act_max, config, device, torch.Generator().manual_seed(0))
-    report = train_layer(name, layer, groups, params, steps, targets, config, device)
+    targets, act_max = full_precision_pass(layer, steps, groups, device)
+    options = FlatQuantOptions(epochs=3, cuda_graphs=cuda_graphs)
+    precision = Precision(torch.float32, autocast)
+    params = build_group_params(groups, act_max, options, precision.dtype, device,
+                                torch.Generator().manual_seed(0))
+    report = train_layer(name, layer, groups, params, steps, targets, options, precision,
+                         device)
     return report, [p.detach().clone() for g in params for p in g.parameters()]
-
-
-def _layer_calls(model, layer, ids):
-    calls = []
-
-    def capture(_module, args, kwargs):
-        call = dict(kwargs)
-        call["hidden_states"] = args[0] if args else kwargs["hidden_states"]
-        call.pop("past_key_values", None)
-        calls.append({k: v.detach() if isinstance(v, torch.Tensor) else v
-                      for k, v in call.items()})
-
-    handle = layer.register_forward_pre_hook(capture, with_kwargs=True)
-    with torch.no_grad():
-        for row in ids:
-            model(row.unsqueeze(0))
-    handle.remove()
-    return calls
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -82,7 +70,7 @@ def test_graphed_training_equals_eager_training(autocast):
     device = torch.device("cuda")  # no index: the tensors say cuda:0
     model = build_tiny_llama().to(device)
     ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(0)).to(device)
-    calls = _layer_calls(model, model.model.layers[0], ids)
+    calls = layer_calls(model, model.model.layers[0], ids)
     eager, eager_params = _train(model, 0, calls, device, False, autocast)
     graphed, graphed_params = _train(model, 0, calls, device, True, autocast)
     # one graph per kind of pass: evaluation round-to-nearest, evaluation, training

@@ -147,8 +147,8 @@ def assert_ranks_compute_the_checkpoints(out: Path, ranks: int, device="cpu"):
     from transformers import CompressedTensorsConfig
 
     from flatquant_modifier import load_flatquant_model
-    from tests.test_ascend_export import assert_same_function, exact_logits
-    from tests.test_modifier import logits
+    from tests.helpers import assert_same_function, exact_logits
+    from tests.helpers import logits
 
     reloaded = load_flatquant_model(
         out / "compressed-rank0", quantization_config=CompressedTensorsConfig(dequantize=True)

@@ -3,14 +3,12 @@
 import os
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from compressed_tensors.quantization import (
     QuantizationConfig,
     fake_quantize,
-    QuantizationScheme,
     apply_quantization_config,
     preset_name_to_scheme,
 )
@@ -19,21 +17,10 @@ from torch import nn
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from flatquant_modifier import FlatQuantModifier
-from flatquant_modifier.fusion import (
-    _llmcompressor_helper,
-    _own_update_fused_layer_weight_global_scales,
-    find_sibling_groups,
-    fuse_global_scales,
-    update_fused_layer_weight_global_scales,
-)
+from flatquant_modifier.fusion import find_sibling_groups, fuse_global_scales
 from flatquant_modifier.mappings import LLAMA_MAPPINGS
 from tests.conftest import build_tiny_llama, load_tiny
-from tests.test_modifier import logits, run
-
-HELPERS = [pytest.param(_own_update_fused_layer_weight_global_scales, id="ours")]
-if _llmcompressor_helper() is not None:
-    HELPERS.append(pytest.param(_llmcompressor_helper(), id="llmcompressor"))
-
+from tests.helpers import logits, run
 
 def _nvfp4(model, ignore=("lm_head",)):
     scheme = preset_name_to_scheme("NVFP4", ["Linear"])
@@ -51,57 +38,6 @@ def _set_global_scales(model, seed=0):
 
 def _scale(module):
     return module.weight_global_scale.item()
-
-
-@pytest.mark.parametrize("helper", HELPERS)
-def test_name_based_helper_seed_semantics(helper):
-    model = _nvfp4(build_tiny_llama())
-    _set_global_scales(model)
-    layer = model.model.layers[0]
-    attn, mlp = layer.self_attn, layer.mlp
-    before = {n: _scale(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-    for submodule in model.modules():
-        helper(submodule)
-    shared = min(before[n] for n in ("q_proj", "k_proj", "v_proj"))
-    assert [_scale(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj")] == [
-        pytest.approx(shared)
-    ] * 3
-    assert _scale(attn.o_proj) == pytest.approx(before["o_proj"])  # not a sibling
-    assert _scale(mlp.gate_proj) == _scale(mlp.up_proj)
-    assert _scale(mlp.down_proj) != _scale(mlp.up_proj)
-
-
-@pytest.mark.parametrize("helper", HELPERS)
-def test_name_based_helper_skips_fused_qkv_and_mixed_schemes(helper):
-    class FusedAttention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.qkv_proj, self.o_proj = nn.Linear(64, 192), nn.Linear(64, 64)
-
-    fused = _nvfp4(FusedAttention(), ignore=())
-    _set_global_scales(fused)
-    before = _scale(fused.qkv_proj)
-    helper(fused)
-    assert _scale(fused.qkv_proj) == before
-
-    model = build_tiny_llama()
-    # v_proj quantized per channel: the attention group is not all TENSOR_GROUP
-    w4 = preset_name_to_scheme("W4A16", ["re:.*v_proj$"])
-    nvfp4 = preset_name_to_scheme("NVFP4", ["re:.*(q|k)_proj$"])
-    apply_quantization_config(model, QuantizationConfig(config_groups={"a": w4, "b": nvfp4}))
-    _set_global_scales(model)
-    attn = model.model.layers[0].self_attn
-    before = (_scale(attn.q_proj), _scale(attn.k_proj))
-    helper(attn)
-    assert (_scale(attn.q_proj), _scale(attn.k_proj)) == before
-
-
-def test_public_helper_dispatches():
-    model = _nvfp4(build_tiny_llama())
-    _set_global_scales(model)
-    attn = model.model.layers[1].self_attn
-    update_fused_layer_weight_global_scales(attn)
-    assert _scale(attn.q_proj) == _scale(attn.k_proj) == _scale(attn.v_proj)
 
 
 def test_regex_groups_equal_name_based_groups_on_llama():

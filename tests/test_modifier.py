@@ -14,40 +14,8 @@ from flatquant_modifier import FlatQuantModifier
 from flatquant_modifier.kronecker import kronecker_matmul
 from flatquant_modifier.quantize import fake_quantize_activation
 from flatquant_modifier.transform import get_flatquant_transform
-from tests.conftest import load_tiny, random_token_dataset
-
-WEIGHTS_W4 = {
-    "num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel", "observer": "minmax"
-}
-
-
-def weight_quantizer(**kwargs):
-    return QuantizationModifier(
-        ignore=["lm_head"],
-        config_groups={"group_0": {"targets": ["Linear"], "weights": WEIGHTS_W4}},
-        **kwargs,
-    )
-
-
-def run(model, tok, recipe, num_samples=8, seq_len=32, **kwargs):
-    torch.manual_seed(0)
-    oneshot(
-        model=model,
-        processor=tok,
-        dataset=random_token_dataset(num_samples, seq_len),
-        recipe=recipe,
-        num_calibration_samples=num_samples,
-        max_seq_length=seq_len,
-        **kwargs,
-    )
-    return model
-
-
-def logits(model, seed=1):
-    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        return model(ids.to(next(model.parameters()).device)).logits
-
+from tests.conftest import load_tiny
+from tests.helpers import WEIGHTS_W4, logits, run, weight_quantizer
 
 def test_transforms_preserve_the_unquantized_model(tiny_llama_dir):
     model, tok = load_tiny(tiny_llama_dir)
@@ -80,16 +48,6 @@ def test_float64_model_trains_and_transforms_in_float64(tiny_llama_dir):
     # the absorbed transforms are exact to float64 rounding (float32 models: 1e-4)
     rel = ((out - reference).norm() / reference.norm()).item()
     assert rel < 1e-10, rel
-
-
-def test_autocast_auto_is_bfloat16_on_cuda_only():
-    modifier = FlatQuantModifier()
-    assert modifier.autocast_dtype == "auto"
-    assert modifier._autocast_dtype(torch.device("cpu")) is None
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        assert modifier._autocast_dtype(torch.device("cuda:0")) == torch.bfloat16
-    assert FlatQuantModifier(autocast_dtype="bfloat16").autocast_dtype == torch.bfloat16
-    assert FlatQuantModifier(autocast_dtype=None)._autocast_dtype(torch.device("cuda")) is None
 
 
 @pytest.mark.parametrize("parametrization", ["orthogonal", "dense"])
@@ -205,65 +163,9 @@ def test_oneshot_batch_size_does_not_change_the_steps(tiny_llama_dir):
         modifier = FlatQuantModifier(epochs=1, batch_size=4)
         run(model, tok, [modifier], batch_size=oneshot_batch)
         runs[oneshot_batch] = modifier
-    step_of_call, num_steps = runs[1]._step_of_call
+    step_of_call, num_steps = runs[1]._step_plan
     assert num_steps == 2 and sorted(step_of_call) == [0, 0, 0, 0, 1, 1, 1, 1]
     for oneshot_batch in (2, 3):
-        assert runs[oneshot_batch]._step_of_call == runs[1]._step_of_call
+        assert runs[oneshot_batch]._step_plan == runs[1]._step_plan
         for ours, plain in zip(runs[oneshot_batch].reports, runs[1].reports):
             assert ours.loss_final == pytest.approx(plain.loss_final, rel=1e-5)
-
-
-def test_deterministic_option_restores_the_global_mode(tiny_llama_dir):
-    model, tok = load_tiny(tiny_llama_dir)
-    modifier = FlatQuantModifier(epochs=1, deterministic=True)
-    run(model, tok, [modifier])
-    assert len(modifier.reports) == 2
-    assert not torch.are_deterministic_algorithms_enabled()
-
-
-def _tiny_gemma2(path):
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    from tests.conftest import byte_tokenizer
-
-    torch.manual_seed(0)
-    config = Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          head_dim=16, max_position_embeddings=256)
-    Gemma2ForCausalLM(config).save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return load_tiny(path)
-
-
-def test_smoothing_that_does_not_fold_exactly_is_turned_off_or_refused(tmp_path):
-    """Gemma2 normalises the attention output before the residual add
-    (post_attention_layernorm): Llama's mappings fold the MLP's smoothing there, which
-    changes the layer (logit error 1.16 with quantization off, measured). FlatQuant
-    finds it on the first layer and turns that smoothing off; its own Gemma mappings
-    fold into pre_feedforward_layernorm, exactly."""
-    from loguru import logger
-
-    from flatquant_modifier.mappings import LLAMA_MAPPINGS
-
-    def transforms_only_error(**options):
-        model, tok = _tiny_gemma2(tmp_path / "gemma2")
-        reference = logits(model)
-        messages = []
-        handle = logger.add(messages.append, level="WARNING")
-        try:
-            run(model, tok, [FlatQuantModifier(epochs=1, learn_weight_clip=False, **options)])
-        finally:
-            logger.remove(handle)
-        model.apply(disable_quantization)
-        out = logits(model)
-        return ((out - reference).norm() / reference.norm()).item(), messages
-
-    error, messages = transforms_only_error()  # the registered Gemma mappings
-    assert error < 1e-4 and not any("cannot be folded" in m for m in messages)
-    error, messages = transforms_only_error(mappings=LLAMA_MAPPINGS)
-    assert error < 1e-4
-    assert any("smoothing of ['gate_up'] cannot be folded exactly into "
-               "['post_attention_layernorm']" in m for m in messages)
-    model, tok = _tiny_gemma2(tmp_path / "gemma2")
-    with pytest.raises(ValueError, match=r"gate_up.*post_attention_layernorm.*smooth_layer"):
-        run(model, tok, [FlatQuantModifier(epochs=1, mappings=LLAMA_MAPPINGS, smooth=True)])

@@ -8,7 +8,7 @@ import torch
 from flatquant_modifier import FlatQuantModifier
 from flatquant_modifier.transform import get_flatquant_transform
 from tests.conftest import load_tiny
-from tests.test_modifier import logits, run, weight_quantizer
+from tests.helpers import logits, run, weight_quantizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

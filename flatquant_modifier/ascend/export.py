@@ -30,25 +30,18 @@ from torch.nn import Module
 
 from flatquant_modifier.ascend.runtime import DESCRIPTION_FILE, QUANT_TYPE
 from flatquant_modifier.distributed import barrier, is_source_process
+from flatquant_modifier.formats import FUSED_SIBLINGS, npu_kronecker_problem
 from flatquant_modifier.kronecker import get_decompose_dim
 from flatquant_modifier.transform import KroneckerQuantTransform, get_flatquant_transform
 from flatquant_modifier.verify import verify_model
 
 __all__ = [
-    "FUSED_SIBLINGS",
     "AscendExportError",
     "check_destination",
     "save_ascend_checkpoint",
 ]
 
-# vllm packs these per-layer siblings into one linear; they share the per-tensor params
-FUSED_SIBLINGS = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-}
 DESCRIPTION_VERSION = "1.0.0"
-# aclnnFlatQuant (CANN 8.5): M and N at most 256, N a multiple of 8 for int32 output
-NPU_MAX_FACTOR = 256
 
 
 class AscendExportError(ValueError):
@@ -157,10 +150,9 @@ def _quantized_linear_tensors(name: str, module: Module, params_dtype) -> dict:
             "(FlatQuantModifier(a_bits=None)); W4A4_FLATQUANT_DYNAMIC needs a_bits=4"
         )
     in_features = module.in_features
-    if in_features % 8 != 0:
-        raise AscendExportError(
-            f"{name}: in_features={in_features} is not divisible by 8 (int4 packing)"
-        )
+    problem = npu_kronecker_problem(in_features)
+    if problem is not None:
+        raise AscendExportError(f"{name}: {problem}")
     _check_weight_scheme(name, module)
     with align_module_device(module), align_module_device(transform):
         scale = module.weight_scale.detach().float().reshape(-1, 1)
@@ -172,11 +164,6 @@ def _quantized_linear_tensors(name: str, module: Module, params_dtype) -> dict:
         right = transform.right_trans.detach().clone()
         clip = transform.clip_ratio.detach().float().reshape(1).clone()
     m, n = get_decompose_dim(in_features)
-    if n % 8 != 0 or max(m, n) > NPU_MAX_FACTOR:
-        raise AscendExportError(
-            f"{name}: in_features={in_features} decomposes as {m} x {n}; "
-            f"npu_kronecker_quant needs N % 8 == 0 and M, N <= {NPU_MAX_FACTOR}"
-        )
     if left.shape != (m, m) or right.shape != (n, n):
         raise AscendExportError(
             f"{name}: transforms {tuple(left.shape)}/{tuple(right.shape)} do not match "

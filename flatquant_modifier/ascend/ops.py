@@ -21,6 +21,7 @@ import importlib.util
 
 import torch
 
+from flatquant_modifier.formats import INT4_MAX, INT4_MIN
 from flatquant_modifier.kronecker import get_decompose_dim
 
 __all__ = [
@@ -37,7 +38,6 @@ __all__ = [
 
 # vllm-ascend chunks npu_kronecker_quant calls to at most this many tokens
 KRONECKER_QUANT_MAX_BATCH_SIZE = 8192
-INT4_MIN, INT4_MAX = -8, 7
 
 
 def npu_available() -> bool:

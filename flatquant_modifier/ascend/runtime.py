@@ -23,6 +23,7 @@ from flatquant_modifier.ascend.ops import (
     pack_int4,
     quant_matmul,
 )
+from flatquant_modifier.formats import INT4_PER_INT32
 from flatquant_modifier.loading import check_safetensors_files
 
 __all__ = [
@@ -55,9 +56,10 @@ class AscendW4A4FlatQuantLinear(nn.Module):
         use_npu: bool | None = None,
     ):
         super().__init__()
-        if in_features % 8 != 0:
+        if in_features % INT4_PER_INT32 != 0:
             raise ValueError(
-                f"input_size ({in_features}) must be divisible by 8 for int4 packing"
+                f"input_size ({in_features}) must be divisible by {INT4_PER_INT32} for "
+                "int4 packing"
             )
         self.in_features, self.out_features = in_features, out_features
         self.use_npu = use_npu

@@ -1,8 +1,8 @@
 """
-The placements of tests/test_placements.py on a machine with CUDA (skipped without
+The placements of tests/test_verify.py on a machine with CUDA (skipped without
 it): the model in memory after ``oneshot``, its compressed-tensors checkpoint
 reloaded and its Ascend export compute one function wherever the model was
-calibrated. Run on a GPU machine with ``python -m pytest -q tests/test_placements_gpu.py``.
+calibrated. Run on a GPU machine with ``python -m pytest -q tests/test_verify_gpu.py``.
 """
 
 import pytest
@@ -11,8 +11,8 @@ import torch
 from flatquant_modifier import FlatQuantModifier
 from tests.conftest import load_tiny, save_tiny_llama
 from tests.test_distributed import _launch, assert_ranks_compute_the_checkpoints
-from tests.test_modifier import run, weight_quantizer
-from tests.test_placements import assert_one_function
+from tests.helpers import run, weight_quantizer
+from tests.test_verify import assert_one_function
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -2,7 +2,7 @@
 One model wherever it was calibrated: after ``oneshot`` the model in memory, its
 compressed-tensors checkpoint reloaded with ``load_flatquant_model`` and its Ascend
 export run through the NPU-op reference compute one function, in every placement a
-CPU can run (the GPU placements: tests/test_placements_gpu.py; torchrun:
+CPU can run (the GPU placements: tests/test_verify_gpu.py; torchrun:
 tests/test_distributed.py). And the guard that refuses a model in memory that is not
 its checkpoints.
 """
@@ -18,8 +18,8 @@ from flatquant_modifier.ascend import save_ascend_checkpoint
 from flatquant_modifier.transform import get_flatquant_transform
 from flatquant_modifier.verify import FlatQuantStateError, verify_model
 from tests.conftest import load_tiny
-from tests.test_ascend_export import assert_same_function, exact_logits
-from tests.test_modifier import logits, run, weight_quantizer
+from tests.helpers import assert_same_function, exact_logits
+from tests.helpers import logits, run, weight_quantizer
 
 
 def load_on_disk(model_dir, offload_dir):

@@ -9,9 +9,9 @@ import yaml
 
 from flatquant_modifier.transform import get_flatquant_transform
 from tests.conftest import load_tiny
-from tests.test_modifier import logits, run
+from tests.helpers import logits, run
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])

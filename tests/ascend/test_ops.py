@@ -4,10 +4,8 @@ import importlib.util
 
 import pytest
 import torch
-from compressed_tensors.transform import TransformArgs, TransformScheme
 
 from flatquant_modifier.ascend.ops import (
-    KRONECKER_QUANT_MAX_BATCH_SIZE,
     kronecker_quant,
     pack_int4,
     pack_int4_offset_binary,
@@ -15,13 +13,9 @@ from flatquant_modifier.ascend.ops import (
     unpack_int4,
     unpack_int4_offset_binary,
 )
-from flatquant_modifier.ascend.runtime import AscendW4A4FlatQuantLinear
 from flatquant_modifier.quantize import (
     fake_quantize_activation,
-    fake_quantize_weight,
-    weight_scale,
 )
-from flatquant_modifier.transform import KroneckerQuantTransform
 
 
 def test_pack_order_low_nibble_first_twos_complement():
@@ -84,66 +78,6 @@ def test_quant_matmul_by_hand_with_bias():
     )
     # a.w0 = 2 - 2 - 3 = -3, a.w1 = 3
     torch.testing.assert_close(out, torch.tensor([[-3 * 0.5 * 0.1 + 1.0, 3 * 2.0 * 0.1]]))
-
-
-def _ascend_linear(in_features, out_features, p1, p2, clip, weight, bias=None):
-    """An AscendW4A4FlatQuantLinear loaded as vllm-ascend loads our export."""
-    layer = AscendW4A4FlatQuantLinear(in_features, out_features, bias is not None,
-                                      params_dtype=torch.float32)
-    scale = weight_scale(weight)  # compressed-tensors: amax / 7.5
-    with torch.no_grad():
-        layer.weight.copy_(torch.clamp(torch.round(weight / scale), -8, 7).to(torch.int8))
-        layer.weight_scale.copy_(scale)
-        layer.weight_offset.zero_()
-        layer.left_trans.copy_(p1)  # stored as P1; the runtime transposes it
-        layer.right_trans.copy_(p2)
-        layer.clip_ratio.fill_(clip)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    layer.process_weights_after_loading()
-    return layer
-
-
-def test_runtime_reproduces_the_learned_transform_orientation():
-    # our online transform (x @ kron(P1, P2), NPU activation quant) + int4 weights
-    # must equal vllm-ascend's method run on left_trans = P1, right_trans = P2
-    g = torch.Generator().manual_seed(0)
-    m, n, out = 4, 8, 6  # kron(P1, P2) on 32 features
-    p1, p2 = torch.randn(m, m, generator=g), torch.randn(n, n, generator=g)
-    weight, bias = torch.randn(out, m * n, generator=g), torch.randn(out, generator=g)
-    x = torch.randn(2, 5, m * n, generator=g)
-    transform = KroneckerQuantTransform(
-        m * n, TransformScheme(type="flatquant"), TransformArgs(targets=["x"], location="input"),
-        quantize=True,
-    )
-    with torch.no_grad():
-        transform.left_trans.copy_(p1)
-        transform.right_trans.copy_(p2)
-        transform.clip_ratio.fill_(0.8)
-    ours = transform(x) @ fake_quantize_weight(weight).T + bias
-    ascend = _ascend_linear(m * n, out, p1, p2, 0.8, weight, bias)(x)
-    torch.testing.assert_close(ascend, ours, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(
-        _ascend_linear(m * n, out, p1.T, p2, 0.8, weight, bias)(x), ours, atol=1e-3
-    )  # the other orientation is wrong
-
-
-def test_runtime_chunks_8192_tokens_like_unchunked():
-    g = torch.Generator().manual_seed(1)
-    layer = _ascend_linear(64, 3, torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g),
-                           0.9, torch.randn(3, 64, generator=g))
-    x = torch.randn(KRONECKER_QUANT_MAX_BATCH_SIZE + 77, 64, generator=g)
-    packed, scale = kronecker_quant(x.view(-1, 8, 8), layer.left_trans, layer.right_trans, 0.9)
-    expected = quant_matmul(packed.view(-1, 8), layer.weight_packed.t(),
-                            layer.weight_scale.view(-1), scale, output_dtype=torch.float32)
-    torch.testing.assert_close(layer(x), expected)
-
-
-def test_runtime_refuses_sizes_not_divisible_by_8():
-    with pytest.raises(ValueError, match="divisible by 8"):
-        AscendW4A4FlatQuantLinear(12, 4)
-    with pytest.raises(ValueError, match="N % 8 == 0, got N=4"):
-        kronecker_quant(torch.zeros(1, 4, 4), torch.eye(4), torch.eye(4))
 
 
 def test_asking_for_the_npu_without_torch_npu_is_a_clear_error():

@@ -13,11 +13,12 @@ from transformers import CompressedTensorsConfig
 
 from flatquant_modifier import FlatQuantModifier, load_flatquant_model
 from flatquant_modifier.ascend import load_ascend_model, save_ascend_checkpoint
-from flatquant_modifier.calibration_data import text_windows_dataset
-from flatquant_modifier.perplexity import perplexity
-from flatquant_modifier.smollm2 import load_smollm2
-from flatquant_modifier.evaluation import exact_fake_quant
-from tests.conftest import WIKITEXT_TEST, WIKITEXT_VALID
+from examples.common.data import text_windows_dataset
+from examples.common.perplexity import perplexity
+from examples.common.smollm2 import load_smollm2
+from examples.common.evaluation import exact_fake_quant
+from examples.common.data import CALIBRATION_TEXT as WIKITEXT_VALID
+from examples.common.data import TEST_TEXT as WIKITEXT_TEST
 
 pytestmark = pytest.mark.slow
 

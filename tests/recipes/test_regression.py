@@ -5,8 +5,8 @@ short text, the dtypes and shapes of the saved tensors of one layer). A change i
 behaviour fails here with the figure that moved.
 
 To re-pin on purpose (a deliberate change of the algorithm or its defaults), run
-    FLATQUANT_REPIN=1 python -m pytest -q tests/test_recipe_regression.py
-review the diff of tests/pins/recipes.json, and commit it with the reason.
+    FLATQUANT_REPIN=1 python -m pytest -q tests/recipes/test_regression.py
+review the diff of tests/recipes/pins/recipes.json, and commit it with the reason.
 
 The figures are computed on a float64 copy of the model (FlatQuant then trains in
 float64) in a subprocess with machine-independent CPU kernels (scalar ATen kernels,
@@ -39,8 +39,8 @@ from safetensors import safe_open
 from flatquant_modifier import FlatQuantModifier
 
 from tests.conftest import byte_tokenizer, load_tiny, save_tiny_llama
-from tests.test_modifier import run
-from tests.test_recipes import RECIPES
+from tests.helpers import run
+from tests.recipes.test_recipes import RECIPES
 
 PINS = Path(__file__).parent / "pins" / "recipes.json"
 REPIN = os.environ.get("FLATQUANT_REPIN") == "1"
@@ -51,7 +51,7 @@ TEXT = (
 ) * 3
 LOSS_RTOL = 0.05
 PPL_RTOL = 0.02
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # set before torch is imported, hence a subprocess
 REPRODUCIBLE_KERNELS = {
     "ATEN_CPU_CAPABILITY": "default",

@@ -8,11 +8,10 @@ import torch
 from safetensors import safe_open
 
 from flatquant_modifier import FlatQuantModifier
-from flatquant_modifier.ascend import AscendExportError, load_ascend_model, save_ascend_checkpoint
-from flatquant_modifier.evaluation import exact_fake_quant
+from flatquant_modifier.ascend import AscendExportError, save_ascend_checkpoint
 from flatquant_modifier.transform import get_flatquant_transform
 from tests.conftest import load_tiny
-from tests.test_modifier import logits, run, weight_quantizer
+from tests.helpers import assert_same_function, exact_logits, run, weight_quantizer
 
 LINEAR_TENSORS = {"weight", "weight_scale", "weight_offset", "left_trans", "right_trans",
                   "clip_ratio"}
@@ -23,23 +22,6 @@ def quantized(tiny_llama_dir):
     model, tok = load_tiny(tiny_llama_dir)
     run(model, tok, [FlatQuantModifier(epochs=2), weight_quantizer()])
     return model, tok
-
-
-def exact_logits(model):
-    """Logits of the fake-quantized model in exact arithmetic (see exact_fake_quant)."""
-    with exact_fake_quant(model) as exact:
-        return logits(exact)
-
-
-def assert_same_function(directory, reference):
-    """
-    The Ascend checkpoint, run in float64 through the reference of vllm-ascend's
-    linear method, gives the logits of the fake-quantized model in float64: the same
-    function up to float64 rounding. (In float32 the two differ by rounding flips of
-    4-bit values, which depend on the CPU's kernels.)
-    """
-    ascend = load_ascend_model(directory, dtype=torch.float64)
-    torch.testing.assert_close(logits(ascend), reference, atol=1e-9, rtol=0)
 
 
 def _tensors(directory):

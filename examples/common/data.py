@@ -1,12 +1,26 @@
-"""Calibration samples from a plain-text corpus, as the FlatQuant paper draws them:
-random fixed-length windows of the tokenized text (seeded)."""
+"""
+The WikiText-2 raw files of the examples, benchmarks and tests, and calibration
+samples drawn from a plain-text corpus as the FlatQuant paper draws them: random
+fixed-length windows of the tokenized text (seeded).
 
+One setting: the folder ``$FLATQUANT_DATA`` (default ``../shared/data`` next to the
+repository) holding ``wikitext2-valid.txt`` (calibration) and
+``wikitext2-raw-test.txt`` (perplexity only).
+"""
+
+import os
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 
-__all__ = ["text_windows_dataset"]
+__all__ = ["DATA_DIR", "CALIBRATION_TEXT", "TEST_TEXT", "text_windows_dataset"]
+
+DATA_DIR = Path(
+    os.environ.get("FLATQUANT_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data")
+)
+CALIBRATION_TEXT = DATA_DIR / "wikitext2-valid.txt"
+TEST_TEXT = DATA_DIR / "wikitext2-raw-test.txt"
 
 
 def text_windows_dataset(

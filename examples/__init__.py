@@ -1,0 +1,1 @@
+"""Examples of flatquant-modifier; ``examples.common`` holds their helpers."""

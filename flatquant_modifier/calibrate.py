@@ -1,0 +1,229 @@
+"""
+One decoder layer's FlatQuant calibration, from the calls the sequential pipeline
+cached to the applied result:
+
+1. the cached calls split into samples, the samples into optimisation steps
+   (:mod:`flatquant_modifier.batching`; the same steps for any oneshot batch size);
+2. the layer's full-precision outputs (the targets) and per-channel input maxima;
+3. the initial learnable state (:func:`flatquant_modifier.modules.build_group_params`);
+4. training (:func:`flatquant_modifier.train.train_layer`);
+5. the weights absorb the result and the online transforms are attached
+   (:func:`flatquant_modifier.absorb.absorb_group`), written in one barrier
+   (:func:`flatquant_modifier.distributed.write_parameters`).
+
+Stateless: :class:`~flatquant_modifier.modifier.FlatQuantModifier` calls
+:func:`calibrate_layer` once per decoder layer and keeps what spans layers.
+"""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from compressed_tensors.utils import align_module_device, get_execution_device
+from llmcompressor.modifiers.utils.hooks import HooksMixin
+from torch.nn import Module
+from tqdm import tqdm
+
+from flatquant_modifier.absorb import PendingWrites, absorb_group
+from flatquant_modifier.attention import training_attention
+from flatquant_modifier.batching import assign_steps, call_keys, plan_steps, split_calls
+from flatquant_modifier.distributed import all_reduce_, write_parameters
+from flatquant_modifier.emulation import layer_output
+from flatquant_modifier.mappings import ResolvedGroup
+from flatquant_modifier.modules import GroupParams, build_group_params
+from flatquant_modifier.options import FlatQuantOptions, training_precision
+from flatquant_modifier.smoothing import SmoothingCheck
+from flatquant_modifier.train import (
+    LayerReport,
+    NonFiniteLossError,
+    deterministic_algorithms,
+    log_report,
+    train_layer,
+)
+from flatquant_modifier.transform import attach_transforms, get_flatquant_transform
+
+__all__ = [
+    "StepPlan",
+    "LayerResult",
+    "calibrate_layer",
+    "full_precision_pass",
+    "apply_layer",
+    "check_finite_parameters",
+    "check_finite_targets",
+]
+
+# the optimisation step of each sample and the number of steps (same on all ranks)
+StepPlan = tuple[list[int], int]
+
+
+@dataclass
+class LayerResult:
+    report: LayerReport
+    transformed: list[str]  # names of the linears given an online transform
+    step_plan: StepPlan
+
+
+def calibrate_layer(
+    model: Module,
+    name: str,
+    layer: Module,
+    groups: list[ResolvedGroup],
+    calls: list[dict],
+    options: FlatQuantOptions,
+    *,
+    seed: int,
+    step_plan: StepPlan | None = None,
+    attn_implementation: str | None = None,
+    smoothing: SmoothingCheck | None = None,
+) -> LayerResult:
+    """
+    Train and apply FlatQuant on one decoder layer (see the module docstring).
+
+    :param calls: the layer's cached call arguments, one dict per pipeline call
+    :param seed: seed of this layer's random initialisation
+    :param step_plan: the plan made at the first layer (its inputs, the embeddings,
+        are equal for equal samples in any process); None makes it from ``calls``
+    :param attn_implementation: the model's attention implementation before
+        calibration (:func:`flatquant_modifier.attention.training_attention`)
+    :param smoothing: turns off smoothing that cannot be folded exactly
+    :raises NonFiniteLossError: weights, targets or loss are NaN/Inf; the layer is
+        left unchanged
+    """
+    device = get_execution_device(layer)
+    if device == "disk" or not isinstance(device, torch.device):
+        device = torch.device("cpu")
+    calls = split_calls(calls)
+    probe = calls[0]  # one sample, for the smoothing check
+    if step_plan is None or len(step_plan[0]) != len(calls):
+        step_plan = assign_steps(call_keys(calls), options.batch_size)
+    steps = plan_steps(calls, *step_plan)
+    del calls
+    precision = training_precision(options, layer, device)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(align_module_device(layer))
+        stack.enter_context(HooksMixin.disable_hooks())
+        stack.enter_context(deterministic_algorithms(options.deterministic))
+        check_finite_parameters(name, layer)
+        if smoothing is not None:
+            smoothing.apply(name, layer, groups, probe, device)
+        steps = stack.enter_context(
+            training_attention(model, layer, steps, attn_implementation)
+        )
+        targets, act_max = full_precision_pass(layer, steps, groups, device)
+        check_finite_targets(name, targets)
+        generator = torch.Generator().manual_seed(seed)
+        params = build_group_params(
+            groups, act_max, options, precision.dtype, device, generator
+        )
+        report = train_layer(
+            name, layer, groups, params, steps, targets, options, precision, device
+        )
+        transformed = apply_layer(model, groups, params, options, precision.dtype)
+    log_report(report)
+    return LayerResult(report, transformed, step_plan)
+
+
+@torch.no_grad()
+def apply_layer(
+    model: Module,
+    groups: list[ResolvedGroup],
+    params: list[GroupParams],
+    options: FlatQuantOptions,
+    dtype: torch.dtype,
+) -> list[str]:
+    """
+    Absorb every group's trained state into the weights (float64) and attach its
+    online transform (matrices in ``dtype``), all values computed before one write.
+
+    :return: the names of the linears given an online transform
+    """
+    writes = PendingWrites()
+    transformed = []
+    for group, group_params in zip(groups, params):
+        p1, p2, clip_ratio = absorb_group(group, group_params, dtype, writes)
+        names = [linear_name for linear_name, _ in group.linears]
+        clip = torch.tensor([clip_ratio], dtype=torch.float32, device=p1.device)
+        for transform in attach_transforms(model, names, p1.dtype, options.quantizes_activations):
+            writes.write(transform, "left_trans", p1)
+            writes.write(transform, "right_trans", p2)
+            writes.write(transform, "clip_ratio", clip)
+        transformed += names
+    write_parameters(writes.updates)
+    if not options.propagate_activation_quant:
+        # the pipeline disabled quantization on the modules that existed when it
+        # started; a transform attached now follows its linear's state, unless the
+        # outputs passed on to the next layer should carry activation quantization
+        for group in groups:
+            for _, linear in group.linears:
+                transform = get_flatquant_transform(linear)
+                transform.quantization_enabled = getattr(linear, "quantization_enabled", True)
+    return transformed
+
+
+def check_finite_parameters(name: str, layer: Module):
+    """:raises NonFiniteLossError: naming the weights and biases of ``layer`` holding
+    NaN/Inf (quantization parameters are not set yet and are not looked at)"""
+    bad = [
+        f"{name}.{key}" for key, value in layer.named_parameters()
+        if key.rpartition(".")[2] in ("weight", "bias")
+        and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+    if bad:
+        raise NonFiniteLossError(
+            f"FlatQuant: {', '.join(bad)} contain NaN/Inf before calibration; the "
+            f"layer {name} was left unchanged. Repair the checkpoint, or pass "
+            "on_nonfinite='skip' to leave such layers untransformed."
+        )
+
+
+def check_finite_targets(name: str, targets: list[list[torch.Tensor]]):
+    """:raises NonFiniteLossError: if the full-precision outputs of layer ``name`` on
+    the calibration data are NaN/Inf (non-finite inputs from an earlier layer, or an
+    overflow in the model's dtype)"""
+    finite = all(bool(torch.isfinite(t).all()) for step in targets for t in step)
+    if not bool(all_reduce_(torch.tensor([float(finite)]), op=torch.distributed.ReduceOp.MIN)):
+        raise NonFiniteLossError(
+            f"FlatQuant: the full-precision outputs of layer {name} on the calibration "
+            "data contain NaN/Inf (its inputs are not finite, or the model's dtype "
+            f"overflows); the layer {name} was left unchanged. Check the calibration "
+            "data and the earlier layers, or pass on_nonfinite='skip'."
+        )
+
+
+@torch.no_grad()
+def full_precision_pass(
+    layer: Module,
+    steps: list[list[dict]],
+    groups: list[ResolvedGroup],
+    device: torch.device,
+) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+    """
+    Full-precision outputs of ``layer`` for every sub-batch of every step, and the
+    per-channel max|input| of each group (MAX-reduced over ranks).
+    """
+    act_max = [torch.zeros(group.in_features, device=device) for group in groups]
+
+    def record(gi):
+        def hook(_module, args):
+            amax = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0)
+            act_max[gi] = torch.maximum(act_max[gi], amax.float().to(device))
+
+        return hook
+
+    handles = [
+        group.linears[0][1].register_forward_pre_hook(record(gi))
+        for gi, group in enumerate(groups)
+    ]
+    try:
+        targets = []
+        for batches in tqdm(steps, desc="FlatQuant targets", leave=False):
+            step_targets = []
+            for kwargs in batches:
+                step_targets.append(layer_output(layer(**kwargs)).detach())
+            targets.append(step_targets)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for amax in act_max:
+        all_reduce_(amax, op=torch.distributed.ReduceOp.MAX)
+    return targets, act_max

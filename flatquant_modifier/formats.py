@@ -1,0 +1,64 @@
+"""
+Facts of the target formats, in one place: integer ranges and packing, NVFP4's
+constants, the limits of vllm-ascend's ``npu_kronecker_quant``, and which linears
+vLLM and vllm-ascend fuse into one (siblings that share one transform, one quant
+type and, under tensor-group schemes, one global scale).
+"""
+
+from flatquant_modifier.kronecker import get_decompose_dim
+
+__all__ = [
+    "int_range",
+    "INT4_MIN",
+    "INT4_MAX",
+    "INT4_PER_INT32",
+    "FP4_MAX",
+    "FP8_E4M3_MAX",
+    "NVFP4_GROUP_SIZE",
+    "NPU_MAX_FACTOR",
+    "FUSED_SIBLINGS",
+    "npu_kronecker_problem",
+]
+
+
+def int_range(num_bits: int) -> tuple[int, int]:
+    """Signed integer range ``(qmin, qmax)``, e.g. ``(-8, 7)`` for 4 bits."""
+    return -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
+
+
+INT4_MIN, INT4_MAX = int_range(4)
+# the NPU packs int4 activations and weights 8 per int32 along the input dimension
+INT4_PER_INT32 = 8
+
+# NVFP4 (compressed-tensors' TENSOR_GROUP FP4): E2M1 values, E4M3 group scales
+FP4_MAX, FP8_E4M3_MAX, NVFP4_GROUP_SIZE = 6.0, 448.0, 16
+
+# npu_kronecker_quant (aclnnFlatQuant, CANN 8.5): Kronecker factors M, N at most 256,
+# N a multiple of 8 (int4 output packed into int32)
+NPU_MAX_FACTOR = 256
+
+# fused layer -> the linears vLLM / vllm-ascend load into it (same parent module)
+FUSED_SIBLINGS = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "w13": ("w1", "w3"),  # Mixtral-style experts
+    "fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"),  # DeepSeek MLA
+}
+
+
+def npu_kronecker_problem(in_features: int) -> str | None:
+    """Why vllm-ascend's ``W4A4_FLATQUANT_DYNAMIC`` cannot run a linear with
+    ``in_features`` inputs (its transform factors come from ``get_decompose_dim``),
+    or None when it can."""
+    if in_features % INT4_PER_INT32 != 0:
+        return (
+            f"in_features={in_features} is not divisible by {INT4_PER_INT32} "
+            "(int4 activations are packed 8 per int32)"
+        )
+    m, n = get_decompose_dim(in_features)
+    if n % INT4_PER_INT32 != 0 or max(m, n) > NPU_MAX_FACTOR:
+        return (
+            f"in_features={in_features} decomposes as {m} x {n}; npu_kronecker_quant "
+            f"needs N % {INT4_PER_INT32} == 0 and M, N <= {NPU_MAX_FACTOR}"
+        )
+    return None

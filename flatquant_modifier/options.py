@@ -1,0 +1,175 @@
+"""
+The FlatQuant training options: one pydantic model that ``FlatQuantModifier`` inherits
+(so recipes set them as flat modifier fields) and that the training code reads
+(:mod:`flatquant_modifier.calibrate`, :mod:`flatquant_modifier.train`), so that no
+option exists twice. Options that contradict each other are refused here.
+"""
+
+from typing import Literal, NamedTuple
+
+import torch
+from compressed_tensors.utils import TorchDtype
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from flatquant_modifier.modules import Parametrization, TransformInit
+
+__all__ = ["FlatQuantOptions", "Precision", "training_precision"]
+
+
+class FlatQuantOptions(BaseModel):
+    """
+    What FlatQuant learns and how.
+
+    :param w_bits: weight bits used in training (per channel, symmetric); None for
+        full-precision weights
+    :param a_bits: activation bits (per token, symmetric, NPU formula). 4 makes the
+        online transform quantize activations; None leaves activation quantization
+        to the linears' own scheme
+    :param learn_weight_clip: learn per-output-channel weight clip factors (needs
+        ``w_bits``)
+    :param learn_activation_clip: learn a per-tensor activation clip factor, stored as
+        the Ascend ``clip_ratio`` (needs ``a_bits``)
+    :param clip_init_logit: initial logit of all clip factors (sigmoid(4) = 0.982)
+    :param smooth: learn a per-channel smoothing vector where it can be folded
+        exactly into the module producing the input
+    :param smooth_alpha: SmoothQuant migration strength of the smoothing init
+    :param parametrization: ``"dense"`` (free matrices, inverse by
+        ``torch.linalg.inv``, float64 when absorbed) or ``"orthogonal"``
+        (``U diag(s) V^T``, inverse without inversion). Dense reaches a lower layer loss
+        and perplexity on SmolLM2-135M in half the time (docs/RESULTS.md)
+    :param transform_init: ``"random"`` (random orthogonal factors) or ``"identity"``
+    :param epochs: training epochs per layer
+    :param batch_size: calibration samples per optimisation step, independent of
+        ``oneshot``'s ``batch_size`` (FlatQuant splits the pipeline's calls into
+        samples, so any oneshot batch size gives the same steps)
+    :param lr: AdamW learning rate of the transforms and smoothing vectors
+    :param clip_lr: AdamW learning rate of the clip factors
+    :param weight_decay: AdamW weight decay
+    :param autocast_dtype: autocast dtype of the training forward (``bfloat16`` /
+        ``float16``), master weights staying float32; None trains in float32.
+        ``"auto"``: ``bfloat16`` on CUDA, as the paper's code trains, float32
+        elsewhere. A float64 model always trains in float64
+    :param cuda_graphs: on CUDA, replay each training step as a CUDA graph captured
+        once per input shape (eager with a warning if a capture fails)
+    :param deterministic: train with ``torch.use_deterministic_algorithms(True)``, so
+        that two runs on the same GPU give the same model
+    :param seed: seed of the random initialisations
+    :param quant_format: what the training quantizers emulate. ``"int"``: int
+        ``w_bits`` per-channel weights and int4 per-token activations with the Ascend
+        formula, quantized by the online transform. ``"nvfp4"``: compressed-tensors'
+        NVFP4 for weights and activations, quantized by a following NVFP4
+        ``QuantizationModifier``; ``w_bits``, ``a_bits`` and the clip factors do not
+        apply
+    :param propagate_activation_quant: pass the next layer this layer's outputs with
+        its activations quantized (its weights stay unquantized until the weight
+        quantizer runs), in the spirit of llm-compressor's ``propagate_error``; False
+        trains every layer on full-precision inputs, as the paper's code does
+    """
+
+    w_bits: int | None = Field(default=4, ge=2, le=8)
+    a_bits: Literal[4] | None = 4
+    learn_weight_clip: bool = True
+    learn_activation_clip: bool = True
+    clip_init_logit: float = 4.0
+    smooth: bool = True
+    smooth_alpha: float = Field(default=0.3, ge=0.0, le=1.0)
+    parametrization: Parametrization = "dense"
+    transform_init: TransformInit = "random"
+    epochs: int = Field(default=15, ge=0)
+    batch_size: int = Field(default=4, ge=1)
+    lr: float = Field(default=5e-3, ge=0.0)
+    clip_lr: float = Field(default=5e-2, ge=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    autocast_dtype: Literal["auto"] | TorchDtype | None = "auto"
+    cuda_graphs: bool = True
+    deterministic: bool = False
+    seed: int = 0
+    quant_format: Literal["int", "nvfp4"] = "int"
+    propagate_activation_quant: bool = True
+
+    @property
+    def quantizes_activations(self) -> bool:
+        """Whether the online transform fake-quantizes the activations (int4, the
+        Ascend formula); otherwise the linears' own scheme quantizes them."""
+        return self.a_bits is not None and self.quant_format == "int"
+
+    @field_validator("autocast_dtype")
+    @classmethod
+    def _autocast_floating(cls, value):
+        if isinstance(value, torch.dtype) and value not in (torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"autocast_dtype={value}: use bfloat16, float16, None (train in the "
+                "model's precision) or 'auto'"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_contradictions(self):
+        """
+        Options that do not apply under the others are switched off when left at
+        their defaults, and refused when chosen: a chosen value would be ignored
+        without a word. ``model_dump`` then holds the effective values, which validate
+        again unchanged.
+        """
+        if self.quant_format == "nvfp4":
+            for key, off in (("w_bits", None), ("a_bits", None),
+                             ("learn_weight_clip", False), ("learn_activation_clip", False)):
+                self._not_chosen(key, off, "quant_format='nvfp4' quantizes with "
+                                 "compressed-tensors' NVFP4 scheme (FP4 values, FP8 "
+                                 "group scales), which has no integer bits or clip factors")
+        self._not_chosen("learn_weight_clip", False, "w_bits=None leaves the weights "
+                         "unquantized in training", when=self.w_bits is None)
+        self._not_chosen("learn_activation_clip", False, "a_bits=None leaves activation "
+                         "quantization to the linears' scheme", when=self.a_bits is None)
+        learns_clips = self.learn_weight_clip or self.learn_activation_clip
+        for key in ("clip_lr", "clip_init_logit"):
+            self._not_chosen(key, _KEEP, "no clip factor is learned "
+                             "(learn_weight_clip and learn_activation_clip are off)",
+                             when=not learns_clips)
+        self._not_chosen("smooth_alpha", _KEEP, "smooth=False learns no smoothing",
+                         when=not self.smooth)
+        return self
+
+    def _not_chosen(self, key: str, off, reason: str, when: bool = True):
+        """
+        Option ``key`` does not apply (``when``): refuse it when it was chosen, else
+        give it ``off``. Chosen: set explicitly to a value other than ``off`` (or, for
+        ``off=_KEEP``, other than its default: such options are simply unused).
+        """
+        if not when:
+            return
+        value = getattr(self, key)
+        unused = type(self).model_fields[key].default if off is _KEEP else off
+        if key in self.model_fields_set and value != unused:
+            raise ValueError(
+                f"{key}={value!r} does not apply: {reason}. Remove {key}, or change "
+                "the option that switches it off."
+            )
+        if off is not _KEEP and value != off:
+            object.__setattr__(self, key, off)
+
+
+_KEEP = object()  # an option left as it is where it does not apply
+
+
+class Precision(NamedTuple):
+    """Arithmetic of one layer's training: ``dtype`` of the learnable parameters and
+    of the fake-quantized forward, and the autocast dtype of the layer's own forward
+    (None: no autocast)."""
+
+    dtype: torch.dtype
+    autocast: torch.dtype | None
+
+
+def training_precision(
+    options: FlatQuantOptions, layer: torch.nn.Module, device: torch.device
+) -> Precision:
+    """float64 models train in float64 (results reproducible across CPUs), others in
+    float32 with ``options.autocast_dtype`` (``"auto"``: bfloat16 on CUDA)."""
+    if any(p.dtype == torch.float64 for p in layer.parameters()):
+        return Precision(torch.float64, None)
+    autocast = options.autocast_dtype
+    if autocast == "auto":
+        cuda = device.type == "cuda" and torch.cuda.is_available()
+        autocast = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+    return Precision(torch.float32, autocast)

@@ -1,0 +1,80 @@
+"""Helpers shared by the tests: a oneshot run on the tiny model, its W4 weight
+quantizer, logits on fixed tokens, and the check that an Ascend checkpoint computes
+the fake-quantized model's function."""
+
+import torch
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import QuantizationModifier
+
+from examples.common.evaluation import exact_fake_quant
+from flatquant_modifier.ascend import load_ascend_model
+from tests.conftest import random_token_dataset
+
+WEIGHTS_W4 = {
+    "num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel", "observer": "minmax"
+}
+
+
+def weight_quantizer(**kwargs):
+    return QuantizationModifier(
+        ignore=["lm_head"],
+        config_groups={"group_0": {"targets": ["Linear"], "weights": WEIGHTS_W4}},
+        **kwargs,
+    )
+
+
+def run(model, tok, recipe, num_samples=8, seq_len=32, **kwargs):
+    torch.manual_seed(0)
+    oneshot(
+        model=model,
+        processor=tok,
+        dataset=random_token_dataset(num_samples, seq_len),
+        recipe=recipe,
+        num_calibration_samples=num_samples,
+        max_seq_length=seq_len,
+        **kwargs,
+    )
+    return model
+
+
+def logits(model, seed=1):
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(ids.to(next(model.parameters()).device)).logits
+
+
+def exact_logits(model):
+    """Logits of the fake-quantized model in exact arithmetic (see exact_fake_quant)."""
+    with exact_fake_quant(model) as exact:
+        return logits(exact)
+
+
+def assert_same_function(directory, reference):
+    """
+    The Ascend checkpoint, run in float64 through the reference of vllm-ascend's
+    linear method, gives the logits of the fake-quantized model in float64: the same
+    function up to float64 rounding. (In float32 the two differ by rounding flips of
+    4-bit values, which depend on the CPU's kernels.)
+    """
+    ascend = load_ascend_model(directory, dtype=torch.float64)
+    torch.testing.assert_close(logits(ascend), reference, atol=1e-9, rtol=0)
+
+
+def layer_calls(model, layer, ids):
+    """The call arguments of ``layer`` when ``model`` runs each row of ``ids`` (as
+    FlatQuantModifier caches them: one dict per call, no KV cache)."""
+    calls = []
+
+    def capture(_module, args, kwargs):
+        call = dict(kwargs)
+        call["hidden_states"] = args[0] if args else kwargs["hidden_states"]
+        call.pop("past_key_values", None)
+        calls.append({k: v.detach() if isinstance(v, torch.Tensor) else v
+                      for k, v in call.items()})
+
+    handle = layer.register_forward_pre_hook(capture, with_kwargs=True)
+    with torch.no_grad():
+        for row in ids:
+            model(row.unsqueeze(0))
+    handle.remove()
+    return calls
