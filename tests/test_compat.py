@@ -39,7 +39,7 @@ def test_holding_weights_wraps_quantized_modules_once():
 
 
 @pytest.mark.parametrize("helper", HELPERS)
-def test_name_based_helper_seed_semantics(helper):
+def test_name_based_helper_shares_min_scale_of_qkv_and_gate_up(helper):
     model = _nvfp4(build_tiny_llama())
     _set_global_scales(model)
     layer = model.model.layers[0]
