@@ -9,7 +9,8 @@ cached to the applied result:
 4. training (:func:`flatquant_modifier.train.train_layer`);
 5. the weights absorb the result and the online transforms are attached
    (:func:`flatquant_modifier.absorb.absorb_group`), written in one barrier
-   (:func:`flatquant_modifier.distributed.write_parameters`).
+   (:func:`flatquant_modifier.distributed.write_parameters`), and the layer's
+   ``W8A8_DYNAMIC`` linears get their int8 input quantizers.
 
 Stateless: :class:`~flatquant_modifier.modifier.FlatQuantModifier` calls
 :func:`calibrate_layer` once per decoder layer and keeps what spans layers.
@@ -40,7 +41,11 @@ from flatquant_modifier.train import (
     log_report,
     train_layer,
 )
-from flatquant_modifier.transform import attach_transforms, get_flatquant_transform
+from flatquant_modifier.transform import (
+    attach_dynamic_int8,
+    attach_transforms,
+    get_flatquant_transform,
+)
 
 __all__ = [
     "StepPlan",
@@ -48,6 +53,7 @@ __all__ = [
     "calibrate_layer",
     "full_precision_pass",
     "apply_layer",
+    "attach_int8_quantizers",
     "check_finite_parameters",
     "check_finite_targets",
 ]
@@ -61,6 +67,7 @@ class LayerResult:
     report: LayerReport
     transformed: list[str]  # names of the linears given an online transform
     step_plan: StepPlan
+    int8: list[str]  # names of the linears given an int8 input quantizer
 
 
 def calibrate_layer(
@@ -75,6 +82,7 @@ def calibrate_layer(
     step_plan: StepPlan | None = None,
     attn_implementation: str | None = None,
     smoothing: SmoothingCheck | None = None,
+    int8_linears: list[str] = (),
 ) -> LayerResult:
     """
     Train and apply FlatQuant on one decoder layer (see the module docstring).
@@ -86,6 +94,8 @@ def calibrate_layer(
     :param attn_implementation: the model's attention implementation before
         calibration (:func:`flatquant_modifier.attention.training_attention`)
     :param smoothing: turns off smoothing that cannot be folded exactly
+    :param int8_linears: the layer's linears served as ``W8A8_DYNAMIC``: after
+        training they get per-token int8 input quantizers (NPU formula)
     :raises NonFiniteLossError: weights, targets or loss are NaN/Inf; the layer is
         left unchanged
     """
@@ -119,8 +129,9 @@ def calibrate_layer(
             name, layer, groups, params, steps, targets, options, precision, device
         )
         transformed = apply_layer(model, groups, params, options, precision.dtype)
+        int8 = attach_int8_quantizers(model, list(int8_linears), options)
     log_report(report)
-    return LayerResult(report, transformed, step_plan)
+    return LayerResult(report, transformed, step_plan, int8)
 
 
 @torch.no_grad()
@@ -149,15 +160,28 @@ def apply_layer(
             writes.write(transform, "clip_ratio", clip)
         transformed += names
     write_parameters(writes.updates)
-    if not options.propagate_activation_quant:
-        # the pipeline disabled quantization on the modules that existed when it
-        # started; a transform attached now follows its linear's state, unless the
-        # outputs passed on to the next layer should carry activation quantization
-        for group in groups:
-            for _, linear in group.linears:
-                transform = get_flatquant_transform(linear)
-                transform.quantization_enabled = getattr(linear, "quantization_enabled", True)
+    for group in groups:
+        for _, linear in group.linears:
+            _follow_propagation(get_flatquant_transform(linear), linear, options)
     return transformed
+
+
+def attach_int8_quantizers(model: Module, names: list[str], options: FlatQuantOptions) -> list[str]:
+    """Attach per-token int8 input quantizers (``W8A8_DYNAMIC``) to the linears
+    ``names``; returns them."""
+    if not names:
+        return []
+    for name, quant in zip(names, attach_dynamic_int8(model, names)):
+        _follow_propagation(quant, model.get_submodule(name), options)
+    return list(names)
+
+
+def _follow_propagation(online: Module, linear: Module, options: FlatQuantOptions):
+    # the pipeline disabled quantization on the modules that existed when it started;
+    # an online quantizer attached now follows its linear's state, unless the outputs
+    # passed on to the next layer should carry activation quantization
+    if not options.propagate_activation_quant:
+        online.quantization_enabled = getattr(linear, "quantization_enabled", True)
 
 
 def check_finite_parameters(name: str, layer: Module):

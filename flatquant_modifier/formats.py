@@ -11,6 +11,11 @@ __all__ = [
     "int_range",
     "INT4_MIN",
     "INT4_MAX",
+    "INT8_MIN",
+    "INT8_MAX",
+    "W4A4_FLATQUANT_DYNAMIC",
+    "W8A8_DYNAMIC",
+    "FLOAT",
     "INT4_PER_INT32",
     "FP4_MAX",
     "FP8_E4M3_MAX",
@@ -27,6 +32,7 @@ def int_range(num_bits: int) -> tuple[int, int]:
 
 
 INT4_MIN, INT4_MAX = int_range(4)
+INT8_MIN, INT8_MAX = int_range(8)
 # the NPU packs int4 activations and weights 8 per int32 along the input dimension
 INT4_PER_INT32 = 8
 
@@ -36,6 +42,13 @@ FP4_MAX, FP8_E4M3_MAX, NVFP4_GROUP_SIZE = 6.0, 448.0, 16
 # npu_kronecker_quant (aclnnFlatQuant, CANN 8.5): Kronecker factors M, N at most 256,
 # N a multiple of 8 (int4 output packed into int32)
 NPU_MAX_FACTOR = 256
+
+# vllm-ascend's quant types (quant_model_description.json), per linear:
+# npu_kronecker_quant (learned Kronecker transform, int4 per token) + int4 weights
+W4A4_FLATQUANT_DYNAMIC = "W4A4_FLATQUANT_DYNAMIC"
+# npu_dynamic_quant (int8 per token, scale max|x| / 127) + int8 per-channel weights
+W8A8_DYNAMIC = "W8A8_DYNAMIC"
+FLOAT = "FLOAT"  # unquantized
 
 # fused layer -> the linears vLLM / vllm-ascend load into it (same parent module)
 FUSED_SIBLINGS = {

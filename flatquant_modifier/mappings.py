@@ -138,6 +138,9 @@ class ResolvedGroup:
         channel feeding each input channel; ``None`` when they map one to one
     :param m: left Kronecker factor size
     :param n: right Kronecker factor size
+    :param npu_problem: why vllm-ascend cannot run this group's transform
+        (:func:`flatquant_modifier.formats.npu_kronecker_problem`), when resolved with
+        ``npu_fallback``: the group is then not transformed
     """
 
     name: str
@@ -146,6 +149,7 @@ class ResolvedGroup:
     smooth_index: torch.Tensor | None
     m: int
     n: int
+    npu_problem: str | None = None
 
     @property
     def in_features(self) -> int:
@@ -157,10 +161,15 @@ def resolve_layer(
     layer: Module,
     mappings: list[FlatQuantMapping],
     ignore: list[str] | None = None,
+    npu_fallback: bool = False,
 ) -> list[ResolvedGroup]:
     """
     Resolve ``mappings`` inside one decoder layer. A mapping whose linears are all in
     ``ignore`` is skipped; a partial or missing match is an error naming the layer.
+
+    :param npu_fallback: a group whose ``in_features`` vllm-ascend's
+        ``npu_kronecker_quant`` cannot take is returned with ``npu_problem`` set
+        (the caller serves it otherwise) instead of being refused or warned about
     """
     groups = []
     for mapping in mappings:
@@ -178,10 +187,10 @@ def resolve_layer(
         if len(kept) != len(named):
             raise ValueError(
                 f"FlatQuant mapping {mapping.name!r} in layer {layer_name}: `ignore` "
-                f"removes only some of {[n for n, _ in named]}; they share one "
-                "transform, so ignore all of them or none."
+                f"(or `w8a8_dynamic`) removes only some of {[n for n, _ in named]}; they "
+                "share one transform (and vLLM fuses them), so list all of them or none."
             )
-        groups.append(_resolve_group(layer_name, layer, mapping, kept))
+        groups.append(_resolve_group(layer_name, layer, mapping, kept, npu_fallback))
     return groups
 
 
@@ -190,6 +199,7 @@ def _resolve_group(
     layer: Module,
     mapping: FlatQuantMapping,
     linears: list[tuple[str, Module]],
+    npu_fallback: bool = False,
 ) -> ResolvedGroup:
     names = [n for n, _ in linears]
     for name, module in linears:
@@ -205,6 +215,9 @@ def _resolve_group(
         )
     in_features = sizes.pop()
     m, n = get_decompose_dim(in_features)
+    if npu_fallback and (problem := npu_kronecker_problem(in_features)) is not None:
+        return ResolvedGroup(_join(layer_name, mapping.name), linears, None, None, m, n,
+                             npu_problem=problem)
     # what works instead: leave the whole group (it shares one transform) unquantized
     fix = (
         f"Add {names if len(names) > 1 else names[0]} to `ignore` of FlatQuantModifier "

@@ -21,24 +21,21 @@ from llmcompressor.pipelines.cache import IntermediatesCache
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
 from flatquant_modifier import fusion
-from flatquant_modifier.calibrate import StepPlan, calibrate_layer
+from flatquant_modifier.calibrate import StepPlan, attach_int8_quantizers, calibrate_layer
 from flatquant_modifier.compat import (
     hold_weights_during_forward,
     mark_weight_qparams_unset,
     sync_weight_qparams,
 )
-from flatquant_modifier.formats import NVFP4_GROUP_SIZE
-from flatquant_modifier.mappings import (
-    FlatQuantMapping,
-    ResolvedGroup,
-    infer_mappings_from_model,
-    resolve_layer,
-)
+from flatquant_modifier.mappings import FlatQuantMapping, infer_mappings_from_model
 from flatquant_modifier.options import FlatQuantOptions
+from flatquant_modifier.plan import LayerPlan, Undecomposable, check_weight_schemes, plan_layers
 from flatquant_modifier.smoothing import SmoothingCheck
 from flatquant_modifier.train import LayerReport, NonFiniteLossError
 from flatquant_modifier.transform import (
+    INT8_TRANSFORM_NAME,
     TRANSFORM_NAME,
+    dynamic_int8_scheme,
     flatquant_scheme,
     get_flatquant_transform,
 )
@@ -127,6 +124,18 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
     :param sibling_patterns: extra sibling regexes for that fusion (capture groups
         form the group key), tried before
         :data:`flatquant_modifier.fusion.DEFAULT_SIBLING_PATTERNS`
+    :param w8a8_dynamic: linears (names or ``re:`` regexes inside the decoder layers)
+        served as vllm-ascend's ``W8A8_DYNAMIC`` instead of W4A4 FlatQuant: no
+        transform, their inputs quantized per token to int8 online with the NPU's
+        formula (``max|x| / 127``); the weight quantizer must give them int8
+        per-channel weights (msModelSlim's practice for o_proj/down_proj:
+        ``recipes/flatquant_w4a4_mixed.yaml``)
+    :param undecomposable: what becomes of a group whose ``in_features``
+        vllm-ascend's ``npu_kronecker_quant`` cannot take (factors of
+        ``get_decompose_dim`` above 256, or the second not a multiple of 8: Qwen2.5-7B's
+        down_proj, 18944 = 128 x 148): ``"w8a8_dynamic"`` (as above), ``"float"``
+        (full precision; leave it out of the weight quantizer) or ``"error"``. One
+        line per layer says which
     """
 
     requires_calibration_data: bool = True
@@ -138,15 +147,18 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
     on_nonfinite: Literal["raise", "skip"] = "raise"
     fuse_global_scales: bool = True
     sibling_patterns: list[str] | None = None
+    w8a8_dynamic: list[str] = Field(default_factory=list)
+    undecomposable: Undecomposable = "w8a8_dynamic"
 
-    # decoder layers in model order: (name, module, resolved groups)
-    _layers: list[tuple[str, Module, list[ResolvedGroup]]] = PrivateAttr(
-        default_factory=list
-    )
+    # decoder layers in model order
+    _layers: list[LayerPlan] = PrivateAttr(default_factory=list)
     # cached call arguments of each decoder layer, one entry per calibration batch
     _calls: dict[Module, IntermediatesCache] = PrivateAttr(default_factory=dict)
-    # names of the linears given an online transform so far
+    # names of the linears given an online transform (an int8 input quantizer) so far
     _transformed: list[str] = PrivateAttr(default_factory=list)
+    _int8: list[str] = PrivateAttr(default_factory=list)
+    # layers with W8A8_DYNAMIC linears but no transformed group, seen by the pipeline
+    _seen: set[Module] = PrivateAttr(default_factory=set)
     # optimisation step of each sample, fixed at the first layer
     _step_plan: StepPlan | None = PrivateAttr(default=None)
     # per-layer training reports, in order
@@ -155,7 +167,8 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
     # the model's attention implementation before calibration forced eager
     _attn_implementation: str | None = PrivateAttr(default=None)
 
-    @field_validator("ignore", "sequential_targets", "sibling_patterns", mode="before")
+    @field_validator("ignore", "sequential_targets", "sibling_patterns", "w8a8_dynamic",
+                     mode="before")
     @classmethod
     def _wrap_str(cls, value):
         return [value] if isinstance(value, str) else value
@@ -166,12 +179,21 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
         return str(value) if isinstance(value, torch.device) else value
 
     @model_validator(mode="after")
-    def _sibling_patterns_need_fusion(self):
+    def _refuse_modifier_contradictions(self):
         if self.sibling_patterns and not self.fuse_global_scales:
             raise ValueError(
                 "sibling_patterns only apply to fuse_global_scales=True; remove them or "
                 "set fuse_global_scales=True"
             )
+        if not self.quantizes_activations:
+            ascend_only = {"w8a8_dynamic": [], "undecomposable": "w8a8_dynamic"}
+            for key, unused in ascend_only.items():
+                if key in self.model_fields_set and getattr(self, key) != unused:
+                    raise ValueError(
+                        f"{key} applies to vllm-ascend's W4A4 (a_bits=4, "
+                        "quant_format='int'), whose transforms quantize the activations; "
+                        f"remove {key} or use that format"
+                    )
         return self
 
     @property
@@ -197,16 +219,16 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
         targets = self.sequential_targets or infer_sequential_targets(
             model, kwargs.get("sequential_targets")
         )
-        self._layers = [
-            (name, layer, resolve_layer(name, layer, self.mappings, self.ignore))
-            for name, layer in match_named_modules(model, targets)
-        ]
-        if not self._layers:
+        layers = list(match_named_modules(model, targets))
+        if not layers:
             raise ValueError(
                 f"FlatQuantModifier found no decoder layers matching {targets} in "
                 f"{type(model).__name__}; pass sequential_targets=[<layer class>]"
             )
-        self._check_nvfp4_sizes()
+        self._layers = plan_layers(
+            layers, self.mappings, self.ignore, self.w8a8_dynamic, self.undecomposable,
+            ascend=self.quantizes_activations, nvfp4=self.quant_format == "nvfp4",
+        )
         if TRANSFORM_NAME in getattr(
             getattr(model, TRANSFORM_CONFIG_NAME, None), "config_groups", {}
         ):
@@ -218,29 +240,39 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
         return True
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
-        self._check_schemes()
+        check_weight_schemes(self._layers, self.quantizes_activations)
         # under torchrun: lets on_finalize find the rank that computed each weight qparam
         mark_weight_qparams_unset(state.model)
         offload = torch.device(self.offload_device) if self.offload_device else None
-        for _, layer, groups in self._layers:
-            if groups:
-                self._calls[layer] = IntermediatesCache(None, offload)
-                self.register_hook(layer, self._cache_call, "forward_pre", with_kwargs=True)
+        for plan in self._layers:
+            if plan.groups:
+                self._calls[plan.module] = IntermediatesCache(None, offload)
+                self.register_hook(plan.module, self._cache_call, "forward_pre",
+                                   with_kwargs=True)
+            elif plan.int8:
+                self.register_hook(plan.module, lambda module, *_: self._seen.add(module),
+                                   "forward_pre")
 
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
-        for index, (name, layer, groups) in enumerate(self._layers):
-            cache = self._calls.get(layer)
+        for index, plan in enumerate(self._layers):
+            int8 = [name for name, _ in plan.int8]
+            if plan.module in self._seen:  # no transformed group: only int8 quantizers
+                self._seen.discard(plan.module)
+                self._int8 += attach_int8_quantizers(state.model, int8, self)
+                continue
+            cache = self._calls.get(plan.module)
             if cache is None or len(cache) == 0:
                 continue
             calls = [cache.fetch(i) for i in range(len(cache))]
-            del self._calls[layer], cache
+            del self._calls[plan.module], cache
             try:
                 result = calibrate_layer(
-                    state.model, name, layer, groups, calls, self,
+                    state.model, plan.name, plan.module, plan.groups, calls, self,
                     seed=self.seed + index,
                     step_plan=self._step_plan,
                     attn_implementation=self._attn_implementation,
                     smoothing=self._smoothing if self.smooth else None,
+                    int8_linears=int8,
                 )
             except NonFiniteLossError as error:
                 if self.on_nonfinite == "raise":
@@ -249,6 +281,7 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
                 continue
             self._step_plan = result.step_plan
             self._transformed += result.transformed
+            self._int8 += result.int8
             self._reports.append(result.report)
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
@@ -267,43 +300,15 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
             if groups:
                 logger.info(f"FlatQuant: shared weight global scales in {groups} groups")
         hold_weights_during_forward(state.model)
-        checked = verify_model(state.model, self._transformed, where="after oneshot")
-        logger.info(f"FlatQuant: {len(self._transformed)} online transforms attached; "
-                    f"{checked} linears compute their saved function")
-        _verify_before_saving(state.model, list(self._transformed))
+        online = self._transformed + self._int8
+        checked = verify_model(state.model, online, where="after oneshot")
+        logger.info(f"FlatQuant: {len(self._transformed)} online transforms and "
+                    f"{len(self._int8)} int8 input quantizers attached; {checked} linears "
+                    "compute their saved function")
+        _verify_before_saving(state.model, online)
         return True
 
     # ------------------------------------------------------------------ helpers
-
-    def _check_nvfp4_sizes(self):
-        if self.quant_format != "nvfp4":
-            return
-        for _, _, groups in self._layers:
-            for group in groups:
-                if group.in_features % NVFP4_GROUP_SIZE:
-                    raise ValueError(
-                        f"FlatQuant quant_format='nvfp4': {group.linears[0][0]} has "
-                        f"in_features={group.in_features}, not divisible by the NVFP4 "
-                        f"group size {NVFP4_GROUP_SIZE}; add it to `ignore`"
-                    )
-
-    def _check_schemes(self):
-        """The online transform quantizes activations; a scheme must not do it again."""
-        if not self.quantizes_activations:
-            return
-        for _, _, groups in self._layers:
-            for group in groups:
-                for name, linear in group.linears:
-                    scheme = getattr(linear, "quantization_scheme", None)
-                    if scheme is not None and scheme.input_activations is not None:
-                        raise ValueError(
-                            f"{name} has a quantization scheme that quantizes its input "
-                            "activations, but FlatQuantModifier(a_bits=4) already "
-                            "quantizes them in its online transform (Ascend formula, "
-                            "learned clip ratio). Give the following QuantizationModifier"
-                            "/GPTQModifier a weights-only scheme, or set a_bits=None to "
-                            "leave activation quantization to that scheme."
-                        )
 
     def _cache_call(self, module: Module, args: tuple, kwargs: dict):
         arguments = inspect.signature(module.forward).bind(*args, **kwargs).arguments
@@ -314,13 +319,17 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
         self._calls[module].append(arguments)
 
     def _record_transform_config(self, model: Module):
-        if not self._transformed:
+        groups = {}
+        if self._transformed:
+            first = get_flatquant_transform(model.get_submodule(self._transformed[0]))
+            groups[TRANSFORM_NAME] = flatquant_scheme(
+                list(self._transformed), first.left_trans.dtype, self.quantizes_activations
+            )
+        if self._int8:
+            groups[INT8_TRANSFORM_NAME] = dynamic_int8_scheme(list(self._int8))
+        if not groups:
             return
-        first = get_flatquant_transform(model.get_submodule(self._transformed[0]))
-        scheme = flatquant_scheme(
-            list(self._transformed), first.left_trans.dtype, self.quantizes_activations
-        )
-        ours = TransformConfig(config_groups={TRANSFORM_NAME: scheme})
+        ours = TransformConfig(config_groups=groups)
         existing = getattr(model, TRANSFORM_CONFIG_NAME, None)
         if existing is not None:
             existing.config_groups.update(ours.config_groups)

@@ -11,6 +11,10 @@ Two registered types:
   own quantization scheme then quantizes only its weights.
 * ``"flatquant-kronecker"``: the transform only; activation quantization is left to
   the linear's quantization scheme (e.g. NVFP4).
+* ``"npu-dynamic-int8"`` (config group ``"flatquant_int8"``): no transform, per-token
+  int8 fake quantization with the NPU's ``npu_dynamic_quant`` formula
+  (``scale = max|x| / 127``), for the linears served as vllm-ascend's
+  ``W8A8_DYNAMIC`` (compressed-tensors' own dynamic quantization divides by 127.5).
 
 Unlike the built-in factories, every module gets its own matrices (FlatQuant learns
 one transform per layer and input); the modifier writes the learned values into the
@@ -36,6 +40,12 @@ __all__ = [
     "get_flatquant_transform",
     "flatquant_scheme",
     "attach_transforms",
+    "DYNAMIC_INT8_TRANSFORM_TYPE",
+    "INT8_TRANSFORM_NAME",
+    "DynamicInt8Quant",
+    "get_dynamic_int8_quant",
+    "dynamic_int8_scheme",
+    "attach_dynamic_int8",
 ]
 
 FLATQUANT_TRANSFORM_TYPE = "flatquant"
@@ -43,6 +53,8 @@ KRONECKER_TRANSFORM_TYPE = "flatquant-kronecker"
 # name of the config group; the submodule on each linear is f"{TRANSFORM_NAME}_input"
 TRANSFORM_NAME = "flatquant"
 ACTIVATION_BITS = 4  # npu_kronecker_quant produces int4
+DYNAMIC_INT8_TRANSFORM_TYPE = "npu-dynamic-int8"
+INT8_TRANSFORM_NAME = "flatquant_int8"
 
 
 @TransformFactory.register(FLATQUANT_TRANSFORM_TYPE, alias=[KRONECKER_TRANSFORM_TYPE])
@@ -161,3 +173,65 @@ def attach_transforms(
         model, use_tqdm=False
     )
     return [get_flatquant_transform(model.get_submodule(name)) for name in names]
+
+
+@TransformFactory.register(DYNAMIC_INT8_TRANSFORM_TYPE)
+class DynamicInt8Factory(TransformFactory):
+    """Creates one :class:`DynamicInt8Quant` per targeted linear."""
+
+    def create_transform(self, module: Module, args: TransformArgs) -> TransformBase:
+        if TransformLocation(args.location) != TransformLocation.INPUT:
+            raise ValueError(
+                f"{DYNAMIC_INT8_TRANSFORM_TYPE} quantizes linear inputs only, got "
+                f"location {args.location!r}"
+            )
+        return DynamicInt8Quant(self.scheme, args)
+
+
+class DynamicInt8Quant(TransformBase):
+    """
+    ``x -> fake_quant_int8(x)`` per token with ``scale = max|x| / 127`` (round half to
+    even, no clipping), what vllm-ascend's ``W8A8_DYNAMIC`` linear computes with
+    ``npu_dynamic_quant``; skipped while ``quantization_enabled`` is False. No
+    parameters.
+    """
+
+    def __init__(self, scheme: TransformScheme, args: TransformArgs):
+        super().__init__()
+        self.scheme = scheme
+        self.args = args
+
+    _dynamic_tied_weights_keys: list[str] = []
+
+    def forward(self, value: Tensor) -> Tensor:
+        return self.apply_to(value, getattr(self, "quantization_enabled", True))
+
+    def apply_to(self, value: Tensor, quantize: bool = True) -> Tensor:
+        if not quantize:
+            return value
+        y = value.to(torch.promote_types(value.dtype, torch.float32))
+        return fake_quantize_activation(y, 1.0, 8).to(value.dtype)
+
+    def __repr__(self):
+        return f"{self.__class__.__name__}(int8 per token, max|x| / 127)"
+
+
+def get_dynamic_int8_quant(module: Module) -> DynamicInt8Quant | None:
+    """The int8 input quantizer attached to a linear, if any."""
+    quant = getattr(module, f"{INT8_TRANSFORM_NAME}_{TransformLocation.INPUT.value}", None)
+    return quant if isinstance(quant, DynamicInt8Quant) else None
+
+
+def dynamic_int8_scheme(names: list[str]) -> TransformScheme:
+    return TransformScheme(
+        type=DYNAMIC_INT8_TRANSFORM_TYPE,
+        apply=[TransformArgs(targets=names, location="input")],
+    )
+
+
+def attach_dynamic_int8(model: Module, names: list[str]) -> list[DynamicInt8Quant]:
+    """Attach int8 input quantizers to the linears ``names`` of ``model``."""
+    TransformFactory.from_scheme(
+        dynamic_int8_scheme(names), name=INT8_TRANSFORM_NAME
+    ).apply_to_model(model, use_tqdm=False)
+    return [get_dynamic_int8_quant(model.get_submodule(name)) for name in names]

@@ -25,7 +25,12 @@ from torch import nn
 
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 
-from flatquant_modifier.transform import TRANSFORM_NAME, get_flatquant_transform
+from flatquant_modifier.transform import (
+    INT8_TRANSFORM_NAME,
+    TRANSFORM_NAME,
+    get_dynamic_int8_quant,
+    get_flatquant_transform,
+)
 
 __all__ = ["FlatQuantStateError", "recorded_transform_targets", "verify_model"]
 
@@ -42,12 +47,18 @@ class FlatQuantStateError(RuntimeError):
 
 def recorded_transform_targets(model: nn.Module) -> list[str] | None:
     """Names of the linears the model's ``transform_config`` gives a FlatQuant
-    transform (what ``save_pretrained`` writes), or None if it records none."""
-    config = getattr(model, TRANSFORM_CONFIG_NAME, None)
-    scheme = getattr(config, "config_groups", {}).get(TRANSFORM_NAME)
-    if scheme is None:
+    transform or an int8 input quantizer (what ``save_pretrained`` writes), or None if
+    it records neither."""
+    groups = getattr(getattr(model, TRANSFORM_CONFIG_NAME, None), "config_groups", {})
+    schemes = [groups[name] for name in (TRANSFORM_NAME, INT8_TRANSFORM_NAME) if name in groups]
+    if not schemes:
         return None
-    return [target for args in scheme.apply for target in args.targets]
+    return [target for scheme in schemes for args in scheme.apply for target in args.targets]
+
+
+def _online(module: nn.Module):
+    """The online transform or input quantizer FlatQuant attached to ``module``."""
+    return get_flatquant_transform(module) or get_dynamic_int8_quant(module)
 
 
 @torch.no_grad()
@@ -66,8 +77,7 @@ def verify_model(
     if expected is None:
         expected = recorded_transform_targets(model)
     transformed = {
-        name for name, module in model.named_modules()
-        if get_flatquant_transform(module) is not None
+        name for name, module in model.named_modules() if _online(module) is not None
     }
     problems = []
     if expected is not None:
@@ -121,7 +131,7 @@ def _checkable(module: nn.Module) -> bool:
     if not isinstance(module, nn.Linear):
         return False
     scheme = getattr(module, "quantization_scheme", None)
-    if get_flatquant_transform(module) is None and getattr(scheme, "weights", None) is None:
+    if _online(module) is None and getattr(scheme, "weights", None) is None:
         return False
     status = getattr(module, "quantization_status", None)
     return status is None or status < QuantizationStatus.COMPRESSED
@@ -150,6 +160,8 @@ def _stored_function(module: nn.Linear, value: torch.Tensor) -> torch.Tensor:
     if transform is not None:
         with align_module_device(transform):
             value = transform.apply_to(value, transform.quantize)
+    if (int8 := get_dynamic_int8_quant(module)) is not None:
+        value = int8.apply_to(value)
     scheme = getattr(module, "quantization_scheme", None)
     with align_module_device(module):
         weight = module.weight

@@ -2,17 +2,39 @@
 quantizer, logits on fixed tokens, and the check that an Ascend checkpoint computes
 the fake-quantized model's function."""
 
+import json
+
 import torch
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 
 from examples.common.evaluation import exact_fake_quant
-from flatquant_modifier.ascend import load_ascend_model
+from flatquant_modifier import load_flatquant_model
+from flatquant_modifier.ascend import load_ascend_model, save_ascend_checkpoint
 from tests.conftest import random_token_dataset
 
 WEIGHTS_W4 = {
     "num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel", "observer": "minmax"
 }
+
+
+WEIGHTS_W8 = {**WEIGHTS_W4, "num_bits": 8}
+
+
+def mixed_weight_quantizer(int8: list[str], **kwargs):
+    """int8 per-channel weights for the projections named in ``int8`` (e.g.
+    ``["o_proj", "down_proj"]``), int4 per channel for the other projections of the
+    decoder layers: the weights of a mixed W4A4 / W8A8_DYNAMIC model."""
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    int4 = [n for n in names if n not in int8]
+    return QuantizationModifier(
+        ignore=["lm_head"],
+        config_groups={
+            "w4": {"targets": [f"re:.*\\.{n}$" for n in int4], "weights": WEIGHTS_W4},
+            "w8": {"targets": [f"re:.*\\.{n}$" for n in int8], "weights": WEIGHTS_W8},
+        },
+        **kwargs,
+    )
 
 
 def weight_quantizer(**kwargs):
@@ -78,3 +100,23 @@ def layer_calls(model, layer, ids):
             model(row.unsqueeze(0))
     handle.remove()
     return calls
+
+
+def description_of_layer0(directory):
+    description = json.loads((directory / "quant_model_description.json").read_text())
+    return {
+        key.split(".")[-2]: kind for key, kind in description.items()
+        if key.startswith("model.layers.0.") and key.endswith("_proj.weight")
+    }
+
+
+def assert_round_trips(model, tok, tmp_path):
+    """in memory == compressed-tensors reload (float32) == Ascend export through the
+    references of vllm-ascend's methods (float64)"""
+    reference = exact_logits(model)
+    model.save_pretrained(tmp_path / "ct", save_compressed=True)
+    tok.save_pretrained(tmp_path / "ct")
+    torch.testing.assert_close(logits(load_flatquant_model(tmp_path / "ct")), logits(model),
+                               atol=1e-5, rtol=0)
+    save_ascend_checkpoint(model, tmp_path / "ascend", tok)
+    assert_same_function(tmp_path / "ascend", reference)

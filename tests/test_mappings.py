@@ -81,7 +81,7 @@ def test_unmatched_mapping_and_partial_ignore_are_errors():
     with pytest.raises(ValueError, match="matched no module in layer L"):
         resolve_layer("L", layer, [FlatQuantMapping(name="x", targets=["re:.*nope$"])])
     mappings = infer_mappings_from_model(model)
-    with pytest.raises(ValueError, match="ignore all of them or none"):
+    with pytest.raises(ValueError, match="list all of them or none"):
         resolve_layer("model.layers.0", layer, mappings, ["re:.*k_proj$"])
     groups = resolve_layer("model.layers.0", layer, mappings, ["re:.*mlp.*"])
     assert [g.name.split(".")[-1] for g in groups] == ["qkv", "o"]

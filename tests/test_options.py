@@ -42,6 +42,10 @@ def test_autocast_auto_is_bfloat16_on_cuda_only():
         (dict(sibling_patterns=[r"(.*)\.w2"], fuse_global_scales=False), r"sibling_patterns only apply"),
         (dict(autocast_dtype="float32"), r"use bfloat16, float16, None"),
         (dict(w_bits=9), r"less than or equal to 8"),
+        (dict(quant_format="nvfp4", w8a8_dynamic=["re:.*o_proj$"]), r"w8a8_dynamic applies "
+         r"to vllm-ascend's W4A4"),
+        (dict(a_bits=None, undecomposable="float"), r"undecomposable applies to"),
+        (dict(undecomposable="fp16"), r"'w8a8_dynamic', 'float' or 'error'"),
     ],
 )
 def test_contradictory_options_are_refused(options, message):
@@ -70,6 +74,7 @@ def test_options_that_do_not_apply_are_switched_off_when_left_at_their_defaults(
         dict(mappings=[FlatQuantMapping(name="qkv", targets=["re:.*q_proj$"],
                                         smooth_layer=None)]),
         dict(mappings=LLAMA_MAPPINGS, sequential_targets=["LlamaDecoderLayer"]),
+        dict(w8a8_dynamic=["re:.*o_proj$", "re:.*down_proj$"], undecomposable="error"),
     ],
 )
 def test_model_dump_and_validate_round_trip(options):

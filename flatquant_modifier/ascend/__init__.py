@@ -1,11 +1,13 @@
-"""Ascend NPU deployment: a faithful reference of the NPU ops, the
-W4A4_FLATQUANT_DYNAMIC export, and a reference loader to evaluate it without an NPU."""
+"""Ascend NPU deployment: a faithful reference of the NPU ops, the export for
+vllm-ascend (W4A4_FLATQUANT_DYNAMIC, W8A8_DYNAMIC, FLOAT per tensor), and a reference
+loader to evaluate it without an NPU."""
 
 from flatquant_modifier.ascend.export import (
     AscendExportError,
     save_ascend_checkpoint,
 )
 from flatquant_modifier.ascend.ops import (
+    dynamic_quant,
     kronecker_quant,
     npu_available,
     pack_int4,
@@ -14,11 +16,17 @@ from flatquant_modifier.ascend.ops import (
     unpack_int4,
     unpack_int4_offset_binary,
 )
-from flatquant_modifier.ascend.runtime import AscendW4A4FlatQuantLinear, load_ascend_model
+from flatquant_modifier.ascend.runtime import (
+    AscendW4A4FlatQuantLinear,
+    AscendW8A8DynamicLinear,
+    load_ascend_model,
+)
 
 __all__ = [
     "AscendExportError",
     "AscendW4A4FlatQuantLinear",
+    "AscendW8A8DynamicLinear",
+    "dynamic_quant",
     "kronecker_quant",
     "load_ascend_model",
     "npu_available",

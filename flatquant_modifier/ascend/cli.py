@@ -1,5 +1,5 @@
 """``flatquant-export-ascend``: convert a saved FlatQuant compressed-tensors checkpoint
-into the vllm-ascend W4A4_FLATQUANT_DYNAMIC layout.
+into the vllm-ascend layout (W4A4_FLATQUANT_DYNAMIC, W8A8_DYNAMIC, FLOAT per tensor).
 
     flatquant-export-ascend outputs/smollm2-flatquant-w4a4 outputs/smollm2-ascend
 """

@@ -7,8 +7,11 @@ Per FlatQuant linear: ``weight`` int8 [out, in] holding int4 values, ``weight_sc
 ``weight_offset`` float32 [out, 1], ``left_trans`` [M, M] = P1 and ``right_trans``
 [N, N] = P2 in the model dtype (vllm-ascend transposes ``left_trans`` at load and
 computes ``left_trans.T @ X @ right_trans`` = ``P1^T X P2``, our ``x @ kron(P1, P2)``),
-``clip_ratio`` float32 [1]. The weight integers and scales are those of the
-compressed-tensors quantization the model was evaluated with, so ``weight *
+``clip_ratio`` float32 [1]. Per linear with an int8 input quantizer (``w8a8_dynamic``,
+or a size ``npu_kronecker_quant`` cannot take): vllm-ascend's ``W8A8_DYNAMIC``,
+``weight`` int8 [out, in], ``weight_scale`` and ``weight_offset`` [out, 1] in the model
+dtype. Every other tensor is ``FLOAT``. The weight integers and scales are those of
+the compressed-tensors quantization the model was evaluated with, so ``weight *
 weight_scale`` is exactly the fake-quantized weight.
 """
 
@@ -30,14 +33,26 @@ from torch.nn import Module
 
 from flatquant_modifier.ascend.runtime import DESCRIPTION_FILE, QUANT_TYPE
 from flatquant_modifier.distributed import barrier, is_source_process
-from flatquant_modifier.formats import FUSED_SIBLINGS, npu_kronecker_problem
+from flatquant_modifier.formats import (
+    FLOAT,
+    FUSED_SIBLINGS,
+    W4A4_FLATQUANT_DYNAMIC,
+    W8A8_DYNAMIC,
+    npu_kronecker_problem,
+)
 from flatquant_modifier.kronecker import get_decompose_dim
-from flatquant_modifier.transform import KroneckerQuantTransform, get_flatquant_transform
+from flatquant_modifier.transform import (
+    DynamicInt8Quant,
+    KroneckerQuantTransform,
+    get_dynamic_int8_quant,
+    get_flatquant_transform,
+)
 from flatquant_modifier.verify import verify_model
 
 __all__ = [
     "AscendExportError",
     "check_destination",
+    "linear_quant_type",
     "save_ascend_checkpoint",
 ]
 
@@ -104,42 +119,79 @@ def save_ascend_checkpoint(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info(f"Saved the W4A4_FLATQUANT_DYNAMIC checkpoint to {save_dir}")
+    logger.info(f"Saved the Ascend checkpoint ({_type_counts(description)}) to {save_dir}")
     barrier()
     return save_dir
 
 
 def _collect_tensors(model: Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    quantized = {
-        name: module
+    types = {
+        name: quant_type
         for name, module in model.named_modules()
-        if get_flatquant_transform(module) is not None
+        if (quant_type := linear_quant_type(name, module)) != FLOAT
     }
-    if not quantized:
+    if not any(t == W4A4_FLATQUANT_DYNAMIC for t in types.values()):
         raise AscendExportError(
             "no FlatQuant transforms found: run FlatQuantModifier (a_bits=4) and a W4 "
             "per-channel weight quantizer through oneshot before exporting"
         )
-    _check_fused_siblings(quantized)
+    _check_fused_siblings(model, types)
     params_dtype = _params_dtype(model)
     tensors: dict[str, torch.Tensor] = {}
     description: dict[str, str] = {}
-    for name, module in quantized.items():
-        for suffix, tensor in _quantized_linear_tensors(name, module, params_dtype).items():
+    for name, quant_type in types.items():
+        module = model.get_submodule(name)
+        collect = (_quantized_linear_tensors if quant_type == W4A4_FLATQUANT_DYNAMIC
+                   else _w8a8_dynamic_tensors)
+        for suffix, tensor in collect(name, module, params_dtype).items():
             tensors[f"{name}.{suffix}"] = tensor
-            description[f"{name}.{suffix}"] = QUANT_TYPE
+            description[f"{name}.{suffix}"] = quant_type
         if getattr(module, "bias", None) is not None:
             with align_module_device(module):
                 tensors[f"{name}.bias"] = module.bias.detach().cpu().clone()
-            description[f"{name}.bias"] = "FLOAT"
-    skip_prefixes = tuple(f"{name}." for name in quantized)
+            description[f"{name}.bias"] = FLOAT
+    skip_prefixes = tuple(f"{name}." for name in types)
     for key, tensor in _plain_state_dict(model).items():
         if key.startswith(skip_prefixes):
             continue
         _check_finite(key, tensor)
         tensors[key] = tensor
-        description[key] = "FLOAT"
+        description[key] = FLOAT
     return tensors, description
+
+
+def _type_counts(description: dict[str, str]) -> str:
+    counts = defaultdict(int)
+    for key, kind in description.items():
+        if key.endswith(".weight") and kind != FLOAT:
+            counts[kind] += 1
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+
+
+def linear_quant_type(name: str, module: Module) -> str:
+    """
+    The vllm-ascend quant type a module is exported as: ``W4A4_FLATQUANT_DYNAMIC``
+    (FlatQuant transform), ``W8A8_DYNAMIC`` (int8 input quantizer), ``FLOAT``
+    (neither, unquantized).
+
+    :raises AscendExportError: for a module with quantized weights but neither, which
+        vllm-ascend would run at another precision than the model in memory
+    """
+    if get_flatquant_transform(module) is not None:
+        return W4A4_FLATQUANT_DYNAMIC
+    if get_dynamic_int8_quant(module) is not None:
+        return W8A8_DYNAMIC
+    scheme = getattr(module, "quantization_scheme", None)
+    if scheme is not None and (scheme.weights is not None
+                               or scheme.input_activations is not None):
+        raise AscendExportError(
+            f"{name} is quantized ({scheme.weights}) but has neither a FlatQuant "
+            "transform nor an int8 input quantizer, so no vllm-ascend method computes "
+            "what it computes. Give it FlatQuant (not in FlatQuantModifier's `ignore`), "
+            "or list it in `w8a8_dynamic` with int8 per-channel weights, or leave it "
+            "unquantized (add it to the weight quantizer's `ignore`)."
+        )
+    return FLOAT
 
 
 def _quantized_linear_tensors(name: str, module: Module, params_dtype) -> dict:
@@ -153,10 +205,10 @@ def _quantized_linear_tensors(name: str, module: Module, params_dtype) -> dict:
     problem = npu_kronecker_problem(in_features)
     if problem is not None:
         raise AscendExportError(f"{name}: {problem}")
-    _check_weight_scheme(name, module)
+    _check_weight_scheme(name, module, 4, W4A4_FLATQUANT_DYNAMIC)
     with align_module_device(module), align_module_device(transform):
         scale = module.weight_scale.detach().float().reshape(-1, 1)
-        q = _weight_integers(name, module, scale)
+        q = _weight_integers(name, module, 4)
         zero_point = getattr(module, "weight_zero_point", None)
         if zero_point is not None and torch.any(zero_point != 0):
             raise AscendExportError(f"{name}: weight zero points must be 0 (symmetric)")
@@ -184,10 +236,37 @@ def _quantized_linear_tensors(name: str, module: Module, params_dtype) -> dict:
     return tensors
 
 
-def _weight_integers(name: str, module: Module, scale: torch.Tensor) -> torch.Tensor:
-    """int4 weight values, from the fake-quantized weight or, after
-    ``save_pretrained(save_compressed=True)`` packed the model in place, from the
-    compressed-tensors packed weight."""
+def _w8a8_dynamic_tensors(name: str, module: Module, params_dtype) -> dict:
+    """``weight`` int8 [out, in], ``weight_scale`` and ``weight_offset`` [out, 1] in
+    the model dtype, as vllm-ascend's W8A8_DYNAMIC linear allocates them."""
+    _check_weight_scheme(name, module, 8, W8A8_DYNAMIC)
+    with align_module_device(module):
+        scale = module.weight_scale.detach().reshape(-1, 1)
+        q = _weight_integers(name, module, 8)
+        zero_point = getattr(module, "weight_zero_point", None)
+        if zero_point is not None and torch.any(zero_point != 0):
+            raise AscendExportError(f"{name}: weight zero points must be 0 (symmetric)")
+    stored = scale.to(params_dtype)
+    if not torch.equal(stored.double(), scale.double()):
+        raise AscendExportError(
+            f"{name}: W8A8_DYNAMIC keeps weight_scale in the model dtype "
+            f"({params_dtype}), which does not hold this linear's {scale.dtype} scales "
+            "exactly; quantize the model in its own dtype"
+        )
+    tensors = {
+        "weight": q.cpu(),
+        "weight_scale": stored.cpu().clone(),
+        "weight_offset": torch.zeros_like(stored).cpu(),
+    }
+    for key, tensor in tensors.items():
+        _check_finite(f"{name}.{key}", tensor)
+    return tensors
+
+
+def _weight_integers(name: str, module: Module, num_bits: int) -> torch.Tensor:
+    """The weight's integer values (int8 storage), from the fake-quantized weight or,
+    after ``save_pretrained(save_compressed=True)`` packed the model in place, from
+    the compressed-tensors packed weight."""
     if hasattr(module, "weight"):
         # compressed-tensors' own quantize: the same integers as its fake quantization
         # and its packed format, ties at -7.5 included
@@ -198,16 +277,16 @@ def _weight_integers(name: str, module: Module, scale: torch.Tensor) -> torch.Te
         ).reshape(module.weight.shape)
     if hasattr(module, "weight_packed"):
         shape = torch.Size(module.weight_shape.tolist())
-        return unpack_from_int32(module.weight_packed.detach(), 4, shape).to(torch.int8)
+        return unpack_from_int32(module.weight_packed.detach(), num_bits, shape).to(torch.int8)
     raise AscendExportError(f"{name} has neither a weight nor a packed weight")
 
 
-def _check_weight_scheme(name: str, module: Module):
+def _check_weight_scheme(name: str, module: Module, num_bits: int, quant_type: str):
     scheme = getattr(module, "quantization_scheme", None)
     weights = getattr(scheme, "weights", None)
     ok = (
         weights is not None
-        and weights.num_bits == 4
+        and weights.num_bits == num_bits
         and weights.type == QuantizationType.INT
         and weights.symmetric
         and weights.strategy == QuantizationStrategy.CHANNEL
@@ -215,29 +294,41 @@ def _check_weight_scheme(name: str, module: Module):
     )
     if not ok:
         raise AscendExportError(
-            f"{name}: W4A4_FLATQUANT_DYNAMIC stores int4 per-channel symmetric weights; "
-            f"this linear's weight scheme is {weights}. Quantize the weights after "
+            f"{name}: {quant_type} stores int{num_bits} per-channel symmetric weights; "
+            f"this linear's weight scheme is {weights}. Quantize its weights after "
             "FlatQuantModifier with a QuantizationModifier/GPTQModifier config group "
-            "{num_bits: 4, type: int, symmetric: true, strategy: channel}."
+            f"{{num_bits: {num_bits}, type: int, symmetric: true, strategy: channel}}."
         )
     if getattr(scheme, "input_activations", None) is not None:
         raise AscendExportError(
             f"{name}: its scheme quantizes input activations itself; on Ascend the "
-            "FlatQuant transform does (leave input_activations unset)"
+            "FlatQuant transform or the int8 input quantizer does (leave "
+            "input_activations unset)"
         )
 
 
-def _check_fused_siblings(quantized: dict[str, Module]):
+def _check_fused_siblings(model: Module, types: dict[str, str]):
+    """Linears vllm-ascend fuses (q/k/v, gate/up, ...) share one quant type, and under
+    W4A4_FLATQUANT_DYNAMIC one transform and clip ratio."""
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for name in quantized:
+    for name, module in model.named_modules():
         parent, _, child = name.rpartition(".")
         for fused, siblings in FUSED_SIBLINGS.items():
             if child in siblings:
                 groups[(parent, fused)].append(name)
     for (parent, fused), names in groups.items():
-        first = get_flatquant_transform(quantized[names[0]])
+        kinds = {name: types.get(name, FLOAT) for name in names}
+        if len(set(kinds.values())) > 1:
+            raise AscendExportError(
+                f"{parent}.{fused}: vllm-ascend fuses {names} into one linear of one "
+                f"quant type, but they are {kinds}; give them the same treatment "
+                "(FlatQuant mappings, w8a8_dynamic, ignore)"
+            )
+        if kinds[names[0]] != W4A4_FLATQUANT_DYNAMIC:
+            continue
+        first = get_flatquant_transform(model.get_submodule(names[0]))
         for other_name in names[1:]:
-            other = get_flatquant_transform(quantized[other_name])
+            other = get_flatquant_transform(model.get_submodule(other_name))
             for attr in ("left_trans", "right_trans", "clip_ratio"):
                 if not torch.equal(getattr(first, attr).cpu(), getattr(other, attr).cpu()):
                     raise AscendExportError(
@@ -257,7 +348,7 @@ def _plain_state_dict(model: Module) -> dict[str, torch.Tensor]:
     """
     skip_modules = {
         name for name, module in model.named_modules()
-        if isinstance(module, KroneckerQuantTransform)
+        if isinstance(module, (KroneckerQuantTransform, DynamicInt8Quant))
     }
     qparam_suffixes = (
         "weight_scale", "weight_zero_point", "weight_global_scale", "input_scale",

@@ -1,6 +1,6 @@
 """
 Pure-PyTorch reference of the Ascend NPU ops that vllm-ascend's
-``W4A4_FLATQUANT_DYNAMIC`` linear method calls, for CPU and CUDA; with ``torch_npu``
+``W4A4_FLATQUANT_DYNAMIC`` and ``W8A8_DYNAMIC`` linear methods call, for CPU and CUDA; with ``torch_npu``
 importable and an NPU present (or ``use_npu=True``), the real ops are called instead.
 
 Documented semantics (CANN ``aclnnFlatQuant`` / ``torch_npu.npu_kronecker_quant`` and
@@ -10,9 +10,12 @@ Documented semantics (CANN ``aclnnFlatQuant`` / ``torch_npu.npu_kronecker_quant`
   ``y = P1 @ (x @ P2)``; ``scale = max|y| * clip_ratio / 7``; int4 values
   ``round(y / scale)`` saturated to [-8, 7]; returned packed 8 per int32 (two's
   complement nibbles, low nibble first) with the float32 per-token scales ``[K]``.
+* ``dynamic_quant(x [..., k])``: per token ``scale = max|x| / 127``, int8 values
+  ``round(x / scale)`` (``npu_dynamic_quant``), with the per-token scales.
 * ``quant_matmul(x1 [m, k/8] int32, x2 [k/8, n] int32 (a transposed view of the packed
   [n, k/8] weight), scale [n], pertoken_scale [m])``: ``(x1 @ x2) * scale *
-  pertoken_scale`` in float32, cast to ``output_dtype``.
+  pertoken_scale`` in float32, cast to ``output_dtype``; the same for int8 operands
+  ``x1 [m, k]`` and ``x2 [k, n]``.
 
 Rounding is half to even (``torch.round``), the same as the quantizer we train with.
 """
@@ -21,7 +24,7 @@ import importlib.util
 
 import torch
 
-from flatquant_modifier.formats import INT4_MAX, INT4_MIN
+from flatquant_modifier.formats import INT4_MAX, INT4_MIN, INT8_MAX, INT8_MIN
 from flatquant_modifier.kronecker import get_decompose_dim
 
 __all__ = [
@@ -33,6 +36,7 @@ __all__ = [
     "pack_int4_offset_binary",
     "unpack_int4_offset_binary",
     "kronecker_quant",
+    "dynamic_quant",
     "quant_matmul",
 ]
 
@@ -153,6 +157,22 @@ def kronecker_quant(
     return pack_int4(q.to(torch.int8)), scale
 
 
+def dynamic_quant(x: torch.Tensor, use_npu: bool | None = None):
+    """
+    ``npu_dynamic_quant(x, dst_type=torch.int8)``: symmetric per-token int8.
+
+    :return: ``(int8 values like x, scale [x.shape[:-1]])``, the scale float32 (at
+        least: float64 for a float64 ``x``)
+    """
+    if use_npu or (use_npu is None and x.device.type == "npu"):
+        return _require_npu().npu_dynamic_quant(x, dst_type=torch.int8)
+    y = x.to(torch.promote_types(x.dtype, torch.float32))
+    scale = y.abs().amax(dim=-1) / INT8_MAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(y / safe.unsqueeze(-1)), INT8_MIN, INT8_MAX)
+    return q.to(torch.int8), scale
+
+
 def quant_matmul(
     x1: torch.Tensor,
     x2: torch.Tensor,
@@ -164,10 +184,11 @@ def quant_matmul(
 ) -> torch.Tensor:
     """
     ``npu_quant_matmul(x1, x2, scale, pertoken_scale=..., bias=..., output_dtype=...)``
-    for packed int4 operands.
+    for packed int4 or for int8 operands.
 
-    :param x1: ``[m, k/8]`` int32 (packed activations)
-    :param x2: ``[k/8, n]`` int32: the transpose of the packed ``[n, k/8]`` weight
+    :param x1: ``[m, k/8]`` int32 (packed activations) or ``[m, k]`` int8
+    :param x2: ``[k/8, n]`` int32: the transpose of the packed ``[n, k/8]`` weight, or
+        ``[k, n]`` int8
     :param scale: ``[n]`` float32 weight scales
     :param pertoken_scale: ``[m]`` float32 activation scales
     """
@@ -177,9 +198,14 @@ def quant_matmul(
             output_dtype=output_dtype,
         )
     dtype = torch.promote_types(pertoken_scale.dtype, torch.float32)  # at least float32
-    a = unpack_int4(x1).to(dtype)  # [m, k]; integer products are exact in float32
-    w = unpack_int4(x2.transpose(0, 1)).to(dtype)  # [n, k]
-    out = (a @ w.T) * scale.to(dtype)[None, :] * pertoken_scale.to(dtype)[:, None]
+    if x1.dtype == torch.int8:
+        # int8 sums exceed float32's integers: accumulate exactly in float64
+        acc = (x1.double() @ x2.double()).to(dtype)
+    else:
+        a = unpack_int4(x1).to(dtype)  # [m, k]; integer products are exact in float32
+        w = unpack_int4(x2.transpose(0, 1)).to(dtype)  # [n, k]
+        acc = a @ w.T
+    out = acc * scale.to(dtype)[None, :] * pertoken_scale.to(dtype)[:, None]
     if bias is not None:
         out = out + bias.to(dtype)
     return out.to(output_dtype)

@@ -1,12 +1,17 @@
 """
-A reference of vllm-ascend's ``AscendW4A4FlatQuantDynamicLinearMethod`` as a
-``torch.nn.Module``, and a loader that builds a transformers model from an exported
-Ascend checkpoint with these modules, so the checkpoint can be evaluated without an NPU.
+References of vllm-ascend's ``W4A4_FLATQUANT_DYNAMIC`` and ``W8A8_DYNAMIC`` linear
+methods as ``torch.nn.Module``, and a loader that builds a transformers model from an
+exported Ascend checkpoint with these modules, so the checkpoint can be evaluated
+without an NPU.
 
-The module allocates the same parameters from (in, out) sizes, does the same
-``process_weights_after_loading`` (pack the int4 weight, transpose ``left_trans``,
-``clip_ratio.item()``) and the same ``apply`` (``npu_kronecker_quant`` in chunks of
-8192 tokens, ``npu_quant_matmul`` with per-token scales, then the bias).
+Each module allocates the same parameters from (in, out) sizes, does the same
+``process_weights_after_loading`` and the same ``apply``:
+
+* ``W4A4_FLATQUANT_DYNAMIC``: pack the int4 weight, transpose ``left_trans``,
+  ``clip_ratio.item()``; ``npu_kronecker_quant`` in chunks of 8192 tokens,
+  ``npu_quant_matmul`` with per-token scales, then the bias.
+* ``W8A8_DYNAMIC``: transpose the int8 weight, flatten the scales;
+  ``npu_dynamic_quant``, ``npu_quant_matmul`` with per-token scales and the bias.
 """
 
 import json
@@ -19,21 +24,23 @@ from torch import nn
 from flatquant_modifier.ascend.ops import (
     KRONECKER_QUANT_MAX_BATCH_SIZE,
     get_decompose_dim,
+    dynamic_quant,
     kronecker_quant,
     pack_int4,
     quant_matmul,
 )
-from flatquant_modifier.formats import INT4_PER_INT32
+from flatquant_modifier.formats import INT4_PER_INT32, W4A4_FLATQUANT_DYNAMIC, W8A8_DYNAMIC
 from flatquant_modifier.loading import check_safetensors_files
 
 __all__ = [
     "QUANT_TYPE",
     "DESCRIPTION_FILE",
     "AscendW4A4FlatQuantLinear",
+    "AscendW8A8DynamicLinear",
     "load_ascend_model",
 ]
 
-QUANT_TYPE = "W4A4_FLATQUANT_DYNAMIC"
+QUANT_TYPE = W4A4_FLATQUANT_DYNAMIC
 DESCRIPTION_FILE = "quant_model_description.json"
 QUANTIZED_SUFFIXES = (
     "weight", "weight_scale", "weight_offset", "left_trans", "right_trans", "clip_ratio"
@@ -121,11 +128,73 @@ class AscendW4A4FlatQuantLinear(nn.Module):
         return out
 
 
+class AscendW8A8DynamicLinear(nn.Module):
+    """
+    Mirrors vllm-ascend's W8A8_DYNAMIC linear: ``weight`` int8 [out, in],
+    ``weight_scale`` and ``weight_offset`` [out, 1] in ``params_dtype`` (the offset is
+    not used: symmetric), the bias in ``params_dtype``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        params_dtype: torch.dtype = torch.bfloat16,
+        use_npu: bool | None = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.use_npu = use_npu
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False
+        )
+        self.weight_scale = nn.Parameter(
+            torch.empty(out_features, 1, dtype=params_dtype), requires_grad=False
+        )
+        self.weight_offset = nn.Parameter(
+            torch.empty(out_features, 1, dtype=params_dtype), requires_grad=False
+        )
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=params_dtype), requires_grad=False)
+            if bias
+            else None
+        )
+        self.processed = False
+
+    @torch.no_grad()
+    def process_weights_after_loading(self):
+        self.weight.data = self.weight.data.transpose(0, 1).contiguous()  # [in, out]
+        self.weight_scale.data = self.weight_scale.data.flatten()
+        self.weight_offset.data = self.weight_offset.data.flatten()
+        self.processed = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.processed:
+            raise RuntimeError("call process_weights_after_loading() first")
+        shape = x.shape
+        x_q, pertoken = dynamic_quant(x.reshape(-1, shape[-1]), use_npu=self.use_npu)
+        out = quant_matmul(
+            x_q, self.weight, self.weight_scale, pertoken.reshape(-1),
+            bias=self.bias, output_dtype=x.dtype, use_npu=self.use_npu,
+        )
+        return out.reshape(*shape[:-1], -1)
+
+
+LINEAR_METHODS = {
+    W4A4_FLATQUANT_DYNAMIC: AscendW4A4FlatQuantLinear,
+    W8A8_DYNAMIC: AscendW8A8DynamicLinear,
+}
+
+
 def load_ascend_model(path: str | Path, dtype: torch.dtype | None = None, use_npu=None):
     """
     Build a transformers model from an exported Ascend checkpoint: every linear whose
-    weight is ``W4A4_FLATQUANT_DYNAMIC`` in ``quant_model_description.json`` becomes an
-    :class:`AscendW4A4FlatQuantLinear`; all tensors are loaded strictly.
+    weight is ``W4A4_FLATQUANT_DYNAMIC`` (``W8A8_DYNAMIC``) in
+    ``quant_model_description.json`` becomes an :class:`AscendW4A4FlatQuantLinear`
+    (:class:`AscendW8A8DynamicLinear`); all tensors are loaded strictly.
+
+    :raises ValueError: for a quant type this reference (and the export) does not know
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -141,19 +210,23 @@ def load_ascend_model(path: str | Path, dtype: torch.dtype | None = None, use_np
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    quantized = [
-        key[: -len(".weight")]
+    quantized = {
+        key[: -len(".weight")]: kind
         for key, kind in description.items()
-        if kind == QUANT_TYPE and key.endswith(".weight")
-    ]
-    for name in quantized:
+        if key.endswith(".weight") and kind != "FLOAT"
+    }
+    for name, kind in quantized.items():
+        if kind not in LINEAR_METHODS:
+            raise ValueError(
+                f"{path}: {name} is {kind}; this reference runs {sorted(LINEAR_METHODS)}"
+            )
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
         setattr(
             parent,
             child,
-            AscendW4A4FlatQuantLinear(
+            LINEAR_METHODS[kind](
                 linear.in_features, linear.out_features, linear.bias is not None,
                 params_dtype=dtype, use_npu=use_npu,
             ),

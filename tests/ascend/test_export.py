@@ -1,5 +1,5 @@
-"""Export to the Ascend W4A4_FLATQUANT_DYNAMIC layout and load it back through the
-reference of vllm-ascend's linear method."""
+"""Export to the Ascend layout (W4A4_FLATQUANT_DYNAMIC, W8A8_DYNAMIC, FLOAT per
+tensor) and load it back through the references of vllm-ascend's linear methods."""
 
 import json
 
@@ -10,8 +10,17 @@ from safetensors import safe_open
 from flatquant_modifier import FlatQuantModifier
 from flatquant_modifier.ascend import AscendExportError, save_ascend_checkpoint
 from flatquant_modifier.transform import get_flatquant_transform
-from tests.conftest import load_tiny
-from tests.helpers import assert_same_function, exact_logits, run, weight_quantizer
+from flatquant_modifier.transform import get_dynamic_int8_quant
+from tests.conftest import build_tiny_llama, byte_tokenizer, load_tiny
+from tests.helpers import (
+    assert_round_trips,
+    assert_same_function,
+    description_of_layer0,
+    exact_logits,
+    mixed_weight_quantizer,
+    run,
+    weight_quantizer,
+)
 
 LINEAR_TENSORS = {"weight", "weight_scale", "weight_offset", "left_trans", "right_trans",
                   "clip_ratio"}
@@ -166,3 +175,49 @@ def test_tied_lm_head_is_described_and_saved(tmp_path):
     assert set(description) - {"model_quant_type", "version"} == set(tensors)
     torch.testing.assert_close(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
     assert_same_function(out, reference)
+
+
+def test_mixed_precision_exports_w8a8_dynamic_for_o_and_down_proj(tiny_llama_dir, tmp_path):
+    model, tok = load_tiny(tiny_llama_dir)
+    int8 = ["re:.*self_attn\\.o_proj$", "re:.*mlp\\.down_proj$"]
+    run(model, tok, [FlatQuantModifier(epochs=1, w8a8_dynamic=int8),
+                     mixed_weight_quantizer(["o_proj", "down_proj"])])
+    assert get_dynamic_int8_quant(model.model.layers[1].mlp.down_proj) is not None
+    assert_round_trips(model, tok, tmp_path)
+    w4a4, w8a8 = "W4A4_FLATQUANT_DYNAMIC", "W8A8_DYNAMIC"
+    assert description_of_layer0(tmp_path / "ascend") == {
+        "q_proj": w4a4, "k_proj": w4a4, "v_proj": w4a4, "o_proj": w8a8,
+        "gate_proj": w4a4, "up_proj": w4a4, "down_proj": w8a8,
+    }
+    tensors = _tensors(tmp_path / "ascend")
+    prefix = "model.layers.0.mlp.down_proj."
+    assert {k[len(prefix):] for k in tensors if k.startswith(prefix)} == {
+        "weight", "weight_scale", "weight_offset"
+    }
+    weight, scale = tensors[prefix + "weight"], tensors[prefix + "weight_scale"]
+    assert weight.dtype == torch.int8 and weight.shape == (64, 128)
+    assert weight.abs().max() > 100  # int8, not int4
+    assert scale.dtype == torch.float32 and scale.shape == (64, 1)  # the model dtype
+
+
+def test_undecomposable_sizes_fall_back_to_w8a8_dynamic(tmp_path):
+    """intermediate 144 = 12 x 12: npu_kronecker_quant cannot take down_proj (as
+    Qwen2.5-7B's 18944 = 128 x 148); it is served as W8A8_DYNAMIC, the rest exports."""
+    build_tiny_llama(intermediate_size=144).save_pretrained(tmp_path / "m")
+    byte_tokenizer().save_pretrained(tmp_path / "m")
+    model, tok = load_tiny(tmp_path / "m")
+    run(model, tok, [FlatQuantModifier(epochs=1), mixed_weight_quantizer(["down_proj"])])
+    assert_round_trips(model, tok, tmp_path)
+    kinds = description_of_layer0(tmp_path / "ascend")
+    assert kinds.pop("down_proj") == "W8A8_DYNAMIC"
+    assert set(kinds.values()) == {"W4A4_FLATQUANT_DYNAMIC"}
+
+
+def test_quantized_linears_without_an_ascend_method_are_refused(tiny_llama_dir, tmp_path):
+    # o_proj left out of FlatQuant but given int4 weights: W4A16, which vllm-ascend
+    # has no linear method for; previously exported as FLOAT, silently unquantized
+    model, tok = load_tiny(tiny_llama_dir)
+    run(model, tok, [FlatQuantModifier(epochs=1, ignore=["lm_head", "re:.*o_proj$"]),
+                     weight_quantizer()])
+    _assert_refused(model, tmp_path / "x", r"model.layers.0.self_attn.o_proj is quantized "
+                    r".*neither a FlatQuant transform nor an int8 input quantizer")

@@ -92,3 +92,24 @@ def test_asking_for_the_npu_without_torch_npu_is_a_clear_error():
     # left to choose (use_npu=None), a CPU tensor takes the reference
     packed, scale = kronecker_quant(x, torch.eye(8), torch.eye(8))
     assert packed.shape == (1, 8, 1) and scale.tolist() == [0.0]
+
+
+def test_dynamic_quant_is_per_token_max_over_127_by_hand():
+    from flatquant_modifier.ascend.ops import dynamic_quant
+
+    x = torch.tensor([[1.0, -2.0, 0.5, 127.0], [0.0, 0.0, 0.0, 0.0]])
+    q, scale = dynamic_quant(x)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32
+    assert torch.equal(scale, torch.tensor([1.0, 0.0]))
+    assert q.tolist() == [[1, -2, 0, 127], [0, 0, 0, 0]]  # 0.5 rounds half to even
+
+
+def test_int8_quant_matmul_is_exact_beyond_float32_integers():
+    x1 = torch.full((1, 4096), 127, dtype=torch.int8)
+    x2 = torch.full((4096, 2), -128, dtype=torch.int8)
+    x2[0, 1] = -127
+    # 127 * -128 * 4096 = -66584576 (beyond float32's exact integers, 2^24); the two
+    # columns differ by 127
+    out = quant_matmul(x1, x2, torch.ones(2, dtype=torch.float64),
+                       torch.ones(1, dtype=torch.float64), output_dtype=torch.float64)
+    assert out.tolist() == [[-66584576.0, -66584576.0 + 127]]

@@ -76,3 +76,22 @@ def test_runtime_refuses_sizes_not_divisible_by_8():
         AscendW4A4FlatQuantLinear(12, 4)
     with pytest.raises(ValueError, match="N % 8 == 0, got N=4"):
         kronecker_quant(torch.zeros(1, 4, 4), torch.eye(4), torch.eye(4))
+
+
+def test_w8a8_dynamic_linear_is_int8_tokens_times_int8_weights():
+    from flatquant_modifier.ascend.runtime import AscendW8A8DynamicLinear
+    from flatquant_modifier.quantize import fake_quantize_activation
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randint(-128, 128, (6, 16), generator=generator, dtype=torch.int8)
+    scale = torch.rand(6, 1, generator=generator, dtype=torch.float64) / 100
+    bias = torch.randn(6, generator=generator, dtype=torch.float64)
+    linear = AscendW8A8DynamicLinear(16, 6, bias=True, params_dtype=torch.float64)
+    linear.load_state_dict({"weight": weight, "weight_scale": scale,
+                            "weight_offset": torch.zeros_like(scale), "bias": bias})
+    linear.process_weights_after_loading()
+    x = torch.randn(2, 3, 16, generator=generator, dtype=torch.float64)
+    expected = torch.nn.functional.linear(
+        fake_quantize_activation(x, 1.0, 8), weight.double() * scale, bias
+    )
+    torch.testing.assert_close(linear(x), expected, atol=1e-12, rtol=0)

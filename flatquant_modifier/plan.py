@@ -1,0 +1,158 @@
+"""
+What FlatQuant does to each decoder layer, decided at initialize: the groups that get
+a learned transform, and the linears served as vllm-ascend's ``W8A8_DYNAMIC`` (listed
+in ``w8a8_dynamic``, or whose size ``npu_kronecker_quant`` cannot take). At
+calibration start the following weight quantizer's schemes are checked against it,
+so that a recipe that could not be exported fails before hours of calibration.
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from compressed_tensors.quantization import QuantizationStrategy, QuantizationType
+from compressed_tensors.utils import match_named_modules
+from loguru import logger
+from torch.nn import Linear, Module
+
+from flatquant_modifier.formats import NVFP4_GROUP_SIZE
+from flatquant_modifier.mappings import FlatQuantMapping, ResolvedGroup, relative_name, resolve_layer
+
+__all__ = ["LayerPlan", "plan_layers", "check_weight_schemes"]
+
+Undecomposable = Literal["w8a8_dynamic", "float", "error"]
+
+
+@dataclass
+class LayerPlan:
+    """One decoder layer: its transformed groups and its W8A8_DYNAMIC linears."""
+
+    name: str
+    module: Module
+    groups: list[ResolvedGroup]
+    int8: list[tuple[str, Module]] = field(default_factory=list)
+    # groups left in full precision (undecomposable="float")
+    float: list[tuple[str, Module]] = field(default_factory=list)
+
+
+def plan_layers(
+    layers: list[tuple[str, Module]],
+    mappings: list[FlatQuantMapping],
+    ignore: list[str],
+    w8a8_dynamic: list[str],
+    undecomposable: Undecomposable,
+    ascend: bool,
+    nvfp4: bool,
+) -> list[LayerPlan]:
+    """
+    Resolve ``mappings`` in every decoder layer (``layers``: name, module).
+
+    :param ascend: the model targets vllm-ascend's W4A4 (int4 activations quantized by
+        the transform): groups ``npu_kronecker_quant`` cannot take follow
+        ``undecomposable``
+    :raises ValueError: naming the layer, for sizes no format can take, a
+        ``w8a8_dynamic`` pattern that matches no linear, or ``undecomposable="error"``
+    """
+    plans, matched_int8 = [], set()
+    for name, layer in layers:
+        groups = resolve_layer(name, layer, mappings, [*ignore, *w8a8_dynamic],
+                               npu_fallback=ascend)
+        int8 = []
+        for rel, module in match_named_modules(layer, w8a8_dynamic):
+            if isinstance(module, Linear):
+                int8.append((f"{name}.{rel}", module))
+                matched_int8.add(rel)
+        plan = LayerPlan(name, layer, [g for g in groups if g.npu_problem is None], int8)
+        fallback = [g for g in groups if g.npu_problem is not None]
+        if fallback:
+            _fall_back(plan, fallback, undecomposable)
+        if nvfp4:
+            _check_nvfp4_sizes(plan.groups)
+        plans.append(plan)
+    if w8a8_dynamic and not matched_int8:
+        raise ValueError(
+            f"FlatQuant: w8a8_dynamic {w8a8_dynamic} matches no linear in the decoder "
+            "layers; give names or 're:' regexes of linears inside them"
+        )
+    return plans
+
+
+def _fall_back(plan: LayerPlan, groups: list[ResolvedGroup], undecomposable: Undecomposable):
+    names = [relative_name(plan.name, n) for g in groups for n, _ in g.linears]
+    problems = "; ".join(dict.fromkeys(g.npu_problem for g in groups))
+    if undecomposable == "error":
+        raise ValueError(
+            f"FlatQuant: {names} in {plan.name}: {problems}, so vllm-ascend cannot run "
+            "their W4A4 FlatQuant transform. Set undecomposable='w8a8_dynamic' (int8 "
+            "weights and activations) or 'float', or add them to `ignore`."
+        )
+    linears = [linear for g in groups for linear in g.linears]
+    if undecomposable == "w8a8_dynamic":
+        plan.int8 += linears
+        served = ("served as W8A8_DYNAMIC: int8 activations online, int8 per-channel "
+                  "weights from the weight quantizer")
+    else:
+        plan.float += linears
+        served = "kept in full precision (leave them out of the weight quantizer)"
+    logger.info(f"FlatQuant {plan.name}: {names} not transformed ({problems}); {served}")
+
+
+def _check_nvfp4_sizes(groups: list[ResolvedGroup]):
+    for group in groups:
+        if group.in_features % NVFP4_GROUP_SIZE:
+            raise ValueError(
+                f"FlatQuant quant_format='nvfp4': {group.linears[0][0]} has "
+                f"in_features={group.in_features}, not divisible by the NVFP4 "
+                f"group size {NVFP4_GROUP_SIZE}; add it to `ignore`"
+            )
+
+
+def check_weight_schemes(plans: list[LayerPlan], quantizes_activations: bool):
+    """
+    The schemes the following weight quantizer attached must fit the plan:
+
+    - transformed linears: no input-activation quantization when the transform
+      quantizes them (it would quantize twice);
+    - W8A8_DYNAMIC linears: int8 per-channel symmetric weights, no input-activation
+      scheme (the int8 input quantizer is FlatQuant's, with the NPU formula);
+    - full-precision fallbacks: no scheme.
+
+    :raises ValueError: naming the linear and the fix
+    """
+    for plan in plans:
+        if quantizes_activations:
+            for group in plan.groups:
+                for name, linear in group.linears:
+                    scheme = getattr(linear, "quantization_scheme", None)
+                    if scheme is not None and scheme.input_activations is not None:
+                        raise ValueError(
+                            f"{name} has a quantization scheme that quantizes its input "
+                            "activations, but FlatQuantModifier(a_bits=4) already "
+                            "quantizes them in its online transform (Ascend formula, "
+                            "learned clip ratio). Give the following QuantizationModifier"
+                            "/GPTQModifier a weights-only scheme, or set a_bits=None to "
+                            "leave activation quantization to that scheme."
+                        )
+        for name, linear in plan.int8:
+            scheme = getattr(linear, "quantization_scheme", None)
+            weights = getattr(scheme, "weights", None)
+            int8_channel = (
+                weights is not None and weights.num_bits == 8
+                and weights.type == QuantizationType.INT and weights.symmetric
+                and weights.strategy == QuantizationStrategy.CHANNEL
+            )
+            if not int8_channel or scheme.input_activations is not None:
+                raise ValueError(
+                    f"{name} is served as W8A8_DYNAMIC (int8 activations quantized "
+                    "online by FlatQuantModifier), so the weight quantizer must give it "
+                    "int8 per-channel symmetric weights and no input_activations; its "
+                    f"scheme is {scheme}. Add a config group {{targets: [{name!r}], "
+                    "weights: {num_bits: 8, type: int, symmetric: true, strategy: "
+                    "channel}} (see recipes/flatquant_w4a4_mixed.yaml)."
+                )
+        for name, linear in plan.float:
+            if getattr(linear, "quantization_scheme", None) is not None:
+                raise ValueError(
+                    f"{name} is kept in full precision (undecomposable='float') but the "
+                    "weight quantizer gave it a scheme; add it to that modifier's "
+                    "`ignore`, or use undecomposable='w8a8_dynamic'."
+                )

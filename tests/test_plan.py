@@ -1,0 +1,96 @@
+"""What FlatQuant does to each decoder layer: transformed groups, W8A8_DYNAMIC linears
+(listed, or sizes vllm-ascend's npu_kronecker_quant cannot take), and the weight
+schemes checked against that plan."""
+
+import pytest
+from compressed_tensors.quantization import (
+    QuantizationConfig,
+    apply_quantization_config,
+    preset_name_to_scheme,
+)
+from loguru import logger
+
+from flatquant_modifier.mappings import LLAMA_MAPPINGS
+from flatquant_modifier.plan import check_weight_schemes, plan_layers
+from tests.conftest import build_tiny_llama
+
+# intermediate 144 = 12 x 12 (get_decompose_dim): a second factor that is not a
+# multiple of 8, as Qwen2.5-7B's down_proj (18944 = 128 x 148)
+UNDECOMPOSABLE = dict(intermediate_size=144)
+
+
+def _plan(model, *, w8a8=(), undecomposable="w8a8_dynamic", ascend=True):
+    layers = [(f"model.layers.{i}", layer) for i, layer in enumerate(model.model.layers)]
+    return plan_layers(layers, LLAMA_MAPPINGS, ["lm_head"], list(w8a8), undecomposable,
+                       ascend=ascend, nvfp4=False)
+
+
+def _short(plan):
+    return (
+        [g.name.rpartition(".")[2] for g in plan.groups],
+        [n.rpartition(".")[2] for n, _ in plan.int8],
+        [n.rpartition(".")[2] for n, _ in plan.float],
+    )
+
+
+def test_undecomposable_down_proj_falls_back_to_w8a8_dynamic_with_one_line_per_layer():
+    model = build_tiny_llama(**UNDECOMPOSABLE)
+    messages = []
+    handle = logger.add(messages.append, level="INFO")
+    try:
+        plans = _plan(model)
+    finally:
+        logger.remove(handle)
+    assert [_short(p) for p in plans] == [(["qkv", "o", "gate_up"], ["down_proj"], [])] * 2
+    lines = [m for m in messages if "not transformed" in m]
+    assert len(lines) == 2 and "model.layers.1: ['mlp.down_proj'] not transformed " \
+        "(in_features=144 decomposes as 12 x 12" in lines[1] and "W8A8_DYNAMIC" in lines[1]
+
+
+def test_undecomposable_float_and_error():
+    model = build_tiny_llama(**UNDECOMPOSABLE)
+    assert _short(_plan(model, undecomposable="float")[0]) == (
+        ["qkv", "o", "gate_up"], [], ["down_proj"]
+    )
+    with pytest.raises(ValueError, match=r"\['mlp.down_proj'\] in model.layers.0: "
+                       r"in_features=144 decomposes as 12 x 12.*undecomposable="):
+        _plan(model, undecomposable="error")
+    # a target other than vllm-ascend's W4A4 keeps the transform (and a warning)
+    assert _short(_plan(model, ascend=False)[0])[0] == ["qkv", "o", "gate_up", "down"]
+
+
+def test_listed_w8a8_dynamic_linears_leave_their_groups():
+    model = build_tiny_llama()
+    plans = _plan(model, w8a8=["re:.*o_proj$", "re:.*down_proj$"])
+    assert _short(plans[0]) == (["qkv", "gate_up"], ["o_proj", "down_proj"], [])
+    with pytest.raises(ValueError, match=r"w8a8_dynamic \['re:.*nope\$'\] matches no linear"):
+        _plan(model, w8a8=["re:.*nope$"])
+    with pytest.raises(ValueError, match=r"`ignore` \(or `w8a8_dynamic`\) removes only some"):
+        _plan(model, w8a8=["re:.*k_proj$"])
+
+
+def _quantize(model, groups):
+    config = QuantizationConfig(config_groups={
+        key: preset_name_to_scheme(preset, targets) for key, (preset, targets) in groups.items()
+    })
+    apply_quantization_config(model, config)
+
+
+def test_weight_schemes_must_fit_the_plan():
+    model = build_tiny_llama(**UNDECOMPOSABLE)
+    plans = _plan(model)
+    # down_proj served as W8A8_DYNAMIC but given int4 weights
+    _quantize(model, {"w4": ("W4A16", ["Linear"])})
+    for linear in model.modules():  # W4A16 is grouped; make it per channel
+        scheme = getattr(linear, "quantization_scheme", None)
+        if scheme is not None:
+            scheme.weights.strategy, scheme.weights.group_size = "channel", None
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj is served as "
+                       r"W8A8_DYNAMIC.*int8 per-channel.*flatquant_w4a4_mixed.yaml"):
+        check_weight_schemes(plans, quantizes_activations=True)
+
+    model = build_tiny_llama(**UNDECOMPOSABLE)
+    plans = _plan(model, undecomposable="float")
+    _quantize(model, {"w8": ("W8A16", ["Linear"])})
+    with pytest.raises(ValueError, match=r"down_proj is kept in full precision.*`ignore`"):
+        check_weight_schemes(plans, quantizes_activations=True)
