@@ -278,6 +278,8 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
                 if self.on_nonfinite == "raise":
                     raise
                 logger.error(f"{error} Skipping it (on_nonfinite='skip').")
+                # its W8A8_DYNAMIC linears do not depend on training
+                self._int8 += attach_int8_quantizers(state.model, int8, self)
                 continue
             self._step_plan = result.step_plan
             self._transformed += result.transformed

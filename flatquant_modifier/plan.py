@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from compressed_tensors.quantization import QuantizationStrategy, QuantizationType
-from compressed_tensors.utils import match_named_modules
+from compressed_tensors.utils import is_match
 from loguru import logger
 from torch.nn import Linear, Module
 
@@ -52,15 +52,19 @@ def plan_layers(
     :raises ValueError: naming the layer, for sizes no format can take, a
         ``w8a8_dynamic`` pattern that matches no linear, or ``undecomposable="error"``
     """
-    plans, matched_int8 = [], set()
+    plans, matched_int8 = [], False
     for name, layer in layers:
         groups = resolve_layer(name, layer, mappings, [*ignore, *w8a8_dynamic],
                                npu_fallback=ascend)
-        int8 = []
-        for rel, module in match_named_modules(layer, w8a8_dynamic):
-            if isinstance(module, Linear):
-                int8.append((f"{name}.{rel}", module))
-                matched_int8.add(rel)
+        # the full names, as resolve_layer matches `ignore` and `w8a8_dynamic`: a linear
+        # is either in a transformed group or in this list, never both
+        int8 = [
+            (full, module) for rel, module in layer.named_modules()
+            if isinstance(module, Linear)
+            and any(is_match(full := f"{name}.{rel}", module, t) for t in w8a8_dynamic)
+        ]
+        matched_int8 |= bool(int8)
+        _share_no_smoothing_producer(name, groups)
         plan = LayerPlan(name, layer, [g for g in groups if g.npu_problem is None], int8)
         fallback = [g for g in groups if g.npu_problem is not None]
         if fallback:
@@ -71,9 +75,27 @@ def plan_layers(
     if w8a8_dynamic and not matched_int8:
         raise ValueError(
             f"FlatQuant: w8a8_dynamic {w8a8_dynamic} matches no linear in the decoder "
-            "layers; give names or 're:' regexes of linears inside them"
+            "layers; give full names (model.layers.0.self_attn.o_proj) or 're:' regexes "
+            "of linears inside them"
         )
     return plans
+
+
+def _share_no_smoothing_producer(layer_name: str, groups: list[ResolvedGroup]):
+    """Two groups folding their smoothing into one module would divide it twice while
+    each group's weights absorb only their own vector: the later ones lose smoothing."""
+    producers = set()
+    for group in groups:
+        if group.smooth is None:
+            continue
+        if group.smooth[0] in producers:
+            logger.warning(
+                f"FlatQuant {group.name}: its smooth_layer {group.smooth[0]} already "
+                "takes another group's smoothing in this layer; smoothing off for it"
+            )
+            group.smooth, group.smooth_index = None, None
+        else:
+            producers.add(group.smooth[0])
 
 
 def _fall_back(plan: LayerPlan, groups: list[ResolvedGroup], undecomposable: Undecomposable):
@@ -113,12 +135,22 @@ def check_weight_schemes(plans: list[LayerPlan], quantizes_activations: bool):
     - transformed linears: no input-activation quantization when the transform
       quantizes them (it would quantize twice);
     - W8A8_DYNAMIC linears: int8 per-channel symmetric weights, no input-activation
-      scheme (the int8 input quantizer is FlatQuant's, with the NPU formula);
+      scheme (the int8 input quantizer is FlatQuant's, with the NPU formula); without
+      any scheme (weights quantized by a later oneshot) a warning;
+    - no output-activation quantization on either (no vllm-ascend method has it);
     - full-precision fallbacks: no scheme.
 
     :raises ValueError: naming the linear and the fix
     """
     for plan in plans:
+        online = [*(linear for group in plan.groups for linear in group.linears), *plan.int8]
+        for name, linear in online:
+            scheme = getattr(linear, "quantization_scheme", None)
+            if getattr(scheme, "output_activations", None) is not None:
+                raise ValueError(
+                    f"{name}: its scheme quantizes output activations, which no "
+                    "vllm-ascend linear method does; leave output_activations unset"
+                )
         if quantizes_activations:
             for group in plan.groups:
                 for name, linear in group.linears:
@@ -134,6 +166,13 @@ def check_weight_schemes(plans: list[LayerPlan], quantizes_activations: bool):
                         )
         for name, linear in plan.int8:
             scheme = getattr(linear, "quantization_scheme", None)
+            if scheme is None:
+                logger.warning(
+                    f"FlatQuant: {name} is served as W8A8_DYNAMIC but has no weight "
+                    "scheme yet; give it int8 per-channel weights before exporting (or "
+                    "undecomposable='float' to keep it in full precision)"
+                )
+                continue
             weights = getattr(scheme, "weights", None)
             int8_channel = (
                 weights is not None and weights.num_bits == 8
@@ -147,7 +186,8 @@ def check_weight_schemes(plans: list[LayerPlan], quantizes_activations: bool):
                     "int8 per-channel symmetric weights and no input_activations; its "
                     f"scheme is {scheme}. Add a config group {{targets: [{name!r}], "
                     "weights: {num_bits: 8, type: int, symmetric: true, strategy: "
-                    "channel}} (see recipes/flatquant_w4a4_mixed.yaml)."
+                    "channel}} (see recipes/flatquant_w4a4_mixed.yaml), or keep it in full "
+                    "precision with undecomposable='float' (fallback layers only)."
                 )
         for name, linear in plan.float:
             if getattr(linear, "quantization_scheme", None) is not None:

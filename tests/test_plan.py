@@ -94,3 +94,51 @@ def test_weight_schemes_must_fit_the_plan():
     _quantize(model, {"w8": ("W8A16", ["Linear"])})
     with pytest.raises(ValueError, match=r"down_proj is kept in full precision.*`ignore`"):
         check_weight_schemes(plans, quantizes_activations=True)
+
+
+def test_w8a8_dynamic_matches_full_names_as_ignore_does():
+    model = build_tiny_llama()
+    plans = _plan(model, w8a8=["model.layers.1.self_attn.o_proj"])
+    assert _short(plans[0]) == (["qkv", "o", "gate_up", "down"], [], [])
+    assert _short(plans[1]) == (["qkv", "gate_up", "down"], ["o_proj"], [])
+    with pytest.raises(ValueError, match="matches no linear.*full names"):
+        _plan(model, w8a8=["self_attn.o_proj"])  # relative names match nothing
+
+
+def test_two_groups_never_fold_smoothing_into_one_producer():
+    from flatquant_modifier import FlatQuantMapping
+
+    shared = [  # parallel attention/MLP blocks (e.g. GPT-J, Cohere) read one norm
+        FlatQuantMapping(name="qkv", targets=["re:.*(q|k|v)_proj$"],
+                         smooth_layer="re:.*input_layernorm$"),
+        FlatQuantMapping(name="gate_up", targets=["re:.*(gate|up)_proj$"],
+                         smooth_layer="re:.*input_layernorm$"),
+    ]
+    model = build_tiny_llama()
+    layers = [("model.layers.0", model.model.layers[0])]
+    messages = []
+    handle = logger.add(messages.append, level="WARNING")
+    try:
+        [plan] = plan_layers(layers, shared, [], [], "w8a8_dynamic", ascend=True, nvfp4=False)
+    finally:
+        logger.remove(handle)
+    assert plan.groups[0].smooth is not None and plan.groups[1].smooth is None
+    assert any("already takes another group's smoothing" in m for m in messages)
+
+
+def test_w8a8_linears_without_a_scheme_warn_and_output_quantization_is_refused():
+    model = build_tiny_llama(**UNDECOMPOSABLE)
+    plans = _plan(model)
+    messages = []
+    handle = logger.add(messages.append, level="WARNING")
+    try:  # weights to be quantized by a later oneshot
+        check_weight_schemes(plans, quantizes_activations=True)
+    finally:
+        logger.remove(handle)
+    assert any("down_proj is served as W8A8_DYNAMIC but has no weight scheme" in m
+               for m in messages)
+    scheme = preset_name_to_scheme("W8A16", ["re:.*q_proj$"])
+    scheme.output_activations = scheme.weights.model_copy()
+    apply_quantization_config(model, QuantizationConfig(config_groups={"g": scheme}))
+    with pytest.raises(ValueError, match=r"q_proj: its scheme quantizes output activations"):
+        check_weight_schemes(plans, quantizes_activations=True)

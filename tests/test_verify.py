@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 import flatquant_modifier.modifier as modifier_module
 from flatquant_modifier import FlatQuantModifier, load_flatquant_model
 from flatquant_modifier.ascend import save_ascend_checkpoint
-from flatquant_modifier.transform import get_flatquant_transform
+from flatquant_modifier.transform import get_dynamic_int8_quant, get_flatquant_transform
 from flatquant_modifier.verify import FlatQuantStateError, verify_model
 from tests.conftest import load_tiny
 from tests.helpers import assert_same_function, exact_logits
@@ -131,6 +131,14 @@ def test_nan_weight_names_the_parameter_or_skips_the_layer(tiny_llama_dir):
     run(model, tok, [modifier])
     assert [r.name for r in modifier.reports] == ["model.layers.0"]
     assert get_flatquant_transform(model.model.layers[1].mlp.down_proj) is None
+    # a skipped layer's W8A8_DYNAMIC linears still get their int8 input quantizers
+    model, tok = load_tiny(tiny_llama_dir)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    run(model, tok, [FlatQuantModifier(epochs=1, on_nonfinite="skip",
+                                       w8a8_dynamic=["re:.*o_proj$"])])
+    assert get_flatquant_transform(model.model.layers[1].mlp.up_proj) is None
+    assert get_dynamic_int8_quant(model.model.layers[1].self_attn.o_proj) is not None
     # with a weight quantizer the NaN reaches the checkpoint: the guard names it
     model, tok = load_tiny(tiny_llama_dir)
     with torch.no_grad():

@@ -267,7 +267,12 @@ def _weight_integers(name: str, module: Module, num_bits: int) -> torch.Tensor:
     """The weight's integer values (int8 storage), from the fake-quantized weight or,
     after ``save_pretrained(save_compressed=True)`` packed the model in place, from
     the compressed-tensors packed weight."""
-    if hasattr(module, "weight"):
+    weight = getattr(module, "weight", None)
+    if weight is not None and not weight.is_floating_point():
+        # compressed in place with an unpacked integer format (int-quantized,
+        # naive-quantized): the integers themselves
+        return weight.detach().to(torch.int8)
+    if weight is not None:
         # compressed-tensors' own quantize: the same integers as its fake quantization
         # and its packed format, ties at -7.5 included
         return quantize(
@@ -304,6 +309,11 @@ def _check_weight_scheme(name: str, module: Module, num_bits: int, quant_type: s
             f"{name}: its scheme quantizes input activations itself; on Ascend the "
             "FlatQuant transform or the int8 input quantizer does (leave "
             "input_activations unset)"
+        )
+    if getattr(scheme, "output_activations", None) is not None:
+        raise AscendExportError(
+            f"{name}: its scheme quantizes output activations, which no vllm-ascend "
+            "linear method does (leave output_activations unset)"
         )
 
 

@@ -221,3 +221,16 @@ def test_quantized_linears_without_an_ascend_method_are_refused(tiny_llama_dir, 
                      weight_quantizer()])
     _assert_refused(model, tmp_path / "x", r"model.layers.0.self_attn.o_proj is quantized "
                     r".*neither a FlatQuant transform nor an int8 input quantizer")
+
+
+def test_export_after_saving_in_an_unpacked_integer_format(tiny_llama_dir, tmp_path):
+    # naive-quantized keeps int8 integers in `weight`: they are exported as they are
+    model, tok = load_tiny(tiny_llama_dir)
+    run(model, tok, [FlatQuantModifier(epochs=1, w8a8_dynamic=["re:.*o_proj$"]),
+                     mixed_weight_quantizer(["o_proj"])])
+    reference = exact_logits(model)
+    model.save_pretrained(tmp_path / "ct", save_compressed=True,
+                          quantization_format="naive-quantized")
+    assert model.model.layers[0].self_attn.o_proj.weight.dtype == torch.int8
+    save_ascend_checkpoint(model, tmp_path / "ascend", tok)
+    assert_same_function(tmp_path / "ascend", reference)
