@@ -23,6 +23,7 @@ __all__ = [
     "NPU_MAX_FACTOR",
     "FUSED_SIBLINGS",
     "npu_kronecker_problem",
+    "is_int_channel_symmetric",
 ]
 
 
@@ -75,3 +76,15 @@ def npu_kronecker_problem(in_features: int) -> str | None:
             f"needs N % {INT4_PER_INT32} == 0 and M, N <= {NPU_MAX_FACTOR}"
         )
     return None
+
+
+def is_int_channel_symmetric(weights, num_bits: int) -> bool:
+    """Whether compressed-tensors weight args (``scheme.weights``) are the integer,
+    per-output-channel, symmetric quantization vllm-ascend's int methods store."""
+    return (
+        weights is not None
+        and weights.num_bits == num_bits
+        and weights.type == "int"
+        and weights.symmetric
+        and weights.strategy == "channel"
+    )

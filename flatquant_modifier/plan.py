@@ -9,12 +9,11 @@ so that a recipe that could not be exported fails before hours of calibration.
 from dataclasses import dataclass, field
 from typing import Literal
 
-from compressed_tensors.quantization import QuantizationStrategy, QuantizationType
 from compressed_tensors.utils import is_match
 from loguru import logger
 from torch.nn import Linear, Module
 
-from flatquant_modifier.formats import NVFP4_GROUP_SIZE
+from flatquant_modifier.formats import NVFP4_GROUP_SIZE, is_int_channel_symmetric
 from flatquant_modifier.mappings import FlatQuantMapping, ResolvedGroup, relative_name, resolve_layer
 
 __all__ = ["LayerPlan", "plan_layers", "check_weight_schemes"]
@@ -173,12 +172,7 @@ def check_weight_schemes(plans: list[LayerPlan], quantizes_activations: bool):
                     "undecomposable='float' to keep it in full precision)"
                 )
                 continue
-            weights = getattr(scheme, "weights", None)
-            int8_channel = (
-                weights is not None and weights.num_bits == 8
-                and weights.type == QuantizationType.INT and weights.symmetric
-                and weights.strategy == QuantizationStrategy.CHANNEL
-            )
+            int8_channel = is_int_channel_symmetric(scheme.weights, 8)
             if not int8_channel or scheme.input_activations is not None:
                 raise ValueError(
                     f"{name} is served as W8A8_DYNAMIC (int8 activations quantized "

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-from compressed_tensors.quantization import QuantizationStrategy, QuantizationType
 from compressed_tensors.quantization.lifecycle.forward import quantize
 from compressed_tensors.utils import align_module_device
 from huggingface_hub import save_torch_state_dict
@@ -38,6 +37,7 @@ from flatquant_modifier.formats import (
     FUSED_SIBLINGS,
     W4A4_FLATQUANT_DYNAMIC,
     W8A8_DYNAMIC,
+    is_int_channel_symmetric,
     npu_kronecker_problem,
 )
 from flatquant_modifier.kronecker import get_decompose_dim
@@ -289,15 +289,7 @@ def _weight_integers(name: str, module: Module, num_bits: int) -> torch.Tensor:
 def _check_weight_scheme(name: str, module: Module, num_bits: int, quant_type: str):
     scheme = getattr(module, "quantization_scheme", None)
     weights = getattr(scheme, "weights", None)
-    ok = (
-        weights is not None
-        and weights.num_bits == num_bits
-        and weights.type == QuantizationType.INT
-        and weights.symmetric
-        and weights.strategy == QuantizationStrategy.CHANNEL
-        and hasattr(module, "weight_scale")
-    )
-    if not ok:
+    if not (is_int_channel_symmetric(weights, num_bits) and hasattr(module, "weight_scale")):
         raise AscendExportError(
             f"{name}: {quant_type} stores int{num_bits} per-channel symmetric weights; "
             f"this linear's weight scheme is {weights}. Quantize its weights after "

@@ -215,7 +215,7 @@ def test_undecomposable_sizes_fall_back_to_w8a8_dynamic(tmp_path):
 
 def test_quantized_linears_without_an_ascend_method_are_refused(tiny_llama_dir, tmp_path):
     # o_proj left out of FlatQuant but given int4 weights: W4A16, which vllm-ascend
-    # has no linear method for; previously exported as FLOAT, silently unquantized
+    # has no linear method for; exported as FLOAT it would silently lose its quantization
     model, tok = load_tiny(tiny_llama_dir)
     run(model, tok, [FlatQuantModifier(epochs=1, ignore=["lm_head", "re:.*o_proj$"]),
                      weight_quantizer()])
