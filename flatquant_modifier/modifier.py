@@ -236,7 +236,7 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
                 "this model already carries FlatQuant transforms; apply "
                 "FlatQuantModifier to the full-precision model"
             )
-        self._smoothing = SmoothingCheck(forced="smooth" in self.model_fields_set)
+        self._smoothing = SmoothingCheck(forced=self.smooth is True)
         return True
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):

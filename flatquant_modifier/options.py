@@ -9,7 +9,7 @@ from typing import Literal, NamedTuple
 
 import torch
 from compressed_tensors.utils import TorchDtype
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_serializer, field_validator, model_validator
 
 from flatquant_modifier.modules import Parametrization, TransformInit
 
@@ -30,8 +30,10 @@ class FlatQuantOptions(BaseModel):
     :param learn_activation_clip: learn a per-tensor activation clip factor, stored as
         the Ascend ``clip_ratio`` (needs ``a_bits``)
     :param clip_init_logit: initial logit of all clip factors (sigmoid(4) = 0.982)
-    :param smooth: learn a per-channel smoothing vector where it can be folded
-        exactly into the module producing the input
+    :param smooth: learn a per-channel smoothing vector folded into the module that
+        produces the input. ``"auto"``: where that fold is exact (checked per layer
+        structure), off with one logged line elsewhere; True: everywhere, an error
+        where the fold is not exact; False: nowhere
     :param smooth_alpha: SmoothQuant migration strength of the smoothing init
     :param parametrization: ``"dense"`` (free matrices, inverse by
         ``torch.linalg.inv``, float64 when absorbed) or ``"orthogonal"``
@@ -71,7 +73,7 @@ class FlatQuantOptions(BaseModel):
     learn_weight_clip: bool = True
     learn_activation_clip: bool = True
     clip_init_logit: float = 4.0
-    smooth: bool = True
+    smooth: bool | Literal["auto"] = "auto"
     smooth_alpha: float = Field(default=0.3, ge=0.0, le=1.0)
     parametrization: Parametrization = "dense"
     transform_init: TransformInit = "random"
@@ -86,6 +88,17 @@ class FlatQuantOptions(BaseModel):
     seed: int = 0
     quant_format: Literal["int", "nvfp4"] = "int"
     propagate_activation_quant: bool = True
+
+    # llm-compressor writes a recipe without its None values (recipe.yaml of a saved
+    # checkpoint), which would turn these back into their defaults: None is "none" there
+    @field_serializer("w_bits", "a_bits", "autocast_dtype", mode="wrap")
+    def _none_as_word(self, value, handler):
+        return "none" if value is None else handler(value)
+
+    @field_validator("w_bits", "a_bits", "autocast_dtype", mode="before")
+    @classmethod
+    def _word_as_none(cls, value):
+        return None if isinstance(value, str) and value.lower() == "none" else value
 
     @property
     def quantizes_activations(self) -> bool:

@@ -86,3 +86,24 @@ def test_model_dump_and_validate_round_trip(options):
     assert FlatQuantModifier.model_validate(
         yaml.safe_load(yaml.safe_dump(modifier.model_dump(mode="json")))
     ).model_dump() == dumped
+
+
+def test_the_recipe_llm_compressor_saves_rebuilds_the_same_modifier():
+    # llm-compressor writes recipe.yaml without None values: those that differ from a
+    # default are written "none"
+    from llmcompressor.recipe import Recipe
+
+    modifier = FlatQuantModifier(a_bits=None, w_bits=8, autocast_dtype=None, epochs=3,
+                                 w8a8_dynamic=[], mappings=LLAMA_MAPPINGS)
+    text = Recipe.from_modifiers([modifier]).yaml()
+    assert "a_bits: none" in text and "autocast_dtype: none" in text
+    again = Recipe.create_instance(text).modifiers[0]
+
+    def fields(m):
+        return {k: v for k, v in m.model_dump().items() if not k.endswith("_")
+                and k not in ("group", "index")}
+
+    assert isinstance(again, FlatQuantModifier) and fields(again) == fields(modifier)
+    assert again.a_bits is None and again.autocast_dtype is None
+    # smooth stays "auto" (a warning where a fold is not exact), not a forced True
+    assert again.smooth == "auto"
