@@ -15,7 +15,7 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 from torch.nn import Module
 
-from llmcompressor.core import Event, State
+from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers import Modifier
 from llmcompressor.pipelines.cache import IntermediatesCache
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
@@ -29,7 +29,13 @@ from flatquant_modifier.compat import (
 )
 from flatquant_modifier.mappings import FlatQuantMapping, infer_mappings_from_model
 from flatquant_modifier.options import FlatQuantOptions
-from flatquant_modifier.plan import LayerPlan, Undecomposable, check_weight_schemes, plan_layers
+from flatquant_modifier.plan import (
+    LayerPlan,
+    Undecomposable,
+    check_shared_calibration,
+    check_weight_schemes,
+    plan_layers,
+)
 from flatquant_modifier.smoothing import SmoothingCheck
 from flatquant_modifier.train import LayerReport, NonFiniteLossError
 from flatquant_modifier.transform import (
@@ -241,6 +247,8 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         check_weight_schemes(self._layers, self.quantizes_activations)
+        modifiers = getattr(active_session().lifecycle.recipe, "modifiers", None) or []
+        check_shared_calibration(self, modifiers, self._layers)
         # under torchrun: lets on_finalize find the rank that computed each weight qparam
         mark_weight_qparams_unset(state.model)
         offload = torch.device(self.offload_device) if self.offload_device else None

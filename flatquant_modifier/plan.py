@@ -16,7 +16,7 @@ from torch.nn import Linear, Module
 from flatquant_modifier.formats import NVFP4_GROUP_SIZE, is_int_channel_symmetric
 from flatquant_modifier.mappings import FlatQuantMapping, ResolvedGroup, relative_name, resolve_layer
 
-__all__ = ["LayerPlan", "plan_layers", "check_weight_schemes"]
+__all__ = ["LayerPlan", "plan_layers", "check_weight_schemes", "check_shared_calibration"]
 
 Undecomposable = Literal["w8a8_dynamic", "float", "error"]
 
@@ -63,6 +63,11 @@ def plan_layers(
             and any(is_match(full := f"{name}.{rel}", module, t) for t in w8a8_dynamic)
         ]
         matched_int8 |= bool(int8)
+        if both := [n for n, m in int8 if any(is_match(n, m, t) for t in ignore)]:
+            raise ValueError(
+                f"FlatQuant: {both[0]} is in both `ignore` (left untouched) and "
+                "`w8a8_dynamic` (int8 activations); list it in one of them"
+            )
         _share_no_smoothing_producer(name, groups)
         plan = LayerPlan(name, layer, [g for g in groups if g.npu_problem is None], int8)
         fallback = [g for g in groups if g.npu_problem is not None]
@@ -190,3 +195,39 @@ def check_weight_schemes(plans: list[LayerPlan], quantizes_activations: bool):
                     "weight quantizer gave it a scheme; add it to that modifier's "
                     "`ignore`, or use undecomposable='w8a8_dynamic'."
                 )
+
+
+# modifiers that learn from the inputs of the linears they quantize
+DATA_DEPENDENT_MODIFIERS = ("GPTQModifier", "AWQModifier", "SmoothQuantModifier",
+                            "SparseGPTModifier")
+
+
+def check_shared_calibration(flatquant, modifiers: list, plans: list[LayerPlan]):
+    """
+    FlatQuant attaches a layer's transforms after the pipeline's calibration pass of
+    that layer. A modifier that learns from the linears' inputs in the same pass (GPTQ's
+    Hessians, the input observers of a static or NVFP4 activation scheme) would see
+    the untransformed inputs and quantize the transformed weights against them.
+    llm-compressor's default ``pipeline="independent"`` gives every modifier its own
+    pass (FlatQuant's first); an explicit shared pipeline is refused.
+
+    :param modifiers: the modifiers of the current calibration pass
+    """
+    others = [m for m in modifiers if m is not flatquant]
+    if not others:
+        return
+    learning = [type(m).__name__ for m in others
+                if type(m).__name__ in DATA_DEPENDENT_MODIFIERS]
+    observed = [
+        name for plan in plans for group in plan.groups for name, linear in group.linears
+        if getattr(getattr(linear, "quantization_scheme", None), "input_activations", None)
+        is not None
+    ]
+    if learning or observed:
+        what = learning or [f"the activation scheme of {observed[0]}"]
+        raise ValueError(
+            f"FlatQuantModifier shares its calibration pass with {', '.join(what)}, "
+            "which would learn from inputs before FlatQuant transforms them. Use "
+            "oneshot's default pipeline='independent' (each modifier its own pass, "
+            "FlatQuant's first)."
+        )

@@ -103,6 +103,10 @@ def test_w8a8_dynamic_matches_full_names_as_ignore_does():
     assert _short(plans[1]) == (["qkv", "gate_up", "down"], ["o_proj"], [])
     with pytest.raises(ValueError, match="matches no linear.*full names"):
         _plan(model, w8a8=["self_attn.o_proj"])  # relative names match nothing
+    layers = [("model.layers.0", model.model.layers[0])]
+    with pytest.raises(ValueError, match=r"o_proj is in both `ignore`.*and `w8a8_dynamic`"):
+        plan_layers(layers, LLAMA_MAPPINGS, ["re:.*o_proj$"], ["re:.*o_proj$"],
+                    "w8a8_dynamic", ascend=True, nvfp4=False)
 
 
 def test_two_groups_never_fold_smoothing_into_one_producer():
@@ -142,3 +146,23 @@ def test_w8a8_linears_without_a_scheme_warn_and_output_quantization_is_refused()
     apply_quantization_config(model, QuantizationConfig(config_groups={"g": scheme}))
     with pytest.raises(ValueError, match=r"q_proj: its scheme quantizes output activations"):
         check_weight_schemes(plans, quantizes_activations=True)
+
+
+def test_a_calibration_pass_shared_with_gptq_is_refused(tiny_llama_dir):
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    from flatquant_modifier import FlatQuantModifier
+    from tests.conftest import load_tiny
+    from tests.helpers import WEIGHTS_W4, run
+
+    def recipe():
+        return [FlatQuantModifier(epochs=1),
+                GPTQModifier(ignore=["lm_head"],
+                             config_groups={"g": {"targets": ["Linear"], "weights": WEIGHTS_W4}})]
+
+    model, tok = load_tiny(tiny_llama_dir)
+    with pytest.raises(ValueError, match="shares its calibration pass with GPTQModifier.*"
+                       "pipeline='independent'"):
+        run(model, tok, recipe(), pipeline="sequential")
+    model, tok = load_tiny(tiny_llama_dir)
+    run(model, tok, recipe())  # the default: one pass per modifier, FlatQuant's first
