@@ -62,11 +62,8 @@ class FlatQuantTransformFactory(TransformFactory):
     """Creates one :class:`KroneckerQuantTransform` per targeted linear (identity)."""
 
     def create_transform(self, module: Module, args: TransformArgs) -> TransformBase:
-        if TransformLocation(args.location) != TransformLocation.INPUT:
-            raise ValueError(
-                f"FlatQuant transforms apply to linear inputs only, got location "
-                f"{args.location!r}; the inverse is absorbed into the weights"
-            )
+        _require_input_location(args, "FlatQuant transforms apply to linear inputs only "
+                                "(the inverse is absorbed into the weights)")
         if not hasattr(module, "in_features"):
             raise ValueError(
                 f"FlatQuant transforms target linear layers, got {type(module).__name__}"
@@ -78,6 +75,11 @@ class FlatQuantTransformFactory(TransformFactory):
             quantize=self.scheme.type == FLATQUANT_TRANSFORM_TYPE,
             device=_creation_device(module),
         )
+
+
+def _require_input_location(args: TransformArgs, what: str):
+    if TransformLocation(args.location) != TransformLocation.INPUT:
+        raise ValueError(f"{what}; got location {args.location!r}")
 
 
 def _creation_device(module: Module) -> torch.device:
@@ -180,11 +182,8 @@ class DynamicInt8Factory(TransformFactory):
     """Creates one :class:`DynamicInt8Quant` per targeted linear."""
 
     def create_transform(self, module: Module, args: TransformArgs) -> TransformBase:
-        if TransformLocation(args.location) != TransformLocation.INPUT:
-            raise ValueError(
-                f"{DYNAMIC_INT8_TRANSFORM_TYPE} quantizes linear inputs only, got "
-                f"location {args.location!r}"
-            )
+        _require_input_location(args, f"{DYNAMIC_INT8_TRANSFORM_TYPE} quantizes linear "
+                                "inputs only")
         return DynamicInt8Quant(self.scheme, args)
 
 

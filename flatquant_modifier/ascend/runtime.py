@@ -47,7 +47,32 @@ QUANTIZED_SUFFIXES = (
 )
 
 
-class AscendW4A4FlatQuantLinear(nn.Module):
+class _AscendLinear(nn.Module):
+    """What vllm-ascend's int linear methods allocate alike: ``weight`` int8 [out, in],
+    ``weight_scale`` and ``weight_offset`` [out, 1] in ``scale_dtype``, the bias in
+    ``params_dtype``."""
+
+    def __init__(self, in_features, out_features, bias, params_dtype, scale_dtype, use_npu):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.use_npu = use_npu
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False
+        )
+        self.weight_scale = nn.Parameter(
+            torch.empty(out_features, 1, dtype=scale_dtype), requires_grad=False
+        )
+        self.weight_offset = nn.Parameter(
+            torch.empty(out_features, 1, dtype=scale_dtype), requires_grad=False
+        )
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=params_dtype), requires_grad=False)
+            if bias
+            else None
+        )
+
+
+class AscendW4A4FlatQuantLinear(_AscendLinear):
     """
     Mirrors vllm-ascend's W4A4_FLATQUANT_DYNAMIC linear: parameters as allocated by
     ``get_weight`` / ``get_pertensor_param`` / ``get_perchannel_param``; call
@@ -62,28 +87,17 @@ class AscendW4A4FlatQuantLinear(nn.Module):
         params_dtype: torch.dtype = torch.bfloat16,
         use_npu: bool | None = None,
     ):
-        super().__init__()
         if in_features % INT4_PER_INT32 != 0:
             raise ValueError(
                 f"input_size ({in_features}) must be divisible by {INT4_PER_INT32} for "
                 "int4 packing"
             )
-        self.in_features, self.out_features = in_features, out_features
-        self.use_npu = use_npu
+        super().__init__(in_features, out_features, bias, params_dtype, torch.float32,
+                         use_npu)
         m, n = get_decompose_dim(in_features)
-        self.weight = nn.Parameter(
-            torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False
-        )
-        self.weight_scale = nn.Parameter(torch.empty(out_features, 1), requires_grad=False)
-        self.weight_offset = nn.Parameter(torch.empty(out_features, 1), requires_grad=False)
         self.left_trans = nn.Parameter(torch.empty(m, m, dtype=params_dtype), requires_grad=False)
         self.right_trans = nn.Parameter(torch.empty(n, n, dtype=params_dtype), requires_grad=False)
         self.clip_ratio = nn.Parameter(torch.empty(1), requires_grad=False)
-        self.bias = (
-            nn.Parameter(torch.empty(out_features, dtype=params_dtype), requires_grad=False)
-            if bias
-            else None
-        )
         self.aclnn_clip_ratio: float | None = None
 
     @torch.no_grad()
@@ -128,7 +142,7 @@ class AscendW4A4FlatQuantLinear(nn.Module):
         return out
 
 
-class AscendW8A8DynamicLinear(nn.Module):
+class AscendW8A8DynamicLinear(_AscendLinear):
     """
     Mirrors vllm-ascend's W8A8_DYNAMIC linear: ``weight`` int8 [out, in],
     ``weight_scale`` and ``weight_offset`` [out, 1] in ``params_dtype`` (the offset is
@@ -143,23 +157,8 @@ class AscendW8A8DynamicLinear(nn.Module):
         params_dtype: torch.dtype = torch.bfloat16,
         use_npu: bool | None = None,
     ):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.use_npu = use_npu
-        self.weight = nn.Parameter(
-            torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False
-        )
-        self.weight_scale = nn.Parameter(
-            torch.empty(out_features, 1, dtype=params_dtype), requires_grad=False
-        )
-        self.weight_offset = nn.Parameter(
-            torch.empty(out_features, 1, dtype=params_dtype), requires_grad=False
-        )
-        self.bias = (
-            nn.Parameter(torch.empty(out_features, dtype=params_dtype), requires_grad=False)
-            if bias
-            else None
-        )
+        super().__init__(in_features, out_features, bias, params_dtype, params_dtype,
+                         use_npu)
         self.processed = False
 
     @torch.no_grad()
