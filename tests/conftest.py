@@ -5,14 +5,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
+
+from examples.common.synthetic import byte_tokenizer, random_token_dataset  # noqa: F401
 
 
 TINY = dict(
@@ -25,17 +27,6 @@ TINY = dict(
     max_position_embeddings=256,
     tie_word_embeddings=False,
 )
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A 256-token byte-level tokenizer built locally."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=alphabet[0], pad_token=alphabet[0]
-    )
 
 
 def build_tiny_llama(seed: int = 0, outliers: bool = True, **overrides) -> LlamaForCausalLM:
@@ -57,6 +48,22 @@ def build_tiny_llama(seed: int = 0, outliers: bool = True, **overrides) -> Llama
     return model
 
 
+# Qwen3-MoE: layer 0 dense (mlp_only_layers), layer 1 with four routed experts
+TINY_QWEN3_MOE = dict(TINY, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                      head_dim=16, mlp_only_layers=[0])
+
+
+def save_tiny_model_for(recipe: Path, path: Path) -> Path:
+    """The tiny model a recipe of recipes/ is made for, saved with the byte tokenizer:
+    a Qwen3-MoE for the MoE recipes, else the tiny Llama."""
+    if "moe" not in recipe.stem:
+        return save_tiny_llama(path)
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(Qwen3MoeConfig(**TINY_QWEN3_MOE)).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
 def save_tiny_llama(path: Path) -> Path:
     """Save the default tiny Llama (with outliers) and the byte tokenizer to ``path``."""
     build_tiny_llama().save_pretrained(path)
@@ -75,9 +82,3 @@ def load_tiny(path: Path):
     return model, PreTrainedTokenizerFast.from_pretrained(path)
 
 
-def random_token_dataset(num_samples: int = 8, seq_len: int = 32, seed: int = 0) -> Dataset:
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, TINY["vocab_size"], (num_samples, seq_len), generator=generator)
-    return Dataset.from_dict(
-        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
-    )
