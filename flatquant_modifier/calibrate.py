@@ -28,6 +28,7 @@ from tqdm import tqdm
 from flatquant_modifier.absorb import PendingWrites, absorb_group
 from flatquant_modifier.attention import training_attention
 from flatquant_modifier.batching import assign_steps, call_keys, plan_steps, split_calls
+from flatquant_modifier.compat import routed_experts_only
 from flatquant_modifier.distributed import all_reduce_, write_parameters
 from flatquant_modifier.emulation import layer_output
 from flatquant_modifier.mappings import ResolvedGroup
@@ -113,6 +114,7 @@ def calibrate_layer(
         stack.enter_context(align_module_device(layer))
         stack.enter_context(HooksMixin.disable_hooks())
         stack.enter_context(deterministic_algorithms(options.deterministic))
+        stack.enter_context(routed_experts_only())
         check_finite_parameters(name, layer)
         if smoothing is not None:
             smoothing.apply(name, layer, groups, probe, device)

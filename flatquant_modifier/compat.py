@@ -10,12 +10,17 @@ names the behaviour it works around. Remove one when the library it concerns fix
   0.14 (``llmcompressor.modifiers.utils.helpers``), used when importable.
 * :func:`hold_weights_during_forward`: compressed-tensors 0.19's quantized forward reads
   an offloaded weight twice and gets a fresh, unquantized copy the second time.
+* :func:`routed_experts_only`: llm-compressor 0.14 keeps oneshot's
+  ``moe_calibrate_all_experts`` in a module global, with no public way to clear it for
+  a scope.
 """
+
+import contextlib
 
 import torch
 import torch.distributed as dist
 from compressed_tensors.offload import OffloadCache, disable_offloading, unwrap_offload_forward
-from compressed_tensors.utils import align_modules, update_offload_parameter
+from compressed_tensors.utils import align_modules, patch_attr, update_offload_parameter
 from loguru import logger
 from torch import nn
 
@@ -28,6 +33,7 @@ __all__ = [
     "sync_weight_qparams",
     "update_fused_layer_weight_global_scales",
     "hold_weights_during_forward",
+    "routed_experts_only",
 ]
 
 
@@ -221,3 +227,18 @@ def hold_weights_during_forward(model: nn.Module) -> int:
             module.forward = held.__get__(module)
         wrapped += 1
     return wrapped
+
+
+@contextlib.contextmanager
+def routed_experts_only():
+    """
+    Run llm-compressor's linearized MoE experts on their routed tokens only.
+    ``oneshot(moe_calibrate_all_experts=True)`` (the default) sends every token
+    through every expert so that the experts' observers see data; FlatQuant's targets
+    and training compute the model's own function, in which a token reaches its top-k
+    experts: num_experts / top_k times less work, the same outputs.
+    """
+    from llmcompressor.modeling.moe import context
+
+    with patch_attr(context, "_CALIBRATE_ALL_EXPERTS", False):
+        yield

@@ -5,6 +5,8 @@ vLLM and vllm-ascend fuse into one (siblings that share one transform, one quant
 type and, under tensor-group schemes, one global scale).
 """
 
+import re
+
 from flatquant_modifier.kronecker import get_decompose_dim
 
 __all__ = [
@@ -22,6 +24,11 @@ __all__ = [
     "NVFP4_GROUP_SIZE",
     "NPU_MAX_FACTOR",
     "FUSED_SIBLINGS",
+    "MOE_METHODS",
+    "ASCEND_FLOAT_ONLY",
+    "expert_of",
+    "CHECKPOINT_NAMES",
+    "checkpoint_name",
     "npu_kronecker_problem",
     "is_int_channel_symmetric",
 ]
@@ -58,6 +65,44 @@ FUSED_SIBLINGS = {
     "w13": ("w1", "w3"),  # Mixtral-style experts
     "fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"),  # DeepSeek MLA
 }
+
+
+# vllm-ascend runs the routed experts of one MoE block as one FusedMoE layer of one
+# quant type, looked up on expert 0; its MoE methods have no FlatQuant transform. The
+# ones this package writes:
+MOE_METHODS = (W8A8_DYNAMIC,)
+_EXPERT = re.compile(r"^(?P<block>.*\.experts)\.(?P<index>\d+)\.(?P<proj>[^.]+)$")
+
+# linears vllm-ascend runs unquantized only, and why
+ASCEND_FLOAT_ONLY = {
+    "kv_b_proj": "vllm-ascend's MLA attention splits its weight unquantized (W_UK, W_UV)",
+}
+
+
+def expert_of(name: str) -> tuple[str, int, str] | None:
+    """``(experts module, expert index, projection)`` of a routed expert's linear
+    (``model.layers.3.mlp.experts.7.gate_proj`` -> ``("model.layers.3.mlp.experts", 7,
+    "gate_proj")``), or None for any other module."""
+    match = _EXPERT.match(name)
+    return (match["block"], int(match["index"]), match["proj"]) if match else None
+
+
+# vLLM loads some architectures by their original checkpoint names, which transformers
+# 5 renames at load (Mixtral: block_sparse_moe -> mlp, experts' w1/w3/w2 -> gate/up/
+# down_proj): model_type -> {transformers name component: checkpoint name component}
+CHECKPOINT_NAMES = {
+    "mixtral": {"mlp": "block_sparse_moe", "gate_proj": "w1", "up_proj": "w3",
+                "down_proj": "w2"},
+}
+
+
+def checkpoint_name(key: str, model_type: str | None, reverse: bool = False) -> str:
+    """``key`` (a module or tensor name of the transformers model) as vLLM's loader of
+    ``model_type`` names it; ``reverse`` maps a checkpoint name back."""
+    names = CHECKPOINT_NAMES.get(model_type or "", {})
+    if reverse:
+        names = {v: k for k, v in names.items()}
+    return ".".join(names.get(part, part) for part in key.split("."))
 
 
 def npu_kronecker_problem(in_features: int) -> str | None:

@@ -7,16 +7,24 @@ but not its ``transform_config``: it neither re-attaches online transforms nor l
 their parameters (llm-compressor's own QuIP/SpinQuant checkpoints are meant for vLLM).
 This re-applies the transform config with compressed-tensors' ``apply_transform_config``
 and loads the transform parameters from the checkpoint's safetensors files.
+
+MoE models: transformers 5 fuses each block's experts into 3D tensors; llm-compressor
+unpacks them into one linear per expert for calibration and saves them so (each
+expert has its own qparams and input quantizers). Such a checkpoint is loaded into the
+same per-expert modules (llm-compressor's ``LinearExperts2D``), with transformers'
+expert-fusing conversions left out of the load.
 """
 
 import contextlib
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
 from compressed_tensors import TRANSFORM_CONFIG_NAME
 from compressed_tensors.offload import remove_dispatch
+from compressed_tensors.utils import patch_attr
 from compressed_tensors.transform import (
     TransformConfig,
     TransformLocation,
@@ -55,7 +63,10 @@ def load_flatquant_model(path: str | Path, **from_pretrained_kwargs):
             "save_pretrained(..., save_compressed=True)"
         )
     files = check_safetensors_files(path)
-    with _quiet_transformers():  # its load report lists our transform keys as unexpected
+    with contextlib.ExitStack() as stack:
+        # its load report lists our transform keys as unexpected
+        stack.enter_context(_quiet_transformers())
+        stack.enter_context(_per_expert_layout(path, files))
         model, info = AutoModelForCausalLM.from_pretrained(
             path, output_loading_info=True, **from_pretrained_kwargs
         )
@@ -115,6 +126,70 @@ def check_safetensors_files(path: Path) -> list[Path]:
     return files
 
 
+_PER_EXPERT_KEY = re.compile(r"\.experts\.\d+\.")
+
+
+@contextlib.contextmanager
+def _per_expert_layout(path: Path, files: list[Path]):
+    """
+    While loading a checkpoint that stores MoE experts one linear per expert into a
+    model type whose transformers class fuses them: build the per-expert modules
+    llm-compressor calibrated (``LinearExperts2D``) and load the keys as they are.
+    Written here because llm-compressor's ``load_quantizable_moe`` covers only model
+    types it has load mappings for (not Mixtral) and goes through transformers'
+    ``apply_patches``, which imports every transformers module (torchvision too).
+    """
+    from llmcompressor.modeling.moe.conversion_mappings import ARCH_TO_IMPORT_PATHS
+    from llmcompressor.modeling.moe.helpers import import_or_none
+    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+    from transformers import AutoConfig
+    from transformers import conversion_mapping
+
+    model_type = AutoConfig.from_pretrained(path).model_type
+    experts_cls = (import_or_none(ARCH_TO_IMPORT_PATHS[model_type][1])
+                   if model_type in ARCH_TO_IMPORT_PATHS else None)
+    if experts_cls is None or not _has_per_expert_keys(files):
+        yield
+        return
+    original = conversion_mapping.get_checkpoint_conversion_mapping(model_type)
+    registered = model_type in conversion_mapping.USER_REGISTERED_MAPPINGS
+    # transformers' renames stay (Mixtral's block_sparse_moe -> mlp); the conversions
+    # that fuse per-expert tensors into 3D ones go
+    kept = [
+        conversion for conversion in original or []
+        if not any("experts" in target for target in conversion.target_patterns)
+    ]
+    linear_cls = LinearExperts2D.get_linear_experts_cls(experts_cls)
+
+    def init(self, config, *args, **kwargs):
+        linear_cls.__init__(self, config, *args, **kwargs)
+        # what llm-compressor's repack_moe needs to fuse them again
+        self._source_experts_cls, self._source_config = experts_cls, config
+        # loaded expert by expert: transformers' initialisation of the fused class
+        # (which this one stands in for) would look for 3D tensors
+        self._is_hf_initialized = True
+
+    loaded_cls = type(linear_cls.__name__, (linear_cls,), {"__init__": init})
+    module = sys.modules[experts_cls.__module__]
+    register = conversion_mapping.register_checkpoint_conversion_mapping
+    register(model_type, kept, overwrite=True)
+    try:
+        with patch_attr(module, experts_cls.__name__, loaded_cls):
+            yield
+    finally:
+        register(model_type, original or [], overwrite=True)
+        if not registered:
+            conversion_mapping.USER_REGISTERED_MAPPINGS.discard(model_type)
+
+
+def _has_per_expert_keys(files: list[Path]) -> bool:
+    for file in files:
+        with safe_open(file, "pt") as reader:
+            if any(_PER_EXPERT_KEY.search(key) for key in reader.keys()):
+                return True
+    return False
+
+
 def _check_loading_info(path: Path, info: dict):
     """:raises ValueError: if transformers left weights missing, unexpected or of
     another shape (re-initialised), the online transforms' parameters excepted"""
@@ -130,16 +205,11 @@ def _check_loading_info(path: Path, info: dict):
         f"{len(keys)} {kind}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
         for kind, keys in problems.items()
     )
-    hint = ""
-    if any(re.search(r"\.experts\.\d+\.", key) for key in problems.get("unexpected", [])):
-        hint = (" Its MoE experts were saved one linear per expert (llm-compressor unpacks "
-                "fused experts for calibration; vLLM loads that layout), which this "
-                "transformers version's fused experts cannot load.")
     raise ValueError(
         f"{path}: transformers could not load every weight of the checkpoint into the "
         f"model ({listed}); those weights would be left re-initialised. The checkpoint "
         "does not match its config.json (a layout this transformers version renames, or "
-        "a checkpoint from another model)." + hint
+        "a checkpoint from another model)."
     )
 
 

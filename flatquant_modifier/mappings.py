@@ -25,6 +25,9 @@ __all__ = [
     "resolve_layer",
     "LLAMA_MAPPINGS",
     "GEMMA_MAPPINGS",
+    "QWEN_MOE_MAPPINGS",
+    "QWEN2_MOE_MAPPINGS",
+    "DEEPSEEK_V3_MAPPINGS",
     "FLATQUANT_MAPPING_REGISTRY",
     "infer_mappings_from_model",
     "relative_name",
@@ -35,16 +38,20 @@ class FlatQuantMapping(BaseModel):
     """
     :param name: short name of the transformed input, e.g. ``"qkv"``; used in logs
     :param targets: linears that read this input (regexes or names, relative to the
-        decoder layer); each must match at least one module in every decoder layer
+        decoder layer); each must match at least one module in every decoder layer,
+        unless the mapping is ``optional``
     :param smooth_layer: module whose output is this input, into which the smoothing
         vector is folded: a norm (its ``weight`` is divided) or a linear (its output
         rows are divided). ``None`` (or a shape that cannot be folded) disables
         smoothing for this input.
+    :param optional: layers without these modules skip the mapping (the dense layers
+        of an MoE model have no shared experts; its MoE layers no dense MLP)
     """
 
     name: str
     targets: list[str] = Field(min_length=1)
     smooth_layer: str | None = None
+    optional: bool = False
 
     model_config = ConfigDict(extra="forbid")
 
@@ -84,6 +91,62 @@ GEMMA_MAPPINGS = [
     LLAMA_MAPPINGS[3],
 ]
 
+# MoE models: vllm-ascend has no FlatQuant method for routed experts (its MoE methods
+# are W8A8_DYNAMIC, W4A8_DYNAMIC, ...), so they are not mapped: list them in
+# `w8a8_dynamic` (recipes/flatquant_w4a4_moe.yaml). Routers stay in full precision.
+# Dense MLPs (Qwen MoE `mlp_only_layers`, DeepSeek's first layers) and shared experts
+# are mapped where a layer has them.
+_DENSE_MLP = [m.model_copy(update={"optional": True}) for m in LLAMA_MAPPINGS[2:]]
+
+# Qwen3-MoE, Mixtral (transformers 5 names its MoE block `mlp`)
+QWEN_MOE_MAPPINGS = [*LLAMA_MAPPINGS[:2], *_DENSE_MLP]
+
+# Qwen2-MoE: a shared expert beside the routed ones. Its input is also the router's
+# and the routed experts', so no smoothing can be folded into the norm before it.
+QWEN2_MOE_MAPPINGS = [
+    *QWEN_MOE_MAPPINGS,
+    FlatQuantMapping(
+        name="shared_gate_up",
+        targets=["re:.*mlp\\.shared_expert\\.gate_proj$", "re:.*mlp\\.shared_expert\\.up_proj$"],
+        optional=True,
+    ),
+    FlatQuantMapping(
+        name="shared_down",
+        targets=["re:.*mlp\\.shared_expert\\.down_proj$"],
+        smooth_layer="re:.*mlp\\.shared_expert\\.up_proj$",
+        optional=True,
+    ),
+]
+
+# DeepSeek-V3 (MLA): q_a_proj and kv_a_proj_with_mqa read the normed hidden states
+# (vllm-ascend fuses them as fused_qkv_a_proj); q_b_proj reads q_a_layernorm's output.
+# kv_b_proj stays in full precision: vllm-ascend's MLA reads its weight unquantized.
+DEEPSEEK_V3_MAPPINGS = [
+    FlatQuantMapping(
+        name="qkv_a",
+        targets=["re:.*self_attn\\.q_a_proj$", "re:.*self_attn\\.kv_a_proj_with_mqa$"],
+        smooth_layer="re:.*input_layernorm$",
+    ),
+    FlatQuantMapping(
+        name="q_b",
+        targets=["re:.*self_attn\\.q_b_proj$"],
+        smooth_layer="re:.*self_attn\\.q_a_layernorm$",
+    ),
+    FlatQuantMapping(name="o", targets=["re:.*self_attn\\.o_proj$"]),
+    *_DENSE_MLP,
+    FlatQuantMapping(
+        name="shared_gate_up",
+        targets=["re:.*mlp\\.shared_experts\\.gate_proj$", "re:.*mlp\\.shared_experts\\.up_proj$"],
+        optional=True,
+    ),
+    FlatQuantMapping(
+        name="shared_down",
+        targets=["re:.*mlp\\.shared_experts\\.down_proj$"],
+        smooth_layer="re:.*mlp\\.shared_experts\\.up_proj$",
+        optional=True,
+    ),
+]
+
 # keyed on the model's class name, as llm-compressor's AWQ/SpinQuant registries are
 FLATQUANT_MAPPING_REGISTRY: dict[str, list[FlatQuantMapping]] = {
     **{
@@ -96,6 +159,9 @@ FLATQUANT_MAPPING_REGISTRY: dict[str, list[FlatQuantMapping]] = {
         )
     },
     **{name: GEMMA_MAPPINGS for name in ("Gemma2ForCausalLM", "Gemma3ForCausalLM")},
+    **{name: QWEN_MOE_MAPPINGS for name in ("Qwen3MoeForCausalLM", "MixtralForCausalLM")},
+    "Qwen2MoeForCausalLM": QWEN2_MOE_MAPPINGS,
+    "DeepseekV3ForCausalLM": DEEPSEEK_V3_MAPPINGS,
 }
 
 
@@ -165,7 +231,8 @@ def resolve_layer(
 ) -> list[ResolvedGroup]:
     """
     Resolve ``mappings`` inside one decoder layer. A mapping whose linears are all in
-    ``ignore`` is skipped; a partial or missing match is an error naming the layer.
+    ``ignore`` is skipped, and an ``optional`` one that matches nothing; a partial or
+    missing match is an error naming the layer.
 
     :param npu_fallback: a group whose ``in_features`` vllm-ascend's
         ``npu_kronecker_quant`` cannot take is returned with ``npu_problem`` set
@@ -174,6 +241,8 @@ def resolve_layer(
     groups = []
     for mapping in mappings:
         matched = list(match_named_modules(layer, mapping.targets))
+        if not matched and mapping.optional:
+            continue
         if not matched:
             raise ValueError(
                 f"FlatQuant mapping {mapping.name!r} matched no module in layer "

@@ -13,7 +13,12 @@ from compressed_tensors.utils import is_match
 from loguru import logger
 from torch.nn import Linear, Module
 
-from flatquant_modifier.formats import NVFP4_GROUP_SIZE, is_int_channel_symmetric
+from flatquant_modifier.formats import (
+    ASCEND_FLOAT_ONLY,
+    NVFP4_GROUP_SIZE,
+    expert_of,
+    is_int_channel_symmetric,
+)
 from flatquant_modifier.mappings import FlatQuantMapping, ResolvedGroup, relative_name, resolve_layer
 
 __all__ = ["LayerPlan", "plan_layers", "check_weight_schemes", "check_shared_calibration"]
@@ -75,6 +80,8 @@ def plan_layers(
             _fall_back(plan, fallback, undecomposable)
         if nvfp4:
             _check_nvfp4_sizes(plan.groups)
+        if ascend:
+            _check_ascend_kinds(plan)
         plans.append(plan)
     if w8a8_dynamic and not matched_int8:
         raise ValueError(
@@ -122,6 +129,30 @@ def _fall_back(plan: LayerPlan, groups: list[ResolvedGroup], undecomposable: Und
     logger.info(f"FlatQuant {plan.name}: {names} not transformed ({problems}); {served}")
 
 
+def _check_ascend_kinds(plan: LayerPlan):
+    """What vllm-ascend has no method for: FlatQuant on routed experts, anything but
+    full precision on the linears of ``ASCEND_FLOAT_ONLY``."""
+    for group in plan.groups:
+        for name, _ in group.linears:
+            if expert_of(name) is not None:
+                raise ValueError(
+                    f"FlatQuant mapping {group.name} transforms the routed expert {name}, "
+                    "but vllm-ascend has no FlatQuant method for MoE experts (its MoE "
+                    "methods are W8A8_DYNAMIC, W4A8_DYNAMIC, ...). Leave experts out of "
+                    "`mappings` and list them in `w8a8_dynamic`, e.g. "
+                    "'re:.*mlp\\.experts\\.\\d+\\.(gate|up|down)_proj$'."
+                )
+    quantized = [*(linear for group in plan.groups for linear in group.linears), *plan.int8]
+    for name, _ in quantized:
+        reason = ASCEND_FLOAT_ONLY.get(name.rpartition(".")[2])
+        if reason:
+            raise ValueError(
+                f"FlatQuant: {name} must stay in full precision ({reason}); remove it "
+                "from `mappings`/`w8a8_dynamic` and add it to the weight quantizer's "
+                "`ignore`"
+            )
+
+
 def _check_nvfp4_sizes(groups: list[ResolvedGroup]):
     for group in groups:
         if group.in_features % NVFP4_GROUP_SIZE:
@@ -142,11 +173,17 @@ def check_weight_schemes(plans: list[LayerPlan], quantizes_activations: bool):
       scheme (the int8 input quantizer is FlatQuant's, with the NPU formula); without
       any scheme (weights quantized by a later oneshot) a warning;
     - no output-activation quantization on either (no vllm-ascend method has it);
-    - full-precision fallbacks: no scheme.
+    - full-precision fallbacks: no scheme;
+    - under vllm-ascend's W4A4 (``quantizes_activations``), no other linear of a
+      decoder layer with quantized weights: no vllm-ascend method would compute what
+      it computes (the export would refuse it after calibration).
 
     :raises ValueError: naming the linear and the fix
     """
+    unquantized = []  # W8A8_DYNAMIC linears without a weight scheme (yet)
     for plan in plans:
+        if quantizes_activations:
+            _check_all_served(plan)
         online = [*(linear for group in plan.groups for linear in group.linears), *plan.int8]
         for name, linear in online:
             scheme = getattr(linear, "quantization_scheme", None)
@@ -171,11 +208,7 @@ def check_weight_schemes(plans: list[LayerPlan], quantizes_activations: bool):
         for name, linear in plan.int8:
             scheme = getattr(linear, "quantization_scheme", None)
             if scheme is None:
-                logger.warning(
-                    f"FlatQuant: {name} is served as W8A8_DYNAMIC but has no weight "
-                    "scheme yet; give it int8 per-channel weights before exporting (or "
-                    "undecomposable='float' to keep it in full precision)"
-                )
+                unquantized.append(name)
                 continue
             int8_channel = is_int_channel_symmetric(scheme.weights, 8)
             if not int8_channel or scheme.input_activations is not None:
@@ -195,6 +228,41 @@ def check_weight_schemes(plans: list[LayerPlan], quantizes_activations: bool):
                     "weight quantizer gave it a scheme; add it to that modifier's "
                     "`ignore`, or use undecomposable='w8a8_dynamic'."
                 )
+    if unquantized:
+        logger.warning(
+            f"FlatQuant: {len(unquantized)} linears served as W8A8_DYNAMIC have no weight "
+            f"scheme yet (e.g. {unquantized[0]}); give them int8 per-channel weights "
+            "before exporting (or undecomposable='float' to keep fallbacks in full "
+            "precision)"
+        )
+
+
+def _check_all_served(plan: LayerPlan):
+    served = {name for group in plan.groups for name, _ in group.linears}
+    served |= {name for name, _ in plan.int8}
+    served |= {name for name, _ in plan.float}  # checked below, with their own message
+    for rel, module in plan.module.named_modules():
+        name = f"{plan.name}.{rel}"
+        weights = getattr(getattr(module, "quantization_scheme", None), "weights", None)
+        if weights is None or name in served or not isinstance(module, Linear):
+            continue
+        reason = ASCEND_FLOAT_ONLY.get(rel.rpartition(".")[2])
+        if reason:
+            fix = f"It must stay in full precision ({reason}): add it to that modifier's `ignore`."
+        elif expert_of(name):
+            fix = ("vllm-ascend serves routed experts as W8A8_DYNAMIC: list them in "
+                   "FlatQuantModifier's `w8a8_dynamic` with int8 per-channel weights "
+                   "(recipes/flatquant_w4a4_moe.yaml), or add them to the weight "
+                   "quantizer's `ignore`.")
+        else:
+            fix = ("Map it to a FlatQuant transform (`mappings`), list it in "
+                   "`w8a8_dynamic` with int8 weights, or add it to the weight "
+                   "quantizer's `ignore`.")
+        raise ValueError(
+            f"{name} gets {weights.num_bits}-bit weights from the weight quantizer but "
+            f"neither a FlatQuant transform nor an int8 input quantizer, so no "
+            f"vllm-ascend method computes it. {fix}"
+        )
 
 
 # modifiers that learn from the inputs of the linears they quantize

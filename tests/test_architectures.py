@@ -1,24 +1,36 @@
-"""The dense architectures Ascend users quantize, each as a tiny random model that keeps
-its real structure: oneshot -> the absorbed transforms leave the unquantized model
-unchanged -> compressed-tensors save and reload -> Ascend export, loaded back through
-the references of vllm-ascend's methods, computing the fake-quantized model's logits."""
+"""The architectures Ascend users quantize, dense and MoE, each as a tiny random model
+that keeps its real structure: oneshot -> the absorbed transforms leave the unquantized
+model unchanged -> compressed-tensors save and reload -> Ascend export, loaded back
+through the references of vllm-ascend's methods, computing the fake-quantized model's
+logits."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
 from compressed_tensors.quantization import disable_quantization
 from transformers import (
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 from flatquant_modifier import FlatQuantModifier
-from tests.conftest import byte_tokenizer, load_tiny
+from tests.conftest import TINY_QWEN3_MOE, byte_tokenizer, load_tiny
 from tests.helpers import (
     assert_round_trips,
     description_of_layer0,
@@ -42,6 +54,25 @@ ARCHITECTURES = {
     "qwen3": (Qwen3ForCausalLM, Qwen3Config(**SHAPE, head_dim=16)),
     "mistral": (MistralForCausalLM, MistralConfig(**SHAPE, sliding_window=None)),
 }
+MOE = dict(moe_intermediate_size=32, num_experts_per_tok=2)
+MOE_ARCHITECTURES = {
+    # q_norm / k_norm; layer 0 dense (mlp_only_layers)
+    "qwen3_moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig(**TINY_QWEN3_MOE)),
+    # a shared expert with its sigmoid gate beside the routed ones; qkv biases
+    "qwen2_moe": (Qwen2MoeForCausalLM, Qwen2MoeConfig(
+        **SHAPE, **MOE, num_experts=4, shared_expert_intermediate_size=64)),
+    # checkpoint names block_sparse_moe, w1/w3/w2
+    "mixtral": (MixtralForCausalLM, MixtralConfig(**SHAPE, num_local_experts=4,
+                                                  num_experts_per_tok=2)),
+    # MLA (q_a/q_b, kv_a/kv_b), a dense first layer, shared experts, grouped routing
+    # with a score-correction bias
+    "deepseek_v3": (DeepseekV3ForCausalLM, DeepseekV3Config(
+        **{**SHAPE, "num_key_value_heads": 4}, **MOE, n_routed_experts=4,
+        n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_group=2, topk_group=1)),
+}
+ARCHITECTURES.update(MOE_ARCHITECTURES)
+MOE_RECIPE = Path(__file__).parents[1] / "recipes" / "flatquant_w4a4_moe.yaml"
 
 
 def _tiny(name, path):
@@ -70,7 +101,7 @@ def test_transforms_leave_the_unquantized_model_unchanged(name, tmp_path):
     assert error < 1e-4, error
 
 
-@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("name", [n for n in ARCHITECTURES if n not in MOE_ARCHITECTURES])
 def test_w4a4_round_trips_and_exports(name, tmp_path):
     model, tok = _tiny(name, tmp_path / name)
     run(model, tok, [FlatQuantModifier(epochs=1), weight_quantizer()])
@@ -87,3 +118,59 @@ def test_mixed_precision_round_trips_and_exports(name, tmp_path):
     assert_round_trips(model, tok, tmp_path)
     kinds = description_of_layer0(tmp_path / "ascend")
     assert {k for k, v in kinds.items() if v == "W8A8_DYNAMIC"} == {"o_proj", "down_proj"}
+
+
+@pytest.mark.parametrize("name", MOE_ARCHITECTURES)
+def test_moe_recipe_round_trips_and_exports(name, tmp_path):
+    """recipes/flatquant_w4a4_moe.yaml: FlatQuant on attention, dense MLPs and shared
+    experts, routed experts W8A8_DYNAMIC (vllm-ascend's MoE method), routers and
+    DeepSeek's kv_b_proj in full precision; written with vLLM's checkpoint names."""
+    model, tok = _tiny(name, tmp_path / name)
+    run(model, tok, str(MOE_RECIPE))
+    assert_round_trips(model, tok, tmp_path)
+    description = json.loads((tmp_path / "ascend" / "quant_model_description.json").read_text())
+    kinds = {key.removesuffix(".weight"): kind for key, kind in description.items()
+             if key.endswith(".weight")}
+    block = "block_sparse_moe" if name == "mixtral" else "mlp"
+    moe = f"model.layers.1.{block}"
+    experts = {k: v for k, v in kinds.items() if k.startswith(f"{moe}.experts.")}
+    assert len(experts) == 4 * 3 and set(experts.values()) == {"W8A8_DYNAMIC"}
+    assert kinds[f"{moe}.experts"] == "W8A8_DYNAMIC"  # looked up without a packed mapping
+    assert kinds[f"{moe}.gate"] == "FLOAT"
+    if name == "mixtral":
+        assert f"{moe}.experts.0.w1" in kinds and f"{moe}.experts.0.w2" in kinds
+    attention = {k.rpartition(".")[2]: v for k, v in kinds.items()
+                 if k.startswith("model.layers.1.self_attn.") and "_proj" in k}
+    if name == "deepseek_v3":
+        assert attention == {"q_a_proj": "W4A4_FLATQUANT_DYNAMIC",
+                             "kv_a_proj_with_mqa": "W4A4_FLATQUANT_DYNAMIC",
+                             "q_b_proj": "W4A4_FLATQUANT_DYNAMIC",
+                             "o_proj": "W4A4_FLATQUANT_DYNAMIC", "kv_b_proj": "FLOAT"}
+    else:
+        assert set(attention.values()) == {"W4A4_FLATQUANT_DYNAMIC"}
+    shared = {k: v for k, v in kinds.items() if ".shared_expert" in k}
+    if name in ("qwen2_moe", "deepseek_v3"):
+        assert len(shared) >= 3 and {v for k, v in shared.items() if k.endswith("_proj")} \
+            == {"W4A4_FLATQUANT_DYNAMIC"}
+    if name in ("qwen3_moe", "deepseek_v3"):  # the dense layer 0
+        assert kinds["model.layers.0.mlp.down_proj"] == "W4A4_FLATQUANT_DYNAMIC"
+
+
+def test_quantized_experts_without_an_int8_quantizer_are_refused_at_calibration_start(tmp_path):
+    model, tok = _tiny("qwen3_moe", tmp_path / "moe")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.experts\.0\.\w+_proj gets "
+                       r"4-bit weights.*routed experts as W8A8_DYNAMIC.*w8a8_dynamic"):
+        run(model, tok, [FlatQuantModifier(epochs=1), weight_quantizer()])
+
+
+def test_flatquant_on_routed_experts_or_kv_b_proj_is_refused(tmp_path):
+    from flatquant_modifier import FlatQuantMapping
+
+    model, tok = _tiny("deepseek_v3", tmp_path / "ds")
+    experts = FlatQuantMapping(name="experts", targets=["re:.*experts\\.\\d+\\.down_proj$"],
+                               optional=True)
+    with pytest.raises(ValueError, match="no FlatQuant method for MoE experts"):
+        run(model, tok, [FlatQuantModifier(epochs=1, mappings=[experts])])
+    kv_b = FlatQuantMapping(name="kv_b", targets=["re:.*kv_b_proj$"])
+    with pytest.raises(ValueError, match=r"kv_b_proj must stay in full precision"):
+        run(model, tok, [FlatQuantModifier(epochs=1, mappings=[kv_b])])

@@ -9,7 +9,7 @@ import torch
 
 from flatquant_modifier import FlatQuantModifier
 from tests.conftest import load_tiny
-from tests.helpers import logits, run, weight_quantizer
+from tests.helpers import logits, mixed_weight_quantizer, run, weight_quantizer
 
 
 def test_compressed_checkpoint_loads_back_with_the_same_logits(tiny_llama_dir, tmp_path):
@@ -76,14 +76,15 @@ def test_truncated_missing_and_unexpected_weights_are_named(tiny_llama_dir, tmp_
         load_flatquant_model(broken)
 
 
-def test_a_checkpoint_transformers_cannot_load_whole_is_refused(tmp_path):
-    """Mixtral's fused experts (transformers 5): llm-compressor saves them one linear
-    per expert, which transformers' fused experts cannot load. The load says so instead
-    of returning a model with re-initialised experts."""
-    import pytest
-    from transformers import MixtralConfig, MixtralForCausalLM
+def test_per_expert_moe_checkpoints_load_into_per_expert_modules(tmp_path):
+    """Mixtral's experts are fused in transformers 5; llm-compressor calibrates and
+    saves them one linear per expert. They load back into per-expert modules (the keys
+    as saved), and transformers' fused loading is left as it was."""
+    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+    from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-    from flatquant_modifier import FlatQuantMapping, load_flatquant_model
+    from flatquant_modifier import load_flatquant_model
     from tests.conftest import byte_tokenizer
 
     torch.manual_seed(0)
@@ -92,14 +93,16 @@ def test_a_checkpoint_transformers_cannot_load_whole_is_refused(tmp_path):
                            num_local_experts=4, num_experts_per_tok=2)
     MixtralForCausalLM(config).save_pretrained(tmp_path / "mixtral")
     byte_tokenizer().save_pretrained(tmp_path / "mixtral")
+    mapping = repr(get_checkpoint_conversion_mapping("mixtral"))
     model, tok = load_tiny(tmp_path / "mixtral")
-    attention = [
-        FlatQuantMapping(name="qkv", targets=["re:.*q_proj$", "re:.*k_proj$", "re:.*v_proj$"],
-                         smooth_layer="re:.*input_layernorm$"),
-        FlatQuantMapping(name="o", targets=["re:.*o_proj$"]),
-    ]
-    run(model, tok, [FlatQuantModifier(epochs=1, mappings=attention), weight_quantizer()])
+    run(model, tok, [FlatQuantModifier(epochs=1, w8a8_dynamic=["re:.*experts.*"]),
+                     mixed_weight_quantizer(["gate_proj", "up_proj", "down_proj"])])
     model.save_pretrained(tmp_path / "ct", save_compressed=True)
-    with pytest.raises(ValueError, match=r"(?s)missing: model\.layers\.0\.mlp\.experts\.down_proj"
-                       r".*unexpected: model\.layers\.0\.mlp\.experts\.0\..*one linear per expert"):
-        load_flatquant_model(tmp_path / "ct")
+    loaded = load_flatquant_model(tmp_path / "ct")
+    experts = loaded.model.layers[1].mlp.experts
+    assert isinstance(experts, LinearExperts2D)
+    assert experts[3].down_proj.quantization_scheme.weights.num_bits == 8
+    torch.testing.assert_close(logits(loaded), logits(model), atol=1e-5, rtol=0)
+    assert repr(get_checkpoint_conversion_mapping("mixtral")) == mapping
+    fused = AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral")
+    assert not isinstance(fused.model.layers[1].mlp.experts, LinearExperts2D)

@@ -139,8 +139,9 @@ def test_w8a8_linears_without_a_scheme_warn_and_output_quantization_is_refused()
         check_weight_schemes(plans, quantizes_activations=True)
     finally:
         logger.remove(handle)
-    assert any("down_proj is served as W8A8_DYNAMIC but has no weight scheme" in m
-               for m in messages)
+    # one line for all of them (MoE models have thousands of expert linears)
+    warned = [m for m in messages if "served as W8A8_DYNAMIC have no weight scheme" in m]
+    assert len(warned) == 1 and "2 linears" in warned[0] and "down_proj" in warned[0]
     scheme = preset_name_to_scheme("W8A16", ["re:.*q_proj$"])
     scheme.output_activations = scheme.weights.model_copy()
     apply_quantization_config(model, QuantizationConfig(config_groups={"g": scheme}))

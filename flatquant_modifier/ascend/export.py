@@ -13,6 +13,14 @@ or a size ``npu_kronecker_quant`` cannot take): vllm-ascend's ``W8A8_DYNAMIC``,
 dtype. Every other tensor is ``FLOAT``. The weight integers and scales are those of
 the compressed-tensors quantization the model was evaluated with, so ``weight *
 weight_scale`` is exactly the fake-quantized weight.
+
+MoE: the routed experts of a block are one vllm-ascend FusedMoE layer of one quant type
+(``W8A8_DYNAMIC``), written one linear per expert as vLLM loads them
+(``experts.E.gate_proj.weight`` -> ``w13_weight[E]``...), with a description entry
+``<block>.experts.weight`` beside the per-expert ones: vllm-ascend looks experts up on
+``experts.0.*`` where it has a packed-module mapping for the model type (Qwen3-MoE,
+DeepSeek) and on ``<prefix>.weight`` otherwise (Qwen2-MoE, Mixtral). Tensor names are
+vLLM's checkpoint names (:data:`flatquant_modifier.formats.CHECKPOINT_NAMES`).
 """
 
 import json
@@ -33,10 +41,14 @@ from torch.nn import Module
 from flatquant_modifier.ascend.runtime import DESCRIPTION_FILE, QUANT_TYPE
 from flatquant_modifier.distributed import barrier, is_source_process
 from flatquant_modifier.formats import (
+    ASCEND_FLOAT_ONLY,
     FLOAT,
     FUSED_SIBLINGS,
+    MOE_METHODS,
     W4A4_FLATQUANT_DYNAMIC,
     W8A8_DYNAMIC,
+    checkpoint_name,
+    expert_of,
     is_int_channel_symmetric,
     npu_kronecker_problem,
 )
@@ -125,6 +137,14 @@ def save_ascend_checkpoint(
 
 
 def _collect_tensors(model: Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from llmcompressor.modeling.moe.linearize import get_non_linearized_moes
+
+    if fused := get_non_linearized_moes(model):
+        raise AscendExportError(
+            f"{fused[0][0]} holds fused MoE experts (3D tensors), which vLLM does not "
+            "load; export the model oneshot returned (its experts are one linear per "
+            "expert), or load the checkpoint with load_flatquant_model"
+        )
     types = {
         name: quant_type
         for name, module in model.named_modules()
@@ -136,6 +156,7 @@ def _collect_tensors(model: Module) -> tuple[dict[str, torch.Tensor], dict[str, 
             "per-channel weight quantizer through oneshot before exporting"
         )
     _check_fused_siblings(model, types)
+    moe_types = _moe_block_types(model, types)
     params_dtype = _params_dtype(model)
     tensors: dict[str, torch.Tensor] = {}
     description: dict[str, str] = {}
@@ -157,7 +178,46 @@ def _collect_tensors(model: Module) -> tuple[dict[str, torch.Tensor], dict[str, 
         _check_finite(key, tensor)
         tensors[key] = tensor
         description[key] = FLOAT
+    for block, quant_type in moe_types.items():
+        description[f"{block}.weight"] = quant_type
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    tensors = {checkpoint_name(k, model_type): v for k, v in tensors.items()}
+    description = {checkpoint_name(k, model_type): v for k, v in description.items()}
     return tensors, description
+
+
+def _moe_block_types(model: Module, types: dict[str, str]) -> dict[str, str]:
+    """The quant type of each MoE block's routed experts (all alike, one vllm-ascend
+    serves), for the blocks that are quantized.
+
+    :raises AscendExportError: for experts of one block with different types, or a
+        type vllm-ascend has no MoE method for
+    """
+    blocks: dict[str, dict[str, str]] = defaultdict(dict)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and (expert := expert_of(name)):
+            blocks[expert[0]][name] = types.get(name, FLOAT)
+    quantized = {}
+    for block, kinds in blocks.items():
+        found = set(kinds.values())
+        if len(found) > 1:
+            example = {kind: name for name, kind in kinds.items()}
+            raise AscendExportError(
+                f"{block}: vllm-ascend runs a block's routed experts as one FusedMoE "
+                f"layer of one quant type, but they are {sorted(found)} (e.g. {example}); "
+                "give all of them the same treatment (`w8a8_dynamic` and int8 weights)"
+            )
+        kind = found.pop()
+        if kind == FLOAT:
+            continue
+        if kind not in MOE_METHODS:
+            raise AscendExportError(
+                f"{block}: routed experts exported as {kind}, which vllm-ascend has no "
+                f"MoE method for (this export writes {list(MOE_METHODS)}); list them in "
+                "FlatQuantModifier's `w8a8_dynamic` with int8 per-channel weights"
+            )
+        quantized[block] = kind
+    return quantized
 
 
 def _type_counts(description: dict[str, str]) -> str:
@@ -177,10 +237,20 @@ def linear_quant_type(name: str, module: Module) -> str:
     :raises AscendExportError: for a module with quantized weights but neither, which
         vllm-ascend would run at another precision than the model in memory
     """
+    quant_type = FLOAT
     if get_flatquant_transform(module) is not None:
-        return W4A4_FLATQUANT_DYNAMIC
-    if get_dynamic_int8_quant(module) is not None:
-        return W8A8_DYNAMIC
+        quant_type = W4A4_FLATQUANT_DYNAMIC
+    elif get_dynamic_int8_quant(module) is not None:
+        quant_type = W8A8_DYNAMIC
+    reason = ASCEND_FLOAT_ONLY.get(name.rpartition(".")[2])
+    if reason and quant_type != FLOAT:
+        raise AscendExportError(
+            f"{name} must stay in full precision ({reason}), but it has a "
+            f"{quant_type} quantizer; leave it out of FlatQuantModifier's mappings "
+            "and w8a8_dynamic"
+        )
+    if quant_type != FLOAT:
+        return quant_type
     scheme = getattr(module, "quantization_scheme", None)
     if scheme is not None and (scheme.weights is not None
                                or scheme.input_activations is not None):

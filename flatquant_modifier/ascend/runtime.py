@@ -12,6 +12,10 @@ Each module allocates the same parameters from (in, out) sizes, does the same
   ``npu_quant_matmul`` with per-token scales, then the bias.
 * ``W8A8_DYNAMIC``: transpose the int8 weight, flatten the scales;
   ``npu_dynamic_quant``, ``npu_quant_matmul`` with per-token scales and the bias.
+* ``W8A8_DYNAMIC`` MoE experts: the per-expert checkpoint tensors stacked into
+  ``w13_weight`` [E, 2I, H] (gate then up) and ``w2_weight`` [E, H, I] with their
+  [E, ., 1] scales, as vLLM's expert loader does; per expert, ``npu_dynamic_quant``,
+  the int8 matmul, SwiGLU, ``npu_dynamic_quant`` again and the second matmul.
 """
 
 import json
@@ -29,7 +33,14 @@ from flatquant_modifier.ascend.ops import (
     pack_int4,
     quant_matmul,
 )
-from flatquant_modifier.formats import INT4_PER_INT32, W4A4_FLATQUANT_DYNAMIC, W8A8_DYNAMIC
+from flatquant_modifier.formats import (
+    FLOAT,
+    INT4_PER_INT32,
+    W4A4_FLATQUANT_DYNAMIC,
+    W8A8_DYNAMIC,
+    checkpoint_name,
+    expert_of,
+)
 from flatquant_modifier.loading import check_safetensors_files
 
 __all__ = [
@@ -37,6 +48,7 @@ __all__ = [
     "DESCRIPTION_FILE",
     "AscendW4A4FlatQuantLinear",
     "AscendW8A8DynamicLinear",
+    "AscendW8A8DynamicMoE",
     "load_ascend_model",
 ]
 
@@ -180,6 +192,82 @@ class AscendW8A8DynamicLinear(_AscendLinear):
         return out.reshape(*shape[:-1], -1)
 
 
+class AscendW8A8DynamicMoE(nn.Module):
+    """
+    Mirrors vllm-ascend's W8A8_DYNAMIC FusedMoE method in place of a transformers
+    experts module (called as ``experts(hidden_states, top_k_index, top_k_weights)``,
+    routing done by the model's own router): ``w13_weight`` int8 [E, 2I, H],
+    ``w2_weight`` int8 [E, H, I], ``w13_weight_scale``/``w13_weight_offset`` [E, 2I, 1]
+    and ``w2_weight_scale``/``w2_weight_offset`` [E, H, 1] in ``params_dtype``;
+    :meth:`load_expert` places a checkpoint tensor of one expert as vLLM's loader does.
+    """
+
+    # checkpoint projection -> (parameter prefix, which half of w13; None: all of w2)
+    _SHARDS = {"gate_proj": ("w13", 0), "up_proj": ("w13", 1), "down_proj": ("w2", None)}
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 act_fn: nn.Module, params_dtype: torch.dtype = torch.bfloat16,
+                 use_npu: bool | None = None):
+        super().__init__()
+        e, h, i = num_experts, hidden_size, intermediate_size
+        self.num_experts, self.intermediate_size, self.use_npu = e, i, use_npu
+        self.act_fn = act_fn
+
+        def param(*shape, dtype=params_dtype):
+            return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+        self.w13_weight = param(e, 2 * i, h, dtype=torch.int8)
+        self.w2_weight = param(e, h, i, dtype=torch.int8)
+        self.w13_weight_scale, self.w13_weight_offset = param(e, 2 * i, 1), param(e, 2 * i, 1)
+        self.w2_weight_scale, self.w2_weight_offset = param(e, h, 1), param(e, h, 1)
+        self.processed = False
+
+    @torch.no_grad()
+    def load_expert(self, index: int, proj: str, suffix: str, tensor: torch.Tensor):
+        """``experts.<index>.<proj>.<suffix>`` of the checkpoint (``suffix``:
+        weight, weight_scale or weight_offset)."""
+        if proj not in self._SHARDS:
+            raise ValueError(f"unknown expert projection {proj!r}")
+        prefix, half = self._SHARDS[proj]
+        target = getattr(self, f"{prefix}_{suffix}")[index]
+        if half is not None:
+            target = target[half * self.intermediate_size:(half + 1) * self.intermediate_size]
+        if target.shape != tensor.shape:
+            raise ValueError(f"experts.{index}.{proj}.{suffix}: shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(target.shape)}")
+        target.copy_(tensor)
+
+    @torch.no_grad()
+    def process_weights_after_loading(self):
+        e = self.num_experts
+        self.w13_weight.data = self.w13_weight.data.transpose(1, 2).contiguous()  # [E, H, 2I]
+        self.w2_weight.data = self.w2_weight.data.transpose(1, 2).contiguous()  # [E, I, H]
+        for name in ("w13_weight_scale", "w13_weight_offset", "w2_weight_scale",
+                     "w2_weight_offset"):
+            getattr(self, name).data = getattr(self, name).data.view(e, -1)
+        self.w13_weight_scale_fp32 = self.w13_weight_scale.data.float()
+        self.processed = True
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        if not self.processed:
+            raise RuntimeError("call process_weights_after_loading() first")
+        out = torch.zeros_like(hidden_states)
+        for expert in range(self.num_experts):
+            token, slot = torch.where(top_k_index == expert)
+            if token.numel() == 0:
+                continue
+            x = hidden_states[token]
+            x_q, pertoken = dynamic_quant(x, use_npu=self.use_npu)
+            h = quant_matmul(x_q, self.w13_weight[expert], self.w13_weight_scale_fp32[expert],
+                             pertoken.reshape(-1), output_dtype=x.dtype, use_npu=self.use_npu)
+            gate, up = h.chunk(2, dim=-1)
+            a_q, pertoken = dynamic_quant(self.act_fn(gate) * up, use_npu=self.use_npu)
+            y = quant_matmul(a_q, self.w2_weight[expert], self.w2_weight_scale[expert].float(),
+                             pertoken.reshape(-1), output_dtype=x.dtype, use_npu=self.use_npu)
+            out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
+        return out
+
+
 LINEAR_METHODS = {
     W4A4_FLATQUANT_DYNAMIC: AscendW4A4FlatQuantLinear,
     W8A8_DYNAMIC: AscendW8A8DynamicLinear,
@@ -191,10 +279,12 @@ def load_ascend_model(path: str | Path, dtype: torch.dtype | None = None, use_np
     Build a transformers model from an exported Ascend checkpoint: every linear whose
     weight is ``W4A4_FLATQUANT_DYNAMIC`` (``W8A8_DYNAMIC``) in
     ``quant_model_description.json`` becomes an :class:`AscendW4A4FlatQuantLinear`
-    (:class:`AscendW8A8DynamicLinear`); all tensors are loaded strictly.
+    (:class:`AscendW8A8DynamicLinear`), the routed experts of a ``W8A8_DYNAMIC`` MoE
+    block one :class:`AscendW8A8DynamicMoE`; all tensors are loaded strictly.
 
     :raises ValueError: for a quant type this reference (and the export) does not know
     """
+    from llmcompressor.modeling.moe.linearize import get_non_linearized_moes, linearize_moe
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -203,41 +293,70 @@ def load_ascend_model(path: str | Path, dtype: torch.dtype | None = None, use_np
             f"{path}: no {DESCRIPTION_FILE}; pass a directory written by "
             "save_ascend_checkpoint / flatquant-export-ascend"
         )
-    description = json.loads((path / DESCRIPTION_FILE).read_text())
     config = AutoConfig.from_pretrained(path)
+
+    def rename(key):  # vLLM's checkpoint names -> the transformers model's
+        return checkpoint_name(key, config.model_type, reverse=True)
+
+    description = {rename(k): v for k, v in
+                   json.loads((path / DESCRIPTION_FILE).read_text()).items()}
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if get_non_linearized_moes(model):
+        linearize_moe(model)  # one linear per expert, as the checkpoint stores them
+        model.to(dtype)
     quantized = {
         key[: -len(".weight")]: kind
         for key, kind in description.items()
-        if key.endswith(".weight") and kind != "FLOAT"
+        if key.endswith(".weight") and kind != FLOAT
     }
-    for name, kind in quantized.items():
-        if kind not in LINEAR_METHODS:
+    experts = {name for name in quantized if expert_of(name)}
+    blocks = {expert_of(name)[0]: quantized[name] for name in experts}
+    linears = {n: k for n, k in quantized.items() if n not in experts and n not in blocks}
+    for name, kind in [*linears.items(), *blocks.items()]:
+        methods = LINEAR_METHODS if name in linears else {W8A8_DYNAMIC: AscendW8A8DynamicMoE}
+        if kind not in methods:
             raise ValueError(
-                f"{path}: {name} is {kind}; this reference runs {sorted(LINEAR_METHODS)}"
+                f"{path}: {name} is {kind}; this reference runs {sorted(methods)}"
             )
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child)
-        setattr(
-            parent,
-            child,
-            LINEAR_METHODS[kind](
-                linear.in_features, linear.out_features, linear.bias is not None,
+        module = getattr(parent, child)
+        if name in linears:
+            replacement = methods[kind](
+                module.in_features, module.out_features, module.bias is not None,
                 params_dtype=dtype, use_npu=use_npu,
-            ),
-        )
+            )
+        else:
+            first = module[0]
+            replacement = AscendW8A8DynamicMoE(
+                len([m for m in module.children() if hasattr(m, "down_proj")]),
+                first.down_proj.out_features, first.down_proj.in_features,
+                module.act_fn, params_dtype=dtype, use_npu=use_npu,
+            )
+        setattr(parent, child, replacement)
     state = {}
     for shard in check_safetensors_files(path):
-        state.update(load_file(shard))
+        state.update({rename(k): v for k, v in load_file(shard).items()})
+    loaded = {block: set() for block in blocks}
+    for key in [k for k in state if k.rpartition(".")[0] in experts]:
+        block, index, proj = expert_of(key.rpartition(".")[0])
+        suffix = key.rpartition(".")[2]
+        model.get_submodule(block).load_expert(index, proj, suffix, state.pop(key))
+        loaded[block].add((index, proj, suffix))
+    for block, keys in loaded.items():
+        expected = model.get_submodule(block).num_experts * 3 * 3
+        if len(keys) != expected:
+            raise ValueError(f"{path}: {block} has {len(keys)} of the {expected} expert "
+                             "tensors (weight, weight_scale, weight_offset per projection)")
     # copy into the allocated parameters: they carry the runtime dtypes (int8 weight,
     # float32 scales and clip ratio, params_dtype for the rest)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    missing = [k for k in missing if k not in tied and not k.startswith("lm_head")]
+    missing = [k for k in missing if k not in tied and not k.startswith("lm_head")
+               and k.rpartition(".")[0] not in blocks]
     if missing or unexpected:
         raise ValueError(
             f"{path}: checkpoint does not match the model: missing {missing[:5]}, "
@@ -245,6 +364,6 @@ def load_ascend_model(path: str | Path, dtype: torch.dtype | None = None, use_np
         )
     if config.tie_word_embeddings:
         model.tie_weights()
-    for name in quantized:
+    for name in [*linears, *blocks]:
         model.get_submodule(name).process_weights_after_loading()
     return model.eval()

@@ -217,8 +217,17 @@ def test_quantized_linears_without_an_ascend_method_are_refused(tiny_llama_dir, 
     # o_proj left out of FlatQuant but given int4 weights: W4A16, which vllm-ascend
     # has no linear method for; exported as FLOAT it would silently lose its quantization
     model, tok = load_tiny(tiny_llama_dir)
-    run(model, tok, [FlatQuantModifier(epochs=1, ignore=["lm_head", "re:.*o_proj$"]),
-                     weight_quantizer()])
+    def flatquant():
+        return FlatQuantModifier(epochs=1, ignore=["lm_head", "re:.*o_proj$"])
+
+    # in one recipe: refused at calibration start, before any training
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.o_proj gets 4-bit "
+                       r"weights.*neither a FlatQuant transform nor an int8 input quantizer"):
+        run(model, tok, [flatquant(), weight_quantizer()])
+    # weights quantized by a later oneshot: refused by the export
+    model, tok = load_tiny(tiny_llama_dir)
+    run(model, tok, [flatquant()])
+    run(model, tok, [weight_quantizer()])
     _assert_refused(model, tmp_path / "x", r"model.layers.0.self_attn.o_proj is quantized "
                     r".*neither a FlatQuant transform nor an int8 input quantizer")
 

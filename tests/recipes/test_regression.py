@@ -1,6 +1,6 @@
 """
-Regression pins: every recipe in recipes/, on a fixed tiny random Llama with a fixed
-seed, must reproduce pinned figures (per-layer loss after training, perplexity on a
+Regression pins: every recipe in recipes/, on a fixed tiny random model with a fixed
+seed (the Llama, or the Qwen3-MoE of the MoE recipes), must reproduce pinned figures (per-layer loss after training, perplexity on a
 short text, the dtypes and shapes of the saved tensors of one layer). A change in
 behaviour fails here with the figure that moved.
 
@@ -34,11 +34,12 @@ import pytest
 import torch
 import yaml
 from llmcompressor.core import active_session
+from llmcompressor.modeling.moe.linearize import linearize_moe
 from safetensors import safe_open
 
 from flatquant_modifier import FlatQuantModifier
 
-from tests.conftest import byte_tokenizer, load_tiny, save_tiny_llama
+from tests.conftest import byte_tokenizer, load_tiny, save_tiny_model_for
 from tests.helpers import run
 from tests.recipes.test_recipes import RECIPES
 
@@ -68,6 +69,8 @@ def _figures(recipe: Path, model_dir: Path, tmp_path: Path) -> dict:
     small = tmp_path / recipe.name
     small.write_text(yaml.safe_dump(spec))
     model, tok = load_tiny(model_dir)
+    # oneshot would unpack fused MoE experts into linears of the config's dtype
+    linearize_moe(model)
     model.to(torch.float64)
     run(model, tok, str(small), num_samples=16)
     flatquant = next(
@@ -133,5 +136,5 @@ def test_recipe_matches_its_pins(recipe, tmp_path):
 
 if __name__ == "__main__":  # the subprocess: build the tiny model, run the recipe
     recipe_path, work = Path(sys.argv[1]), Path(sys.argv[2])
-    model_dir = save_tiny_llama(work / "tiny-llama")
+    model_dir = save_tiny_model_for(recipe_path, work / "tiny-model")
     print(json.dumps(_figures(recipe_path, model_dir, work)))
