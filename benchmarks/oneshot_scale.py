@@ -1,0 +1,119 @@
+"""
+One real ``oneshot`` at the shape of a real model: a randomly initialised model of
+that shape (all of its layers, or the first ``--layers``), loaded in CPU memory in
+bfloat16 as models are, calibrated with a recipe on random tokens; llm-compressor's
+sequential pipeline moves each decoder layer to the GPU. Reports the time per decoder
+layer, the total, peak GPU and host memory, and projects the full depth. Writes JSON,
+prints a table; not a timed test. Quality is not measured (random weights).
+
+    python benchmarks/oneshot_scale.py --shape qwen3-30b-a3b --layers 6 \\
+        --recipe recipes/flatquant_w4a4_moe.yaml --json oneshot.json
+"""
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from scale import SHAPES  # noqa: E402
+
+import flatquant_modifier  # noqa: E402, F401  (registers FlatQuantModifier for YAML)
+from examples.common.synthetic import byte_tokenizer, random_token_dataset  # noqa: E402
+
+
+def build_model(shape: str, layers: int | None):
+    import transformers
+
+    config_cls, fields, depth = SHAPES[shape]
+    config = getattr(transformers, config_cls)(
+        **fields, num_hidden_layers=layers or depth, max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    # random initialisation is much faster on a GPU; the model then lives in CPU memory
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model.to("cpu").eval(), depth
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder layers to build (default: the model's depth)")
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes/flatquant_w4a4.yaml")
+    parser.add_argument("--num-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    from llmcompressor import oneshot
+
+    start = time.perf_counter()
+    model, depth = build_model(args.shape, args.layers)
+    layers = model.config.num_hidden_layers
+    build_seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as directory:
+        # oneshot reads config.json and the processor from the model's directory
+        model.config.save_pretrained(directory)
+        byte_tokenizer().save_pretrained(directory)
+        model.name_or_path = model.config._name_or_path = directory
+        dataset = random_token_dataset(args.num_samples, args.seq_len,
+                                       vocab_size=model.config.vocab_size)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        oneshot(model=model, processor=byte_tokenizer(), dataset=dataset,
+                recipe=str(args.recipe), num_calibration_samples=args.num_samples,
+                max_seq_length=args.seq_len)
+        seconds = time.perf_counter() - start
+    reports = [m for m in _flatquant_modifiers()]
+    training = sum(r.seconds for m in reports for r in m.reports)
+    row = {
+        "shape": args.shape,
+        "recipe": args.recipe.name,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "calibration": f"{args.num_samples} x {args.seq_len}",
+        "layers": layers,
+        "depth": depth,
+        "build_seconds": round(build_seconds, 1),
+        "oneshot_seconds": round(seconds, 1),
+        "seconds_per_layer": round(seconds / layers, 1),
+        "training_seconds": round(training, 1),
+        "projected_full_depth_minutes": round(seconds / layers * depth / 60, 1),
+        "peak_gpu_GiB": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                         if torch.cuda.is_available() else None),
+        "peak_host_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+    }
+    print(json.dumps(row), flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(row, indent=2))
+    print("| shape | layers | oneshot | per layer | projected, all layers | peak GPU | peak host |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {row['shape']} | {layers} of {depth} | {row['oneshot_seconds']} s | "
+          f"{row['seconds_per_layer']} s | {row['projected_full_depth_minutes']} min | "
+          f"{row['peak_gpu_GiB']} GiB | {row['peak_host_GiB']} GiB |")
+
+
+def _flatquant_modifiers():
+    from llmcompressor.core import active_session
+
+    from flatquant_modifier import FlatQuantModifier
+
+    recipe = active_session().lifecycle.recipe
+    return [m for m in getattr(recipe, "modifiers", []) if isinstance(m, FlatQuantModifier)]
+
+
+if __name__ == "__main__":
+    main()
