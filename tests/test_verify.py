@@ -7,6 +7,8 @@ tests/test_distributed.py). And the guard that refuses a model in memory that is
 its checkpoints.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from compressed_tensors.offload import get_offloaded_device, load_offloaded_model
@@ -17,7 +19,7 @@ from flatquant_modifier import FlatQuantModifier, load_flatquant_model
 from flatquant_modifier.ascend import save_ascend_checkpoint
 from flatquant_modifier.transform import get_dynamic_int8_quant, get_flatquant_transform
 from flatquant_modifier.verify import FlatQuantStateError, verify_model
-from tests.conftest import load_tiny
+from tests.conftest import load_tiny, save_tiny_model_for
 from tests.helpers import assert_same_function, exact_logits
 from tests.helpers import logits, run, weight_quantizer
 
@@ -70,6 +72,15 @@ def test_in_memory_reloaded_and_exported_models_are_one_function(
     if placement != "cpu":  # the same calibration, so the same model as on the CPU
         reference, _ = calibrate("cpu", tiny_llama_dir, tmp_path / "cpu")
         torch.testing.assert_close(in_memory, logits(reference), atol=1e-5, rtol=0)
+
+
+MOE_RECIPE = Path(__file__).parents[1] / "recipes" / "flatquant_w4a4_moe.yaml"
+
+
+def test_an_moe_model_is_one_function_in_memory_reloaded_and_exported(tmp_path):
+    model, tok = load_tiny(save_tiny_model_for(MOE_RECIPE, tmp_path / "moe"))
+    run(model, tok, str(MOE_RECIPE))
+    assert_one_function(model, tok, tmp_path)
 
 
 def test_the_guard_refuses_an_offloaded_model_whose_weights_run_unquantized(

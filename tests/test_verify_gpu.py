@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from flatquant_modifier import FlatQuantModifier
-from tests.conftest import load_tiny, save_tiny_llama
+from tests.conftest import load_tiny, save_tiny_llama, save_tiny_model_for
 from tests.test_distributed import _launch, assert_ranks_compute_the_checkpoints
 from tests.helpers import run, weight_quantizer
-from tests.test_verify import assert_one_function
+from tests.test_verify import MOE_RECIPE, assert_one_function
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -36,6 +36,16 @@ def test_in_memory_reloaded_and_exported_models_are_one_function(
     if placement != "model on the CPU":
         model.to(GPU)
     run(model, tok, [FlatQuantModifier(epochs=2), weight_quantizer()], **kwargs)
+    in_memory = assert_one_function(model, tok, tmp_path, device=GPU)
+    assert in_memory.device.type == "cuda"
+
+
+@pytest.mark.parametrize("placement", list(PLACEMENTS)[:2])
+def test_an_moe_model_is_one_function_wherever_it_was_calibrated(placement, tmp_path):
+    model, tok = load_tiny(save_tiny_model_for(MOE_RECIPE, tmp_path / "moe"))
+    if placement != "model on the CPU":
+        model.to(GPU)
+    run(model, tok, str(MOE_RECIPE), **PLACEMENTS[placement])
     in_memory = assert_one_function(model, tok, tmp_path, device=GPU)
     assert in_memory.device.type == "cuda"
 
