@@ -101,22 +101,22 @@ _DENSE_MLP = [m.model_copy(update={"optional": True}) for m in LLAMA_MAPPINGS[2:
 # Qwen3-MoE, Mixtral (transformers 5 names its MoE block `mlp`)
 QWEN_MOE_MAPPINGS = [*LLAMA_MAPPINGS[:2], *_DENSE_MLP]
 
-# Qwen2-MoE: a shared expert beside the routed ones. Its input is also the router's
-# and the routed experts', so no smoothing can be folded into the norm before it.
-QWEN2_MOE_MAPPINGS = [
-    *QWEN_MOE_MAPPINGS,
-    FlatQuantMapping(
-        name="shared_gate_up",
-        targets=["re:.*mlp\\.shared_expert\\.gate_proj$", "re:.*mlp\\.shared_expert\\.up_proj$"],
-        optional=True,
-    ),
-    FlatQuantMapping(
-        name="shared_down",
-        targets=["re:.*mlp\\.shared_expert\\.down_proj$"],
-        smooth_layer="re:.*mlp\\.shared_expert\\.up_proj$",
-        optional=True,
-    ),
-]
+
+
+def _shared_experts(module: str) -> list[FlatQuantMapping]:
+    """The gate/up and down inputs of a shared expert ``mlp.<module>``. Its input is
+    also the router's and the routed experts', so no smoothing folds into the norm."""
+    prefix = f"re:.*mlp\\.{module}\\."
+    return [
+        FlatQuantMapping(name="shared_gate_up", optional=True,
+                         targets=[f"{prefix}gate_proj$", f"{prefix}up_proj$"]),
+        FlatQuantMapping(name="shared_down", optional=True, targets=[f"{prefix}down_proj$"],
+                         smooth_layer=f"{prefix}up_proj$"),
+    ]
+
+
+# Qwen2-MoE: a shared expert (with a sigmoid gate) beside the routed ones
+QWEN2_MOE_MAPPINGS = [*QWEN_MOE_MAPPINGS, *_shared_experts("shared_expert")]
 
 # DeepSeek-V3 (MLA): q_a_proj and kv_a_proj_with_mqa read the normed hidden states
 # (vllm-ascend fuses them as fused_qkv_a_proj); q_b_proj reads q_a_layernorm's output.
@@ -134,17 +134,7 @@ DEEPSEEK_V3_MAPPINGS = [
     ),
     FlatQuantMapping(name="o", targets=["re:.*self_attn\\.o_proj$"]),
     *_DENSE_MLP,
-    FlatQuantMapping(
-        name="shared_gate_up",
-        targets=["re:.*mlp\\.shared_experts\\.gate_proj$", "re:.*mlp\\.shared_experts\\.up_proj$"],
-        optional=True,
-    ),
-    FlatQuantMapping(
-        name="shared_down",
-        targets=["re:.*mlp\\.shared_experts\\.down_proj$"],
-        smooth_layer="re:.*mlp\\.shared_experts\\.up_proj$",
-        optional=True,
-    ),
+    *_shared_experts("shared_experts"),
 ]
 
 # keyed on the model's class name, as llm-compressor's AWQ/SpinQuant registries are

@@ -85,3 +85,27 @@ def test_unmatched_mapping_and_partial_ignore_are_errors():
         resolve_layer("model.layers.0", layer, mappings, ["re:.*k_proj$"])
     groups = resolve_layer("model.layers.0", layer, mappings, ["re:.*mlp.*"])
     assert [g.name.split(".")[-1] for g in groups] == ["qkv", "o"]
+
+
+def test_optional_mappings_skip_the_layers_without_their_modules():
+    """DeepSeek-V3: a dense first layer (MLP mapped), then MoE layers (shared experts
+    mapped, routed experts and kv_b_proj not)."""
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from tests.conftest import TINY
+
+    config = DeepseekV3Config(**{**TINY, "num_key_value_heads": 4}, moe_intermediate_size=32,
+                              n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                              first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
+                              qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                              n_group=2, topk_group=1)
+    model = linearize_moe(DeepseekV3ForCausalLM(config))
+    mappings = infer_mappings_from_model(model)
+    names = [[g.name.split(".")[-1] for g in resolve_layer(f"model.layers.{i}", layer, mappings)]
+             for i, layer in enumerate(model.model.layers)]
+    assert names == [["qkv_a", "q_b", "o", "gate_up", "down"],
+                     ["qkv_a", "q_b", "o", "shared_gate_up", "shared_down"]]
+    linears = {n for g in resolve_layer("model.layers.1", model.model.layers[1], mappings)
+               for n, _ in g.linears}
+    assert not any(".experts." in n or "kv_b_proj" in n for n in linears)
