@@ -4,7 +4,9 @@ cached to the applied result:
 
 1. the cached calls split into samples, the samples into optimisation steps
    (:mod:`flatquant_modifier.batching`; the same steps for any oneshot batch size);
-2. the layer's full-precision outputs (the targets) and per-channel input maxima;
+2. the layer's full-precision outputs (the targets) and per-channel input maxima (routed
+   MoE experts, unquantized until after training, as grouped GEMMs on CUDA:
+   :mod:`flatquant_modifier.experts`);
 3. the initial learnable state (:func:`flatquant_modifier.modules.build_group_params`);
 4. training (:func:`flatquant_modifier.train.train_layer`);
 5. the weights absorb the result and the online transforms are attached
@@ -31,6 +33,7 @@ from flatquant_modifier.batching import assign_steps, call_keys, plan_steps, spl
 from flatquant_modifier.compat import routed_experts_only
 from flatquant_modifier.distributed import all_reduce_, write_parameters
 from flatquant_modifier.emulation import layer_output
+from flatquant_modifier.experts import grouped_experts
 from flatquant_modifier.mappings import ResolvedGroup
 from flatquant_modifier.modules import GroupParams, build_group_params
 from flatquant_modifier.options import FlatQuantOptions, training_precision
@@ -121,15 +124,16 @@ def calibrate_layer(
         steps = stack.enter_context(
             training_attention(model, layer, steps, attn_implementation)
         )
-        targets, act_max = full_precision_pass(layer, steps, groups, device)
-        check_finite_targets(name, targets)
-        generator = torch.Generator().manual_seed(seed)
-        params = build_group_params(
-            groups, act_max, options, precision.dtype, device, generator
-        )
-        report = train_layer(
-            name, layer, groups, params, steps, targets, options, precision, device
-        )
+        with grouped_experts(layer):  # unquantized routed experts, fast
+            targets, act_max = full_precision_pass(layer, steps, groups, device)
+            check_finite_targets(name, targets)
+            generator = torch.Generator().manual_seed(seed)
+            params = build_group_params(
+                groups, act_max, options, precision.dtype, device, generator
+            )
+            report = train_layer(
+                name, layer, groups, params, steps, targets, options, precision, device
+            )
         transformed = apply_layer(model, groups, params, options, precision.dtype)
         int8 = attach_int8_quantizers(model, list(int8_linears), options)
     log_report(report)

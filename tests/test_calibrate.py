@@ -48,3 +48,4 @@ def test_absorbed_transforms_leave_the_unquantized_layer_unchanged(smooth):
     with torch.no_grad():
         for call, expected in zip(calls, reference):
             torch.testing.assert_close(layer(**call)[0], expected, atol=1e-10, rtol=1e-10)
+
