@@ -27,6 +27,8 @@ __all__ = [
     "MOE_METHODS",
     "ASCEND_FLOAT_ONLY",
     "expert_of",
+    "SHARED_EXPERTS",
+    "shared_expert_problem",
     "CHECKPOINT_NAMES",
     "checkpoint_name",
     "npu_kronecker_problem",
@@ -76,7 +78,32 @@ _EXPERT = re.compile(r"^(?P<block>.*\.experts)\.(?P<index>\d+)\.(?P<proj>[^.]+)$
 # linears vllm-ascend runs unquantized only, and why
 ASCEND_FLOAT_ONLY = {
     "kv_b_proj": "vllm-ascend's MLA attention splits its weight unquantized (W_UK, W_UV)",
+    "shared_expert_gate": "vLLM builds Qwen2-MoE's shared-expert gate without quantization",
 }
+
+# the shared experts of an MoE block (Qwen2-MoE, DeepSeek), beside its routed `experts`
+SHARED_EXPERTS = ("shared_expert", "shared_experts")
+
+
+def shared_expert_problem(shared: str, routed: str, gated: bool) -> str | None:
+    """Why vllm-ascend cannot serve shared experts of quant type ``shared`` beside routed
+    experts of type ``routed`` (``gated``: a sigmoid gate scales the shared expert's
+    output, Qwen2-MoE's ``shared_expert_gate``), or None. With int8 routed experts
+    vllm-ascend runs quantized shared experts through its own int8 path
+    (``AscendSharedExperts``): int8 weights only, and without that gate."""
+    if routed != W8A8_DYNAMIC or shared == FLOAT:
+        return None
+    if shared != W8A8_DYNAMIC:
+        return (
+            f"beside {routed} routed experts vllm-ascend runs quantized shared experts "
+            f"through its int8 shared-expert path, which cannot run {shared}"
+        )
+    if gated:
+        return (
+            "vllm-ascend's int8 shared-expert path (used beside W8A8_DYNAMIC routed "
+            "experts) does not apply the shared expert's sigmoid gate"
+        )
+    return None
 
 
 def expert_of(name: str) -> tuple[str, int, str] | None:

@@ -177,7 +177,10 @@ def _per_expert_layout(path: Path, files: list[Path]):
         with patch_attr(module, experts_cls.__name__, loaded_cls):
             yield
     finally:
-        register(model_type, original or [], overwrite=True)
+        if original is None:  # no entry before: remove ours (private cache, no API)
+            conversion_mapping._checkpoint_conversion_mapping_cache.pop(model_type, None)
+        else:
+            register(model_type, original, overwrite=True)
         if not registered:
             conversion_mapping.USER_REGISTERED_MAPPINGS.discard(model_type)
 

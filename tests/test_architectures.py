@@ -122,9 +122,10 @@ def test_mixed_precision_round_trips_and_exports(name, tmp_path):
 
 @pytest.mark.parametrize("name", MOE_ARCHITECTURES)
 def test_moe_recipe_round_trips_and_exports(name, tmp_path):
-    """recipes/flatquant_w4a4_moe.yaml: FlatQuant on attention, dense MLPs and shared
-    experts, routed experts W8A8_DYNAMIC (vllm-ascend's MoE method), routers and
-    DeepSeek's kv_b_proj in full precision; written with vLLM's checkpoint names."""
+    """recipes/flatquant_w4a4_moe.yaml: FlatQuant on attention and dense MLPs, routed
+    experts W8A8_DYNAMIC (vllm-ascend's MoE method), shared experts as its int8
+    shared-expert path needs, routers and DeepSeek's kv_b_proj in full precision;
+    written with vLLM's checkpoint names."""
     model, tok = _tiny(name, tmp_path / name)
     run(model, tok, str(MOE_RECIPE))
     assert_round_trips(model, tok, tmp_path)
@@ -148,10 +149,14 @@ def test_moe_recipe_round_trips_and_exports(name, tmp_path):
                              "o_proj": "W4A4_FLATQUANT_DYNAMIC", "kv_b_proj": "FLOAT"}
     else:
         assert set(attention.values()) == {"W4A4_FLATQUANT_DYNAMIC"}
-    shared = {k: v for k, v in kinds.items() if ".shared_expert" in k}
-    if name in ("qwen2_moe", "deepseek_v3"):
-        assert len(shared) >= 3 and {v for k, v in shared.items() if k.endswith("_proj")} \
-            == {"W4A4_FLATQUANT_DYNAMIC"}
+    # beside int8 routed experts vllm-ascend runs shared experts on its int8 path:
+    # DeepSeek's W8A8_DYNAMIC, Qwen2-MoE's gated one in full precision
+    shared = {k.rpartition(".")[2]: v for k, v in kinds.items() if ".shared_expert" in k}
+    if name == "qwen2_moe":
+        assert shared == {"gate_proj": "FLOAT", "up_proj": "FLOAT", "down_proj": "FLOAT",
+                          "shared_expert_gate": "FLOAT"}
+    if name == "deepseek_v3":
+        assert set(shared.values()) == {"W8A8_DYNAMIC"} and len(shared) == 3
     if name in ("qwen3_moe", "deepseek_v3"):  # the dense layer 0
         assert kinds["model.layers.0.mlp.down_proj"] == "W4A4_FLATQUANT_DYNAMIC"
 
@@ -174,3 +179,17 @@ def test_flatquant_on_routed_experts_or_kv_b_proj_is_refused(tmp_path):
     kv_b = FlatQuantMapping(name="kv_b", targets=["re:.*kv_b_proj$"])
     with pytest.raises(ValueError, match=r"kv_b_proj must stay in full precision"):
         run(model, tok, [FlatQuantModifier(epochs=1, mappings=[kv_b])])
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "qwen2_moe"])
+def test_shared_experts_vllm_ascend_cannot_serve_beside_int8_experts_are_refused(name, tmp_path):
+    model, tok = _tiny(name, tmp_path / name)
+    routed = "re:.*mlp\\.experts\\.\\d+\\.(gate|up|down)_proj$"
+    shared = "re:.*mlp\\.shared_experts?\\.(gate|up|down)_proj$"
+    # FlatQuant shared experts (the default mappings): no int8 weights for that path
+    with pytest.raises(ValueError, match=r"shared_experts? is W4A4_FLATQUANT_DYNAMIC and "
+                       r"beside W8A8_DYNAMIC routed experts .*int8 shared-expert path"):
+        run(model, tok, [FlatQuantModifier(epochs=1, w8a8_dynamic=[routed])])
+    if name == "qwen2_moe":  # int8, but that path skips Qwen2-MoE's shared-expert gate
+        with pytest.raises(ValueError, match="does not apply the shared expert's sigmoid gate"):
+            run(model, tok, [FlatQuantModifier(epochs=1, w8a8_dynamic=[routed, shared])])

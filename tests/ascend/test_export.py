@@ -243,3 +243,31 @@ def test_export_after_saving_in_an_unpacked_integer_format(tiny_llama_dir, tmp_p
     assert model.model.layers[0].self_attn.o_proj.weight.dtype == torch.int8
     save_ascend_checkpoint(model, tmp_path / "ascend", tok)
     assert_same_function(tmp_path / "ascend", reference)
+
+
+def test_moe_blocks_vllm_ascend_cannot_serve_are_refused():
+    """Routed experts of one block with different types, or a type vllm-ascend has no
+    MoE method for; shared experts its int8 shared-expert path cannot run."""
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from flatquant_modifier.ascend.export import _moe_block_types
+    from tests.conftest import TINY
+
+    config = Qwen2MoeConfig(**TINY, moe_intermediate_size=32, num_experts=2,
+                            num_experts_per_tok=1, shared_expert_intermediate_size=64)
+    model = linearize_moe(Qwen2MoeForCausalLM(config))
+    block = "model.layers.1.mlp"
+    routed = [f"{block}.experts.{e}.{p}_proj" for e in range(2) for p in ("gate", "up", "down")]
+    shared = [f"{block}.shared_expert.{p}_proj" for p in ("gate", "up", "down")]
+    int8 = dict.fromkeys(routed, "W8A8_DYNAMIC")
+    assert _moe_block_types(model, int8) == {f"{block}.experts": "W8A8_DYNAMIC"}
+    with pytest.raises(AscendExportError, match=r"mlp\.experts: .*one quant type, but "
+                       r"they are \['FLOAT', 'W8A8_DYNAMIC'\]"):
+        _moe_block_types(model, dict.fromkeys(routed[:3], "W8A8_DYNAMIC"))
+    with pytest.raises(AscendExportError, match="no MoE method for"):
+        _moe_block_types(model, dict.fromkeys(routed, "W4A4_FLATQUANT_DYNAMIC"))
+    with pytest.raises(AscendExportError, match=r"shared_expert is W4A4_FLATQUANT_DYNAMIC"):
+        _moe_block_types(model, {**int8, **dict.fromkeys(shared, "W4A4_FLATQUANT_DYNAMIC")})
+    with pytest.raises(AscendExportError, match="does not apply the shared expert's sigmoid"):
+        _moe_block_types(model, {**int8, **dict.fromkeys(shared, "W8A8_DYNAMIC")})
