@@ -13,6 +13,7 @@ def _experts(dtype=torch.float32, device="cpu"):
     torch.manual_seed(0)
     config = Qwen3MoeConfig(**{**TINY_QWEN3_MOE, "num_experts": 8, "mlp_only_layers": []})
     model = Qwen3MoeForCausalLM(config).to(device=device, dtype=dtype)
+    model.config.dtype = dtype  # llm-compressor builds the per-expert linears in it
     return linearize_moe(model).model.layers[0].mlp.experts
 
 
