@@ -20,6 +20,10 @@ __all__ = [
     "FLOAT",
     "INT4_PER_INT32",
     "FP4_MAX",
+    "FP4_E2M1_VALUES",
+    "MX_GROUP_SIZE",
+    "E8M0_BIAS",
+    "W4A4_MXFP4_FLATQUANT",
     "FP8_E4M3_MAX",
     "NVFP4_GROUP_SIZE",
     "NPU_MAX_FACTOR",
@@ -48,6 +52,11 @@ INT4_PER_INT32 = 8
 
 # NVFP4 (compressed-tensors' TENSOR_GROUP FP4): E2M1 values, E4M3 group scales
 FP4_MAX, FP8_E4M3_MAX, NVFP4_GROUP_SIZE = 6.0, 448.0, 16
+# FP4 E2M1 magnitudes by code 0..7 (code 8 + i: the negative of value i)
+FP4_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# MXFP4 (OCP MX): E2M1 values in groups of 32 sharing an E8M0 power-of-two scale,
+# stored as its biased exponent (value 2 ** (byte - 127))
+MX_GROUP_SIZE, E8M0_BIAS = 32, 127
 
 # npu_kronecker_quant (aclnnFlatQuant, CANN 8.5): Kronecker factors M, N at most 256,
 # N a multiple of 8 (int4 output packed into int32)
@@ -58,6 +67,8 @@ NPU_MAX_FACTOR = 256
 W4A4_FLATQUANT_DYNAMIC = "W4A4_FLATQUANT_DYNAMIC"
 # npu_dynamic_quant (int8 per token, scale max|x| / 127) + int8 per-channel weights
 W8A8_DYNAMIC = "W8A8_DYNAMIC"
+# npu_kronecker_quant to MXFP4 (e8m0 scales per 32 values) + MXFP4 weights (Ascend 950)
+W4A4_MXFP4_FLATQUANT = "W4A4_MXFP4_FLATQUANT"
 FLOAT = "FLOAT"  # unquantized
 
 # fused layer -> the linears vLLM / vllm-ascend load into it (same parent module)

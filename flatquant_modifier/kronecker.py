@@ -16,6 +16,8 @@ import torch
 
 __all__ = [
     "get_decompose_dim",
+    "mx_decompose_dim",
+    "mxfp4_trans_dims",
     "kronecker_matmul",
     "kronecker_dense",
     "absorb_inverse_into_weight",
@@ -32,8 +34,11 @@ def get_decompose_dim(n: int) -> tuple[int, int]:
     >>> get_decompose_dim(576), get_decompose_dim(1536), get_decompose_dim(11008)
     ((24, 24), (32, 48), (86, 128))
     """
-    if n < 1:
-        raise ValueError(f"cannot decompose a feature size of {n}")
+    if n < 1 or n % 4 == 2:  # n = (a - b)(a + b): both factors odd, or both even
+        raise ValueError(
+            f"cannot decompose a feature size of {n} as vllm-ascend does "
+            "(a difference of two squares)"
+        )
     a = math.isqrt(n)
     if a * a < n:
         a += 1
@@ -43,6 +48,41 @@ def get_decompose_dim(n: int) -> tuple[int, int]:
         if b * b == rest:
             return a - b, a + b
         a += 1
+
+
+# vllm-ascend's W4A4_MXFP4_FLATQUANT: largest Kronecker factor npu_kronecker_quant takes
+MX_MAX_FACTOR = 256
+
+
+def mx_decompose_dim(n: int, m: int = 1) -> tuple[int, int]:
+    """
+    vllm-ascend's ``get_decompose_dim(n, m)`` of its ``W4A4_MXFP4_FLATQUANT`` method:
+    :func:`get_decompose_dim`'s ``(a - b, a + b)``, refused when ``a + b > 256``, and
+    ``(256, m * n // 256)`` when ``(a - b) * m > 256``.
+
+    :raises ValueError: when the right factor would exceed 256
+    """
+    left, right = get_decompose_dim(n)
+    if right > MX_MAX_FACTOR:
+        raise ValueError(f"{n} decomposes as {left} x {right}; the factors must be at "
+                         f"most {MX_MAX_FACTOR}")
+    if left * m > MX_MAX_FACTOR:
+        return MX_MAX_FACTOR, m * n // MX_MAX_FACTOR
+    return left, right
+
+
+def mxfp4_trans_dims(in_features: int, row_parallel: bool, max_supported_tp: int = 4):
+    """
+    ``(L, R)``: the sizes of ``left_trans`` and ``right_trans`` vllm-ascend's
+    ``W4A4_MXFP4_FLATQUANT`` allocates for a linear. A row-parallel linear (o_proj,
+    down_proj) is split by ``max_supported_tp``: ``R`` from the decomposition of
+    ``in_features / max_supported_tp``, ``L = in_features / R``, so each of up to
+    ``max_supported_tp`` ranks keeps a diagonal block of ``left_trans``.
+    """
+    if not row_parallel:
+        return mx_decompose_dim(in_features, 1)
+    _, right = mx_decompose_dim(in_features // max_supported_tp, max_supported_tp)
+    return in_features // right, right
 
 
 def kronecker_matmul(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:

@@ -273,7 +273,8 @@ def _resolve_group(
             f"different in_features {sorted(sizes)}"
         )
     in_features = sizes.pop()
-    m, n = get_decompose_dim(in_features)
+    # sizes that are 2 mod 4 are no difference of two squares (refused below)
+    m, n = get_decompose_dim(in_features) if in_features % 4 != 2 else (1, in_features)
     if npu_fallback and (problem := npu_kronecker_problem(in_features)) is not None:
         return ResolvedGroup(_join(layer_name, mapping.name), linears, None, None, m, n,
                              npu_problem=problem)
@@ -286,8 +287,8 @@ def _resolve_group(
     if m == 1:
         raise ValueError(
             f"FlatQuant: in_features={in_features} of {names[0]} only decomposes as "
-            f"1 x {n} (a prime size), so the Kronecker transform would degenerate to "
-            f"one dense {n}x{n} matrix; refusing. {fix}."
+            f"1 x {n} (a prime size, or 2 mod 4), so the Kronecker transform would be "
+            f"one dense {n}x{n} matrix at best; refusing. {fix}."
         )
     if in_features % INT4_PER_INT32 != 0:
         raise ValueError(

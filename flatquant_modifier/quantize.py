@@ -19,11 +19,25 @@ Rounding is ``torch.round`` (half to even) in both, as compressed-tensors does.
 For NVFP4 targets (``quant_format="nvfp4"``) both weights and activations use
 compressed-tensors' tensor-group FP4 scheme: FP4 E2M1 values in groups of 16, FP8
 E4M3 group scales relative to a float32 global scale ``448 * 6 / amax``.
+
+MXFP4 activations follow ``npu_kronecker_quant`` with FP4 output (Ascend 950): groups
+of 32 consecutive values share the power of two ``2 ** (floor(log2(amax)) - 2)`` (the
+OCP MX rule, E2M1's largest exponent being 2), stored as its E8M0 byte
+``floor(log2(amax)) + 127 - 2``; values round half to even onto the E2M1 grid,
+saturating at +-6. ``clip_ratio`` plays no part (the FP4 kernels do not read it).
 """
 
 import torch
 
-from flatquant_modifier.formats import FP4_MAX, FP8_E4M3_MAX, NVFP4_GROUP_SIZE, int_range
+from flatquant_modifier.formats import (
+    E8M0_BIAS,
+    FP4_E2M1_VALUES,
+    FP4_MAX,
+    FP8_E4M3_MAX,
+    MX_GROUP_SIZE,
+    NVFP4_GROUP_SIZE,
+    int_range,
+)
 
 __all__ = [
     "int_range",
@@ -34,10 +48,14 @@ __all__ = [
     "weight_scale",
     "fake_quantize_weight",
     "fake_quantize_nvfp4",
+    "round_to_e2m1",
+    "mxfp4_scale_byte",
+    "quantize_mxfp4",
+    "fake_quantize_mxfp4",
 ]
 
 FP8_MAX, NVFP4_GROUP = FP8_E4M3_MAX, NVFP4_GROUP_SIZE
-_FP4_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_FP4_GRID = FP4_E2M1_VALUES
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -128,3 +146,63 @@ def fake_quantize_nvfp4(x: torch.Tensor, group_size: int = NVFP4_GROUP) -> torch
     scale = scale / global_scale
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     return (_round_fp4_ste(grouped / safe) * scale).reshape(shape).to(x.dtype)
+
+
+def round_to_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """The E2M1 value nearest to ``x``, ties to the even code (round half to even, as
+    the NPU's ``CAST_RINT``), saturating at +-6; same dtype as ``x``."""
+    grid = torch.tensor(FP4_E2M1_VALUES, device=x.device, dtype=x.dtype)
+    magnitude = x.abs().clamp(max=FP4_MAX)
+    low = (torch.bucketize(magnitude, grid, right=True) - 1).clamp(0, len(grid) - 2)
+    high = low + 1
+    below, above = magnitude - grid[low], grid[high] - magnitude
+    up = (above < below) | ((above == below) & (high % 2 == 0))
+    return torch.where(up, grid[high], grid[low]) * torch.sign(x)
+
+
+def mxfp4_scale_byte(x: torch.Tensor, group_size: int = MX_GROUP_SIZE) -> torch.Tensor:
+    """
+    The E8M0 byte of each group of ``group_size`` consecutive values of the last
+    dimension (NPU rule): ``floor(log2(amax)) + 127 - 2``, at least 0.
+
+    :return: int32 tensor ``[..., k / group_size]``
+    """
+    return _mx_exponents(x, group_size)[0]
+
+
+def _mx_exponents(x: torch.Tensor, group_size: int):
+    """Scale bytes, and which groups have a normal ``amax`` (the others, zero or
+    subnormal, quantize to 0 on the NPU)."""
+    grouped = x.reshape(*x.shape[:-1], -1, group_size)
+    amax = grouped.abs().amax(dim=-1).float()
+    _, exponent = torch.frexp(amax)  # amax = m * 2**e, m in [0.5, 1)
+    biased = exponent.to(torch.int32) - 1 + E8M0_BIAS  # floor(log2 amax) + 127
+    normal = (amax > 0) & (biased > 0)
+    return torch.where(normal, (biased - 2).clamp(min=0), torch.zeros_like(biased)), normal
+
+
+def quantize_mxfp4(x: torch.Tensor, group_size: int = MX_GROUP_SIZE):
+    """
+    MXFP4 values and scale bytes of ``x`` over its last dimension (NPU rule).
+
+    :return: ``(values, scale_byte)``: ``values`` E2M1 values (float, same dtype and
+        shape as ``x``), ``scale_byte`` from :func:`mxfp4_scale_byte`; ``x`` is about
+        ``values * 2 ** (scale_byte - 127)`` per group
+    """
+    scale_byte, normal = _mx_exponents(x, group_size)
+    dtype = torch.promote_types(x.dtype, torch.float32)  # 2 ** 127 overflows float16
+    grouped = x.reshape(*x.shape[:-1], -1, group_size).to(dtype)
+    inverse = torch.exp2((E8M0_BIAS - scale_byte).to(dtype)).unsqueeze(-1)
+    values = round_to_e2m1(grouped * inverse)
+    values = torch.where(normal.unsqueeze(-1), values, torch.zeros_like(values))
+    return values.reshape(x.shape).to(x.dtype), scale_byte
+
+
+def fake_quantize_mxfp4(x: torch.Tensor, group_size: int = MX_GROUP_SIZE) -> torch.Tensor:
+    """Quantize-dequantize with the NPU's MXFP4 rule; straight-through gradient."""
+    values, scale_byte = quantize_mxfp4(x.detach(), group_size)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    scale = torch.exp2((scale_byte - E8M0_BIAS).to(dtype)).unsqueeze(-1)
+    grouped = values.reshape(*x.shape[:-1], -1, group_size).to(dtype)
+    dequantized = (grouped * scale).reshape(x.shape).to(x.dtype)
+    return x + (dequantized - x).detach()

@@ -52,3 +52,30 @@ def test_random_orthogonal():
 def test_kronecker_matmul_rejects_wrong_size():
     with pytest.raises(ValueError, match="last dim 10"):
         kronecker_matmul(torch.zeros(2, 10), torch.eye(3), torch.eye(4))
+
+
+def test_mxfp4_transform_sizes_are_vllm_ascends():
+    """W4A4_MXFP4_FLATQUANT's left_trans/right_trans sizes: column-parallel linears as
+    get_decompose_dim, row-parallel ones split by max_supported_tp (vllm-ascend's
+    get_decompose_dim(n, m) of that method)."""
+    from flatquant_modifier.kronecker import mxfp4_trans_dims
+
+    expected = {  # in_features: column, row (max TP 4), row (max TP 8)
+        4096: ((64, 64), (128, 32), (128, 32)),
+        5120: ((64, 80), (128, 40), (160, 32)),
+        14336: ((112, 128), (224, 64), (256, 56)),
+        25600: ((160, 160), (256, 100), (256, 100)),
+    }
+    for n, dims in expected.items():
+        got = (mxfp4_trans_dims(n, False), mxfp4_trans_dims(n, True, 4),
+               mxfp4_trans_dims(n, True, 8))
+        assert got == dims, n
+    with pytest.raises(ValueError, match="at most 256"):
+        mxfp4_trans_dims(3 * 257, False)  # 3 x 257
+
+
+def test_sizes_with_no_decomposition_are_refused_not_looped_on():
+    from flatquant_modifier.kronecker import get_decompose_dim
+
+    with pytest.raises(ValueError, match="cannot decompose a feature size of 514"):
+        get_decompose_dim(514)  # 2 mod 4: not a difference of two squares

@@ -67,3 +67,30 @@ def test_straight_through_gradients_reach_clip():
     clip = torch.tensor(0.9, requires_grad=True)
     fake_quantize_activation(y, clip).pow(2).sum().backward()
     assert y.grad is not None and clip.grad is not None and clip.grad != 0
+
+
+def test_e2m1_rounding_is_half_to_even_and_saturates():
+    from flatquant_modifier.quantize import round_to_e2m1
+
+    x = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.9, 1e9, 0.26, 2.9, -2.5, -5.0])
+    expected = [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0, 0.5, 3.0, -2.0, -4.0]
+    assert round_to_e2m1(x).tolist() == expected
+
+
+def test_mxfp4_scales_follow_the_npu_rule():
+    """Per 32 values: E8M0 byte floor(log2(amax)) + 127 - 2 (OCP MX, E2M1's largest
+    exponent 2); all-zero groups get 0 and quantize to 0."""
+    from flatquant_modifier.quantize import fake_quantize_mxfp4, quantize_mxfp4
+
+    x = torch.zeros(2, 96)
+    x[0, 0], x[0, 1] = 6.0, 1.0  # amax 6: 2 ** 2 -> byte 127, scale 1
+    x[0, 40] = 0.3  # amax 0.3: 2 ** -2 -> byte 123, scale 1/16: 4.8 -> 4 -> 0.25
+    x[1, 70] = -1000.0  # 2 ** 9 -> byte 134, scale 128: -7.8 -> -6 -> -768
+    values, scale_byte = quantize_mxfp4(x)
+    assert scale_byte.tolist() == [[127, 123, 0], [0, 0, 134]]
+    assert values[0, :2].tolist() == [6.0, 1.0] and values[0, 40].item() == 4.0
+    assert values[1, 70].item() == -6.0
+    y = fake_quantize_mxfp4(x.requires_grad_())
+    assert y[0, 40].item() == 0.25 and y[1, 70].item() == -768.0
+    y.sum().backward()  # straight through
+    assert torch.equal(x.grad, torch.ones_like(x))

@@ -24,7 +24,16 @@ import importlib.util
 
 import torch
 
-from flatquant_modifier.formats import INT4_MAX, INT4_MIN, INT8_MAX, INT8_MIN
+from flatquant_modifier.formats import (
+    E8M0_BIAS,
+    FP4_E2M1_VALUES,
+    INT4_MAX,
+    INT4_MIN,
+    INT8_MAX,
+    INT8_MIN,
+    MX_GROUP_SIZE,
+)
+from flatquant_modifier.quantize import quantize_mxfp4
 from flatquant_modifier.kronecker import get_decompose_dim
 
 __all__ = [
@@ -38,6 +47,11 @@ __all__ = [
     "kronecker_quant",
     "dynamic_quant",
     "quant_matmul",
+    "e2m1_codes",
+    "pack_fp4",
+    "unpack_fp4",
+    "kronecker_quant_mxfp4",
+    "quant_mx_matmul",
 ]
 
 # vllm-ascend chunks npu_kronecker_quant calls to at most this many tokens
@@ -206,6 +220,110 @@ def quant_matmul(
         w = unpack_int4(x2.transpose(0, 1)).to(dtype)  # [n, k]
         acc = a @ w.T
     out = acc * scale.to(dtype)[None, :] * pertoken_scale.to(dtype)[:, None]
+    if bias is not None:
+        out = out + bias.to(dtype)
+    return out.to(output_dtype)
+
+
+# --------------------------------------------------------------- MXFP4 (Ascend 950)
+
+
+def e2m1_codes(values: torch.Tensor) -> torch.Tensor:
+    """4-bit E2M1 codes of values on the E2M1 grid: bit 3 the sign, bits 0-2 the index
+    of the magnitude in ``0, 0.5, 1, 1.5, 2, 3, 4, 6``; -0 is 0."""
+    grid = torch.tensor(FP4_E2M1_VALUES, device=values.device, dtype=torch.float64)
+    magnitude = values.abs().double()
+    index = torch.searchsorted(grid, magnitude)
+    if not torch.equal(grid[index.clamp(max=len(grid) - 1)], magnitude):
+        raise ValueError("e2m1_codes: values must lie on the E2M1 grid")
+    return torch.where(values < 0, index + 8, index).to(torch.uint8)
+
+
+def pack_fp4(values: torch.Tensor) -> torch.Tensor:
+    """E2M1 values ``[..., k]`` -> uint8 ``[..., k/2]``, element ``2i`` in the low nibble
+    (msModelSlim's packing, and what vllm-ascend's MXFP4 unpacking reads)."""
+    if values.shape[-1] % 2:
+        raise ValueError(f"FP4 packing needs an even last dimension, got {values.shape[-1]}")
+    codes = e2m1_codes(values).reshape(*values.shape[:-1], -1, 2)
+    return (codes[..., 0] | (codes[..., 1] << 4)).to(torch.uint8)
+
+
+def unpack_fp4(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`pack_fp4`: uint8 ``[..., k/2]`` -> E2M1 values ``[..., k]``."""
+    grid = torch.tensor(FP4_E2M1_VALUES, device=packed.device, dtype=dtype)
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1)
+    magnitude = grid[(codes & 0x7).long()]
+    return torch.where(codes >= 8, -magnitude, magnitude)
+
+
+def kronecker_quant_mxfp4(
+    x: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    clip_ratio: float = 1.0,
+    intermediate_dtype: torch.dtype | None = torch.bfloat16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    ``npu_kronecker_quant(x, left, right, clip_ratio, dst_dtype=float4_e2m1fn_x2)`` as
+    the open-source Ascend 950 kernels compute it: ``T1 = x @ right`` rounded to
+    ``x``'s dtype, ``T2 = left @ T1`` rounded to bfloat16 (``intermediate_dtype``; None
+    keeps full precision, for exact comparisons), then MXFP4 per 32 consecutive values
+    of each token (:func:`flatquant_modifier.quantize.quantize_mxfp4`). ``clip_ratio``
+    must lie in (0, 1] but is not applied.
+
+    :param x: ``[K, L, R]``; ``left`` ``[L, L]`` (vllm-ascend passes the stored
+        ``left_trans`` transposed), ``right`` ``[R, R]``
+    :return: ``(packed uint8 [K, L*R/2], scale uint8 [K, ceil(L*R/64), 2])``, the scale
+        bytes of groups ``2j`` and ``2j + 1`` at ``[:, j, 0]`` and ``[:, j, 1]`` (0 past
+        the last group)
+    """
+    if not 0.0 < clip_ratio <= 1.0:
+        raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
+    tokens, m, n = x.shape
+    if (m * n) % MX_GROUP_SIZE:
+        raise ValueError(f"L * R = {m * n} is not a multiple of {MX_GROUP_SIZE}")
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    t1 = torch.matmul(x.to(dtype), right.to(dtype)).to(x.dtype).to(dtype)
+    t2 = torch.matmul(left.to(dtype), t1)
+    if intermediate_dtype is not None:
+        t2 = t2.to(intermediate_dtype).to(dtype)
+    values, scale_byte = quantize_mxfp4(t2.reshape(tokens, m * n))
+    groups = scale_byte.shape[-1]
+    scale = torch.zeros(tokens, 2 * ((groups + 1) // 2), dtype=torch.uint8, device=x.device)
+    scale[:, :groups] = scale_byte.to(torch.uint8)
+    return pack_fp4(values), scale.reshape(tokens, -1, 2)
+
+
+def quant_mx_matmul(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    x2_scale: torch.Tensor,
+    x1_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    output_dtype: torch.dtype = torch.bfloat16,
+    group_size: int = MX_GROUP_SIZE,
+) -> torch.Tensor:
+    """
+    ``npu_quant_matmul`` on MXFP4 operands with ``group_sizes=[1, 1, group_size]``:
+    ``out[m, n] = sum_k x1[m, k] * 2^(s1[m, k/32] - 127) * x2[k, n] * 2^(s2[k/32, n] - 127)``
+    (+ bias), accumulated in float32 (float64 for float64 output).
+
+    :param x1: uint8 ``[m, k/2]`` packed activations, ``x1_scale`` uint8 ``[m, k/64, 2]``
+    :param x2: uint8 ``[k/2, n]``: the transpose of the packed ``[n, k/2]`` weight;
+        ``x2_scale`` uint8 ``[k/64, n, 2]``: the transpose of the ``[n, k/64, 2]`` view
+        of the stored ``[n, k/32]`` weight scale
+    """
+    dtype = torch.float64 if output_dtype == torch.float64 else torch.float32
+    a = unpack_fp4(x1, dtype)  # [m, k]
+    w = unpack_fp4(x2.transpose(0, 1), dtype)  # [n, k]
+    k = a.shape[-1]
+    a_scale = torch.exp2(x1_scale.reshape(x1.shape[0], -1)[:, : k // group_size].to(dtype)
+                         - E8M0_BIAS)
+    w_scale = torch.exp2(x2_scale.transpose(0, 1).reshape(w.shape[0], -1)[:, : k // group_size]
+                         .to(dtype) - E8M0_BIAS)
+    a = a * a_scale.repeat_interleave(group_size, dim=-1)
+    w = w * w_scale.repeat_interleave(group_size, dim=-1)
+    out = a @ w.T
     if bias is not None:
         out = out + bias.to(dtype)
     return out.to(output_dtype)

@@ -113,3 +113,70 @@ def test_int8_quant_matmul_is_exact_beyond_float32_integers():
     out = quant_matmul(x1, x2, torch.ones(2, dtype=torch.float64),
                        torch.ones(1, dtype=torch.float64), output_dtype=torch.float64)
     assert out.tolist() == [[-66584576.0, -66584576.0 + 127]]
+
+
+# ----------------------------------------------------------------- MXFP4 (Ascend 950)
+
+
+def test_fp4_packing_puts_the_even_element_in_the_low_nibble():
+    from flatquant_modifier.ascend.ops import pack_fp4, unpack_fp4
+
+    values = torch.tensor([[0.5, -6.0, 0.0, 3.0]])
+    packed = pack_fp4(values)  # codes 1, 15 (sign bit 3), 0, 5
+    assert packed.dtype == torch.uint8 and packed.tolist() == [[0xF1, 0x50]]
+    assert torch.equal(unpack_fp4(packed), values)
+    with pytest.raises(ValueError, match="E2M1 grid"):
+        pack_fp4(torch.tensor([[0.7, 1.0]]))
+
+
+def test_mxfp4_kronecker_quant_is_the_transform_then_the_mx_quantizer():
+    """Dequantized output of the FP4 npu_kronecker_quant reference = the MXFP4 fake
+    quantizer applied to x @ kron(P1, P2) (vllm-ascend passes left_trans transposed),
+    in exact arithmetic; scales laid out [K, groups / 2, 2]."""
+    from flatquant_modifier.ascend.ops import kronecker_quant_mxfp4, unpack_fp4
+    from flatquant_modifier.kronecker import kronecker_matmul
+    from flatquant_modifier.quantize import fake_quantize_mxfp4
+
+    torch.manual_seed(0)
+    m, n = 4, 24  # 96 = 3 groups of 32: the scale is padded to 2 x 2
+    x = torch.randn(5, m * n, dtype=torch.float64) * 3
+    p1, p2 = torch.randn(m, m, dtype=torch.float64), torch.randn(n, n, dtype=torch.float64)
+    packed, scale = kronecker_quant_mxfp4(x.view(5, m, n), p1.T, p2, clip_ratio=0.5,
+                                          intermediate_dtype=None)
+    assert packed.shape == (5, m * n // 2) and scale.shape == (5, 2, 2)
+    assert torch.all(scale[:, 1, 1] == 0)
+    groups = scale.reshape(5, 4)[:, :3].double()
+    dequantized = (unpack_fp4(packed, torch.float64).view(5, 3, 32)
+                   * torch.exp2(groups - 127).unsqueeze(-1)).view(5, -1)
+    expected = fake_quantize_mxfp4(kronecker_matmul(x, p1, p2))
+    torch.testing.assert_close(dequantized, expected, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"clip_ratio must be in \(0, 1\]"):
+        kronecker_quant_mxfp4(x.view(5, m, n), p1.T, p2, clip_ratio=1.5)
+
+
+def test_mx_matmul_multiplies_the_dequantized_operands():
+    """npu_quant_matmul with group_sizes [1, 1, 32], operands as vllm-ascend passes
+    them: the packed weight [n, k/2] and its scale [n, k/32] viewed [n, k/64, 2],
+    both transposed."""
+    from flatquant_modifier.ascend.ops import kronecker_quant_mxfp4, pack_fp4, quant_mx_matmul
+    from flatquant_modifier.quantize import quantize_mxfp4
+
+    torch.manual_seed(1)
+    k, n = 128, 6
+    w_values, w_byte = quantize_mxfp4(torch.randn(n, k, dtype=torch.float64))
+    w_packed, w_scale = pack_fp4(w_values), w_byte.to(torch.uint8)  # [n, k/2], [n, k/32]
+    x = torch.randn(3, k, dtype=torch.float64)
+    eye = torch.eye(8, dtype=torch.float64)
+    x_packed, x_scale = kronecker_quant_mxfp4(x.view(3, 8, 16), eye, torch.eye(16).double(),
+                                              intermediate_dtype=None)
+    bias = torch.randn(n, dtype=torch.float64)
+    out = quant_mx_matmul(x_packed, w_packed.t(), w_scale.view(n, -1, 2).transpose(0, 1),
+                          x_scale, bias=bias, output_dtype=torch.float64)
+
+    def dequantize(values, byte):
+        return (values.view(values.shape[0], -1, 32)
+                * torch.exp2(byte.double() - 127).unsqueeze(-1)).view(values.shape[0], -1)
+
+    x_values, x_byte = quantize_mxfp4(x)
+    expected = dequantize(x_values, x_byte) @ dequantize(w_values, w_byte).T + bias
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
