@@ -30,17 +30,21 @@ from flatquant_modifier.ascend.ops import (
     get_decompose_dim,
     dynamic_quant,
     kronecker_quant,
+    kronecker_quant_mxfp4,
     pack_int4,
     quant_matmul,
+    quant_mx_matmul,
 )
 from flatquant_modifier.formats import (
     FLOAT,
+    MX_GROUP_SIZE,
     INT4_PER_INT32,
     W4A4_FLATQUANT_DYNAMIC,
     W8A8_DYNAMIC,
     checkpoint_name,
     expert_of,
 )
+from flatquant_modifier.kronecker import mxfp4_trans_dims
 from flatquant_modifier.loading import check_safetensors_files
 
 __all__ = [
@@ -49,6 +53,7 @@ __all__ = [
     "AscendW4A4FlatQuantLinear",
     "AscendW8A8DynamicLinear",
     "AscendW8A8DynamicMoE",
+    "AscendW4A4MXFP4FlatQuantLinear",
     "load_ascend_model",
 ]
 
@@ -266,6 +271,82 @@ class AscendW8A8DynamicMoE(nn.Module):
                              pertoken.reshape(-1), output_dtype=x.dtype, use_npu=self.use_npu)
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
         return out
+
+
+class AscendW4A4MXFP4FlatQuantLinear(nn.Module):
+    """
+    Mirrors vllm-ascend's ``W4A4_MXFP4_FLATQUANT`` linear method on one tensor-parallel
+    rank (Ascend 950): ``weight`` uint8 [out, in/2] (two E2M1 codes per byte),
+    ``weight_scale`` uint8 [out, in/32] (E8M0 bytes), ``left_trans`` [L, L] and
+    ``right_trans`` [R, R] in ``params_dtype`` with ``(L, R)`` from
+    :func:`flatquant_modifier.kronecker.mxfp4_trans_dims` (a row-parallel layer's over
+    its whole input, split by ``max_supported_tp``), ``clip_ratio`` float32 [1]. After
+    loading, a row-parallel rank keeps its diagonal block of ``left_trans``; the forward
+    is ``npu_kronecker_quant`` to MXFP4 and the MX ``npu_quant_matmul``.
+
+    :param in_features: this rank's input size (the whole one over ``tp_size`` for a
+        row-parallel layer)
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 params_dtype: torch.dtype = torch.bfloat16, row_parallel: bool = False,
+                 tp_size: int = 1, tp_rank: int = 0, max_supported_tp: int = 4,
+                 group_size: int = MX_GROUP_SIZE):
+        super().__init__()
+        if tp_size > max_supported_tp:
+            raise ValueError(f"tensor parallel size {tp_size} exceeds max_supported_tp "
+                             f"{max_supported_tp}")
+        if in_features % (2 * group_size):
+            raise ValueError(f"in_features {in_features} must be a multiple of "
+                             f"{2 * group_size} (weight scales are read in pairs)")
+        self.in_features, self.out_features = in_features, out_features
+        self.row_parallel, self.tp_size, self.tp_rank = row_parallel, tp_size, tp_rank
+        self.group_size = group_size
+        whole = in_features * tp_size if row_parallel else in_features
+        left, right = mxfp4_trans_dims(whole, row_parallel, max_supported_tp)
+
+        def param(*shape, dtype):
+            return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+        self.weight = param(out_features, in_features // 2, dtype=torch.uint8)
+        self.weight_scale = param(out_features, in_features // group_size, dtype=torch.uint8)
+        self.left_trans = param(left, left, dtype=params_dtype)
+        self.right_trans = param(right, right, dtype=params_dtype)
+        self.clip_ratio = param(1, dtype=torch.float32)
+        self.bias = param(out_features, dtype=params_dtype) if bias else None
+        self.aclnn_clip_ratio: float | None = None
+
+    @torch.no_grad()
+    def process_weights_after_loading(self):
+        left = self.left_trans.data
+        if self.row_parallel:  # this rank's diagonal block
+            block = left.shape[0] // self.tp_size
+            rows = slice(self.tp_rank * block, (self.tp_rank + 1) * block)
+            left = left[rows, rows]
+        self.left_trans = nn.Parameter(left.t().contiguous(), requires_grad=False)
+        scale = self.weight_scale.data.view(self.out_features, -1, 2)
+        self.weight_t = self.weight.data.transpose(0, 1)  # [in/2, out]
+        self.weight_scale_t = scale.transpose(0, 1)  # [in/64, out, 2]
+        self.clip_ratio.data = self.clip_ratio.data.float()
+        self.aclnn_clip_ratio = self.clip_ratio.item()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.aclnn_clip_ratio is None:
+            raise RuntimeError("call process_weights_after_loading() first")
+        m, n = self.left_trans.shape[0], self.right_trans.shape[0]
+        if m * n != x.shape[-1]:
+            raise ValueError(f"FlatQuant transform matrices dimension mismatch: M({m}) * "
+                             f"N({n}) != in_features({x.shape[-1]})")
+        # the kernels round their intermediates to bfloat16; a float32/float64
+        # evaluation of the checkpoint computes them exactly
+        exact = x.dtype in (torch.float32, torch.float64)
+        q, scale = kronecker_quant_mxfp4(
+            x.reshape(-1, m, n), self.left_trans.to(x.dtype), self.right_trans.to(x.dtype),
+            self.aclnn_clip_ratio, intermediate_dtype=None if exact else torch.bfloat16,
+        )
+        out = quant_mx_matmul(q, self.weight_t, self.weight_scale_t, scale, bias=self.bias,
+                              output_dtype=x.dtype, group_size=self.group_size)
+        return out.reshape(*x.shape[:-1], -1)
 
 
 LINEAR_METHODS = {

@@ -95,3 +95,60 @@ def test_w8a8_dynamic_linear_is_int8_tokens_times_int8_weights():
         fake_quantize_activation(x, 1.0, 8), weight.double() * scale, bias
     )
     torch.testing.assert_close(linear(x), expected, atol=1e-12, rtol=0)
+
+
+def test_mxfp4_flatquant_linear_is_one_function_at_every_tp_up_to_max_supported():
+    """vllm-ascend's W4A4_MXFP4_FLATQUANT on a row-parallel linear: each rank keeps
+    its diagonal block of left_trans. With left_trans block-diagonal in
+    max_supported_tp blocks, the ranks' partial outputs sum to the TP 1 output at TP 2
+    and 4 (float64); a dense left_trans does not: what a trained transform must be."""
+    from flatquant_modifier.ascend.ops import pack_fp4
+    from flatquant_modifier.ascend.runtime import AscendW4A4MXFP4FlatQuantLinear
+    from flatquant_modifier.kronecker import kronecker_matmul, mxfp4_trans_dims
+    from flatquant_modifier.quantize import fake_quantize_mxfp4, quantize_mxfp4
+
+    torch.manual_seed(0)
+    in_f, out_f, f64 = 256, 16, torch.float64
+    left_size, right_size = mxfp4_trans_dims(in_f, True, 4)
+    assert (left_size, right_size) == (32, 8)
+    left = torch.block_diag(*(torch.randn(8, 8, dtype=f64) for _ in range(4)))
+    right = torch.randn(right_size, right_size, dtype=f64)
+    values, byte = quantize_mxfp4(torch.randn(out_f, in_f, dtype=f64))
+    weight, weight_scale = pack_fp4(values), byte.to(torch.uint8)
+    bias = torch.randn(out_f, dtype=f64)
+    x = torch.randn(5, in_f, dtype=f64)
+
+    def run(tp, left):
+        out, part = 0, in_f // tp
+        for rank in range(tp):
+            linear = AscendW4A4MXFP4FlatQuantLinear(
+                part, out_f, bias=True, params_dtype=f64, row_parallel=True, tp_size=tp,
+                tp_rank=rank)
+            linear.weight.data.copy_(weight[:, rank * part // 2:(rank + 1) * part // 2])
+            linear.weight_scale.data.copy_(weight_scale[:, rank * part // 32:(rank + 1) * part // 32])
+            linear.left_trans.data.copy_(left)
+            linear.right_trans.data.copy_(right)
+            linear.clip_ratio.data.fill_(1.0)
+            linear.bias.data.copy_(bias if rank == 0 else torch.zeros_like(bias))  # as vLLM
+            linear.process_weights_after_loading()
+            out = out + linear(x[:, rank * part:(rank + 1) * part])
+        return out
+
+    reference = run(1, left)
+    scales = torch.exp2(byte.double() - 127).repeat_interleave(32, dim=-1)
+    expected = fake_quantize_mxfp4(kronecker_matmul(x, left, right)) @ (values * scales).T + bias
+    torch.testing.assert_close(reference, expected, atol=1e-9, rtol=0)
+    for tp in (2, 4):
+        torch.testing.assert_close(run(tp, left), reference, atol=1e-9, rtol=0)
+    dense = left + 0.5 * torch.randn_like(left)
+    assert (run(2, dense) - run(1, dense)).abs().max() > 1e-3
+    # in bfloat16 the kernels' intermediates are rounded: close, not equal
+    half = AscendW4A4MXFP4FlatQuantLinear(in_f, out_f, bias=True, row_parallel=True)
+    for name, value in (("weight", weight), ("weight_scale", weight_scale), ("left_trans", left),
+                        ("right_trans", right), ("clip_ratio", torch.ones(1)), ("bias", bias)):
+        getattr(half, name).data.copy_(value)
+    half.process_weights_after_loading()
+    approx = half(x.bfloat16()).double()
+    assert ((approx - reference).norm() / reference.norm()).item() < 0.1
+    with pytest.raises(ValueError, match="exceeds max_supported_tp 4"):
+        AscendW4A4MXFP4FlatQuantLinear(32, out_f, row_parallel=True, tp_size=8)
