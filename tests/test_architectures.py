@@ -119,6 +119,63 @@ def test_mixed_precision_round_trips_and_exports(name, tmp_path):
     kinds = description_of_layer0(tmp_path / "ascend")
     assert {k for k, v in kinds.items() if v == "W8A8_DYNAMIC"} == {"o_proj", "down_proj"}
 
+# packed-module mappings the lookup uses: vllm-ascend's own for qwen3_moe and
+# deepseek_v3 (modelslim_config.py), else the vLLM model class's
+PACKED = {
+    "qwen3_moe": {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                  "gate_up_proj": ["gate_proj", "up_proj"],
+                  "experts": ["experts.0.gate_proj", "experts.0.up_proj", "experts.0.down_proj"]},
+    "qwen2_moe": {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                  "gate_up_proj": ["gate_proj", "up_proj"]},
+    "mixtral": {"qkv_proj": ["q_proj", "k_proj", "v_proj"]},
+    "deepseek_v3": {"gate_up_proj": ["gate_proj", "up_proj"],
+                    "experts": ["experts.0.gate_proj", "experts.0.up_proj", "experts.0.down_proj"],
+                    "fused_qkv_a_proj": ["q_a_proj", "kv_a_proj_with_mqa"]},
+}
+
+
+def _vllm_ascend_type(description: dict, prefix: str, packed: dict) -> str:
+    """The quant type vllm-ascend's ModelSlim config finds for the vLLM layer
+    ``prefix`` (``is_layer_skipped_ascend``, then ``get_linear_quant_type``): a fused
+    layer's shards must all be described with one type; a layer with no entry raises
+    KeyError there, as it does in vllm-ascend."""
+    proj = prefix.split(".")[-1]
+    if proj in packed:
+        kinds = {description[f"{prefix.replace(proj, shard)}.weight"] for shard in packed[proj]}
+        assert len(kinds) == 1, (prefix, kinds)
+        return kinds.pop()
+    if any(k.startswith(prefix) and k.endswith(".weight") and v == "FLOAT"
+           for k, v in description.items()):
+        return "FLOAT"
+    return description[f"{prefix}.weight"]
+
+
+# vLLM's layers of each architecture (its names) -> the type they must be served with
+VLLM_LAYERS = {
+    "qwen3_moe": {"model.layers.0.self_attn.qkv_proj": "W4A4_FLATQUANT_DYNAMIC",
+                  "model.layers.0.mlp.gate_up_proj": "W4A4_FLATQUANT_DYNAMIC",
+                  "model.layers.0.mlp.down_proj": "W4A4_FLATQUANT_DYNAMIC",
+                  "model.layers.1.self_attn.o_proj": "W4A4_FLATQUANT_DYNAMIC",
+                  "model.layers.1.mlp.experts": "W8A8_DYNAMIC"},
+    "qwen2_moe": {"model.layers.1.self_attn.qkv_proj": "W4A4_FLATQUANT_DYNAMIC",
+                  "model.layers.1.self_attn.o_proj": "W4A4_FLATQUANT_DYNAMIC",
+                  "model.layers.1.mlp.experts": "W8A8_DYNAMIC",
+                  "model.layers.1.mlp.shared_expert.gate_up_proj": "FLOAT",
+                  "model.layers.1.mlp.shared_expert.down_proj": "FLOAT"},
+    "mixtral": {"model.layers.1.self_attn.qkv_proj": "W4A4_FLATQUANT_DYNAMIC",
+                "model.layers.1.self_attn.o_proj": "W4A4_FLATQUANT_DYNAMIC",
+                "model.layers.1.block_sparse_moe.experts": "W8A8_DYNAMIC"},
+    "deepseek_v3": {"model.layers.1.self_attn.fused_qkv_a_proj": "W4A4_FLATQUANT_DYNAMIC",
+                    "model.layers.1.self_attn.q_b_proj": "W4A4_FLATQUANT_DYNAMIC",
+                    "model.layers.1.self_attn.kv_b_proj": "FLOAT",
+                    "model.layers.1.self_attn.o_proj": "W4A4_FLATQUANT_DYNAMIC",
+                    "model.layers.0.mlp.gate_up_proj": "W4A4_FLATQUANT_DYNAMIC",
+                    "model.layers.0.mlp.down_proj": "W4A4_FLATQUANT_DYNAMIC",
+                    "model.layers.1.mlp.experts": "W8A8_DYNAMIC",
+                    "model.layers.1.mlp.shared_experts.gate_up_proj": "W8A8_DYNAMIC",
+                    "model.layers.1.mlp.shared_experts.down_proj": "W8A8_DYNAMIC"},
+}
+
 
 @pytest.mark.parametrize("name", MOE_ARCHITECTURES)
 def test_moe_recipe_round_trips_and_exports(name, tmp_path):
@@ -159,6 +216,10 @@ def test_moe_recipe_round_trips_and_exports(name, tmp_path):
         assert set(shared.values()) == {"W8A8_DYNAMIC"} and len(shared) == 3
     if name in ("qwen3_moe", "deepseek_v3"):  # the dense layer 0
         assert kinds["model.layers.0.mlp.down_proj"] == "W4A4_FLATQUANT_DYNAMIC"
+    # every vLLM layer is found, with its type, as vllm-ascend looks it up
+    layers = {**VLLM_LAYERS[name], "model.embed_tokens": "FLOAT", "lm_head": "FLOAT"}
+    found = {prefix: _vllm_ascend_type(description, prefix, PACKED[name]) for prefix in layers}
+    assert found == layers
 
 
 def test_quantized_experts_without_an_int8_quantizer_are_refused_at_calibration_start(tmp_path):
