@@ -78,8 +78,7 @@ def main():
                 recipe=str(args.recipe), num_calibration_samples=args.num_samples,
                 max_seq_length=args.seq_len)
         seconds = time.perf_counter() - start
-    reports = [m for m in _flatquant_modifiers()]
-    training = sum(r.seconds for m in reports for r in m.reports)
+    training = sum(r.seconds for m in _flatquant_modifiers() for r in m.reports)
     row = {
         "shape": args.shape,
         "recipe": args.recipe.name,

@@ -7,6 +7,8 @@ type and, under tensor-group schemes, one global scale).
 
 import re
 
+from torch.nn import Linear, Module
+
 from flatquant_modifier.kronecker import get_decompose_dim
 
 __all__ = [
@@ -32,7 +34,7 @@ __all__ = [
     "ASCEND_FLOAT_ONLY",
     "expert_of",
     "SHARED_EXPERTS",
-    "shared_expert_problem",
+    "shared_experts_problem",
     "CHECKPOINT_NAMES",
     "checkpoint_name",
     "npu_kronecker_problem",
@@ -96,12 +98,29 @@ ASCEND_FLOAT_ONLY = {
 SHARED_EXPERTS = ("shared_expert", "shared_experts")
 
 
-def shared_expert_problem(shared: str, routed: str, gated: bool) -> str | None:
-    """Why vllm-ascend cannot serve shared experts of quant type ``shared`` beside routed
-    experts of type ``routed`` (``gated``: a sigmoid gate scales the shared expert's
-    output, Qwen2-MoE's ``shared_expert_gate``), or None. With int8 routed experts
+def shared_experts_problem(block: Module, name: str, types: dict[str, str],
+                           routed: str) -> str | None:
+    """
+    Why vllm-ascend cannot serve the shared experts of the MoE block ``block`` (named
+    ``name``; ``types``: the quant type of its linears by full name, FLOAT if absent)
+    beside routed experts of type ``routed``, or None. With int8 routed experts
     vllm-ascend runs quantized shared experts through its own int8 path
-    (``AscendSharedExperts``): int8 weights only, and without that gate."""
+    (``AscendSharedExperts``): int8 weights only, and without the sigmoid gate of
+    Qwen2-MoE's ``shared_expert_gate``.
+    """
+    gated = hasattr(block, "shared_expert_gate")
+    for child in SHARED_EXPERTS:
+        if not hasattr(block, child):
+            continue
+        kinds = {types.get(n, FLOAT) for n, m in getattr(block, child).named_modules(
+            prefix=f"{name}.{child}") if isinstance(m, Linear)}
+        for kind in sorted(kinds):
+            if problem := _shared_expert_problem(kind, routed, gated):
+                return f"{name}.{child} is {kind} and {problem}"
+    return None
+
+
+def _shared_expert_problem(shared: str, routed: str, gated: bool) -> str | None:
     if routed != W8A8_DYNAMIC or shared == FLOAT:
         return None
     if shared != W8A8_DYNAMIC:

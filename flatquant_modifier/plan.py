@@ -15,14 +15,12 @@ from torch.nn import Linear, Module
 
 from flatquant_modifier.formats import (
     ASCEND_FLOAT_ONLY,
-    FLOAT,
     NVFP4_GROUP_SIZE,
-    SHARED_EXPERTS,
     W4A4_FLATQUANT_DYNAMIC,
     W8A8_DYNAMIC,
     expert_of,
     is_int_channel_symmetric,
-    shared_expert_problem,
+    shared_experts_problem,
 )
 from flatquant_modifier.mappings import FlatQuantMapping, ResolvedGroup, relative_name, resolve_layer
 
@@ -161,28 +159,19 @@ def _check_ascend_kinds(plan: LayerPlan):
 
 def _check_shared_experts(plan: LayerPlan):
     """Shared experts beside int8 routed experts: W8A8_DYNAMIC or full precision, and
-    full precision when gated (:func:`flatquant_modifier.formats.shared_expert_problem`)."""
-    kinds = {name: W4A4_FLATQUANT_DYNAMIC for g in plan.groups for name, _ in g.linears}
-    kinds.update({name: W8A8_DYNAMIC for name, _ in plan.int8})
+    full precision when gated (:func:`flatquant_modifier.formats.shared_experts_problem`)."""
+    types = {name: W4A4_FLATQUANT_DYNAMIC for g in plan.groups for name, _ in g.linears}
+    types.update({name: W8A8_DYNAMIC for name, _ in plan.int8})
     blocks = {expert_of(name)[0].rpartition(".")[0] for name, _ in plan.int8 if expert_of(name)}
     for block in sorted(blocks):
-        parent = plan.module.get_submodule(relative_name(plan.name, block))
-        for child in SHARED_EXPERTS:
-            if not hasattr(parent, child):
-                continue
-            prefix = f"{block}.{child}."
-            shared = {kinds.get(n, FLOAT) for n, m in plan.module.named_modules(prefix=plan.name)
-                      if n.startswith(prefix) and isinstance(m, Linear)}
-            for kind in shared:
-                problem = shared_expert_problem(kind, W8A8_DYNAMIC,
-                                                hasattr(parent, "shared_expert_gate"))
-                if problem:
-                    raise ValueError(
-                        f"FlatQuant: {block}.{child} is {kind} and {problem}. List it in "
-                        "`w8a8_dynamic` with int8 weights (DeepSeek), or keep it in full "
-                        "precision: add it to FlatQuantModifier's and the weight "
-                        "quantizer's `ignore` (Qwen2-MoE; see recipes/flatquant_w4a4_moe.yaml)."
-                    )
+        module = plan.module.get_submodule(relative_name(plan.name, block))
+        if problem := shared_experts_problem(module, block, types, W8A8_DYNAMIC):
+            raise ValueError(
+                f"FlatQuant: {problem}. List it in `w8a8_dynamic` with int8 weights "
+                "(DeepSeek), or keep it in full precision: add it to FlatQuantModifier's "
+                "and the weight quantizer's `ignore` (Qwen2-MoE; see "
+                "recipes/flatquant_w4a4_moe.yaml)."
+            )
 
 
 def _check_nvfp4_sizes(groups: list[ResolvedGroup]):

@@ -45,14 +45,13 @@ from flatquant_modifier.formats import (
     FLOAT,
     FUSED_SIBLINGS,
     MOE_METHODS,
-    SHARED_EXPERTS,
     W4A4_FLATQUANT_DYNAMIC,
     W8A8_DYNAMIC,
     checkpoint_name,
     expert_of,
     is_int_channel_symmetric,
     npu_kronecker_problem,
-    shared_expert_problem,
+    shared_experts_problem,
 )
 from flatquant_modifier.kronecker import get_decompose_dim
 from flatquant_modifier.transform import (
@@ -219,26 +218,13 @@ def _moe_block_types(model: Module, types: dict[str, str]) -> dict[str, str]:
                 "FlatQuantModifier's `w8a8_dynamic` with int8 per-channel weights"
             )
         quantized[block] = kind
-        _check_shared_experts(model, types, block, kind)
+        parent = block.rpartition(".")[0]
+        if problem := shared_experts_problem(model.get_submodule(parent), parent, types, kind):
+            raise AscendExportError(
+                f"{problem}; make it W8A8_DYNAMIC (`w8a8_dynamic`, int8 weights) or keep "
+                "it in full precision"
+            )
     return quantized
-
-
-def _check_shared_experts(model: Module, types: dict[str, str], block: str, routed: str):
-    parent_name = block.rpartition(".")[0]
-    parent = model.get_submodule(parent_name)
-    for child in SHARED_EXPERTS:
-        if not hasattr(parent, child):
-            continue
-        prefix = f"{parent_name}.{child}."
-        kinds = {types.get(name, FLOAT) for name, module in model.named_modules()
-                 if name.startswith(prefix) and isinstance(module, torch.nn.Linear)}
-        for kind in kinds:
-            if problem := shared_expert_problem(kind, routed,
-                                                hasattr(parent, "shared_expert_gate")):
-                raise AscendExportError(
-                    f"{parent_name}.{child} is {kind} and {problem}; make it W8A8_DYNAMIC "
-                    "(`w8a8_dynamic`, int8 weights) or keep it in full precision"
-                )
 
 
 def _type_counts(description: dict[str, str]) -> str:

@@ -64,6 +64,20 @@ QUANTIZED_SUFFIXES = (
 )
 
 
+def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+    """An uninitialised, frozen parameter, as vLLM allocates them before loading."""
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+def _int8_matmul(x, weight, scale, bias, use_npu):
+    """``npu_dynamic_quant`` of ``x`` [tokens, k] and ``npu_quant_matmul`` with the
+    int8 ``weight`` [k, n], its ``scale`` [n] and the per-token scales: what
+    vllm-ascend's W8A8_DYNAMIC methods compute, linear and MoE alike."""
+    x_q, pertoken = dynamic_quant(x, use_npu=use_npu)
+    return quant_matmul(x_q, weight, scale, pertoken.reshape(-1), bias=bias,
+                        output_dtype=x.dtype, use_npu=use_npu)
+
+
 class _AscendLinear(nn.Module):
     """What vllm-ascend's int linear methods allocate alike: ``weight`` int8 [out, in],
     ``weight_scale`` and ``weight_offset`` [out, 1] in ``scale_dtype``, the bias in
@@ -73,20 +87,10 @@ class _AscendLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.use_npu = use_npu
-        self.weight = nn.Parameter(
-            torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False
-        )
-        self.weight_scale = nn.Parameter(
-            torch.empty(out_features, 1, dtype=scale_dtype), requires_grad=False
-        )
-        self.weight_offset = nn.Parameter(
-            torch.empty(out_features, 1, dtype=scale_dtype), requires_grad=False
-        )
-        self.bias = (
-            nn.Parameter(torch.empty(out_features, dtype=params_dtype), requires_grad=False)
-            if bias
-            else None
-        )
+        self.weight = _param(out_features, in_features, dtype=torch.int8)
+        self.weight_scale = _param(out_features, 1, dtype=scale_dtype)
+        self.weight_offset = _param(out_features, 1, dtype=scale_dtype)
+        self.bias = _param(out_features, dtype=params_dtype) if bias else None
 
 
 class AscendW4A4FlatQuantLinear(_AscendLinear):
@@ -112,9 +116,9 @@ class AscendW4A4FlatQuantLinear(_AscendLinear):
         super().__init__(in_features, out_features, bias, params_dtype, torch.float32,
                          use_npu)
         m, n = get_decompose_dim(in_features)
-        self.left_trans = nn.Parameter(torch.empty(m, m, dtype=params_dtype), requires_grad=False)
-        self.right_trans = nn.Parameter(torch.empty(n, n, dtype=params_dtype), requires_grad=False)
-        self.clip_ratio = nn.Parameter(torch.empty(1), requires_grad=False)
+        self.left_trans = _param(m, m, dtype=params_dtype)
+        self.right_trans = _param(n, n, dtype=params_dtype)
+        self.clip_ratio = _param(1, dtype=torch.float32)
         self.aclnn_clip_ratio: float | None = None
 
     @torch.no_grad()
@@ -188,13 +192,9 @@ class AscendW8A8DynamicLinear(_AscendLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.processed:
             raise RuntimeError("call process_weights_after_loading() first")
-        shape = x.shape
-        x_q, pertoken = dynamic_quant(x.reshape(-1, shape[-1]), use_npu=self.use_npu)
-        out = quant_matmul(
-            x_q, self.weight, self.weight_scale, pertoken.reshape(-1),
-            bias=self.bias, output_dtype=x.dtype, use_npu=self.use_npu,
-        )
-        return out.reshape(*shape[:-1], -1)
+        out = _int8_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale,
+                           self.bias, self.use_npu)
+        return out.reshape(*x.shape[:-1], -1)
 
 
 class AscendW8A8DynamicMoE(nn.Module):
@@ -217,14 +217,12 @@ class AscendW8A8DynamicMoE(nn.Module):
         e, h, i = num_experts, hidden_size, intermediate_size
         self.num_experts, self.intermediate_size, self.use_npu = e, i, use_npu
         self.act_fn = act_fn
-
-        def param(*shape, dtype=params_dtype):
-            return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
-
-        self.w13_weight = param(e, 2 * i, h, dtype=torch.int8)
-        self.w2_weight = param(e, h, i, dtype=torch.int8)
-        self.w13_weight_scale, self.w13_weight_offset = param(e, 2 * i, 1), param(e, 2 * i, 1)
-        self.w2_weight_scale, self.w2_weight_offset = param(e, h, 1), param(e, h, 1)
+        self.w13_weight = _param(e, 2 * i, h, dtype=torch.int8)
+        self.w2_weight = _param(e, h, i, dtype=torch.int8)
+        self.w13_weight_scale = _param(e, 2 * i, 1, dtype=params_dtype)
+        self.w13_weight_offset = _param(e, 2 * i, 1, dtype=params_dtype)
+        self.w2_weight_scale = _param(e, h, 1, dtype=params_dtype)
+        self.w2_weight_offset = _param(e, h, 1, dtype=params_dtype)
         self.processed = False
 
     @torch.no_grad()
@@ -261,14 +259,11 @@ class AscendW8A8DynamicMoE(nn.Module):
             token, slot = torch.where(top_k_index == expert)
             if token.numel() == 0:
                 continue
-            x = hidden_states[token]
-            x_q, pertoken = dynamic_quant(x, use_npu=self.use_npu)
-            h = quant_matmul(x_q, self.w13_weight[expert], self.w13_weight_scale_fp32[expert],
-                             pertoken.reshape(-1), output_dtype=x.dtype, use_npu=self.use_npu)
+            h = _int8_matmul(hidden_states[token], self.w13_weight[expert],
+                             self.w13_weight_scale_fp32[expert], None, self.use_npu)
             gate, up = h.chunk(2, dim=-1)
-            a_q, pertoken = dynamic_quant(self.act_fn(gate) * up, use_npu=self.use_npu)
-            y = quant_matmul(a_q, self.w2_weight[expert], self.w2_weight_scale[expert].float(),
-                             pertoken.reshape(-1), output_dtype=x.dtype, use_npu=self.use_npu)
+            y = _int8_matmul(self.act_fn(gate) * up, self.w2_weight[expert],
+                             self.w2_weight_scale[expert].float(), None, self.use_npu)
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
         return out
 
@@ -304,16 +299,12 @@ class AscendW4A4MXFP4FlatQuantLinear(nn.Module):
         self.group_size = group_size
         whole = in_features * tp_size if row_parallel else in_features
         left, right = mxfp4_trans_dims(whole, row_parallel, max_supported_tp)
-
-        def param(*shape, dtype):
-            return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
-
-        self.weight = param(out_features, in_features // 2, dtype=torch.uint8)
-        self.weight_scale = param(out_features, in_features // group_size, dtype=torch.uint8)
-        self.left_trans = param(left, left, dtype=params_dtype)
-        self.right_trans = param(right, right, dtype=params_dtype)
-        self.clip_ratio = param(1, dtype=torch.float32)
-        self.bias = param(out_features, dtype=params_dtype) if bias else None
+        self.weight = _param(out_features, in_features // 2, dtype=torch.uint8)
+        self.weight_scale = _param(out_features, in_features // group_size, dtype=torch.uint8)
+        self.left_trans = _param(left, left, dtype=params_dtype)
+        self.right_trans = _param(right, right, dtype=params_dtype)
+        self.clip_ratio = _param(1, dtype=torch.float32)
+        self.bias = _param(out_features, dtype=params_dtype) if bias else None
         self.aclnn_clip_ratio: float | None = None
 
     @torch.no_grad()
@@ -353,6 +344,7 @@ LINEAR_METHODS = {
     W4A4_FLATQUANT_DYNAMIC: AscendW4A4FlatQuantLinear,
     W8A8_DYNAMIC: AscendW8A8DynamicLinear,
 }
+MOE_METHODS = {W8A8_DYNAMIC: AscendW8A8DynamicMoE}
 
 
 def load_ascend_model(path: str | Path, dtype: torch.dtype | None = None, use_npu=None):
@@ -397,27 +389,23 @@ def load_ascend_model(path: str | Path, dtype: torch.dtype | None = None, use_np
     blocks = {expert_of(name)[0]: quantized[name] for name in experts}
     linears = {n: k for n, k in quantized.items() if n not in experts and n not in blocks}
     for name, kind in [*linears.items(), *blocks.items()]:
-        methods = LINEAR_METHODS if name in linears else {W8A8_DYNAMIC: AscendW8A8DynamicMoE}
+        methods = LINEAR_METHODS if name in linears else MOE_METHODS
         if kind not in methods:
             raise ValueError(
                 f"{path}: {name} is {kind}; this reference runs {sorted(methods)}"
             )
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        module = getattr(parent, child)
+        module = model.get_submodule(name)
         if name in linears:
             replacement = methods[kind](
                 module.in_features, module.out_features, module.bias is not None,
                 params_dtype=dtype, use_npu=use_npu,
             )
-        else:
-            first = module[0]
-            replacement = AscendW8A8DynamicMoE(
-                len([m for m in module.children() if hasattr(m, "down_proj")]),
-                first.down_proj.out_features, first.down_proj.in_features,
-                module.act_fn, params_dtype=dtype, use_npu=use_npu,
-            )
-        setattr(parent, child, replacement)
+        else:  # llm-compressor's per-expert linears of the block
+            down = module[0].down_proj
+            replacement = methods[kind](module.num_experts, down.out_features,
+                                        down.in_features, module.act_fn,
+                                        params_dtype=dtype, use_npu=use_npu)
+        model.set_submodule(name, replacement)
     state = {}
     for shard in check_safetensors_files(path):
         state.update({rename(k): v for k, v in load_file(shard).items()})
