@@ -160,7 +160,8 @@ def apply_layer(
         p1, p2, clip_ratio = absorb_group(group, group_params, dtype, writes)
         names = [linear_name for linear_name, _ in group.linears]
         clip = torch.tensor([clip_ratio], dtype=torch.float32, device=p1.device)
-        for transform in attach_transforms(model, names, p1.dtype, options.quantizes_activations):
+        for transform in attach_transforms(model, names, p1.dtype, _activations(options),
+                                           _block_size(group)):
             writes.write(transform, "left_trans", p1)
             writes.write(transform, "right_trans", p2)
             writes.write(transform, "clip_ratio", clip)
@@ -170,6 +171,19 @@ def apply_layer(
         for _, linear in group.linears:
             _follow_propagation(get_flatquant_transform(linear), linear, options)
     return transformed
+
+
+def _activations(options: FlatQuantOptions) -> str | None:
+    """What the online transforms quantize the activations to (None: nothing, the
+    linears' own scheme does)."""
+    if not options.quantizes_activations:
+        return None
+    return "mxfp4" if options.quant_format == "mxfp4" else "int4"
+
+
+def _block_size(group: ResolvedGroup) -> int | None:
+    """The transform's diagonal block size (``head_dim``), None if dense."""
+    return group.in_features // group.left_blocks if group.left_blocks > 1 else None
 
 
 def attach_int8_quantizers(model: Module, names: list[str], options: FlatQuantOptions) -> list[str]:

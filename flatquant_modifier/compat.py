@@ -28,6 +28,7 @@ from flatquant_modifier.distributed import all_reduce_, broadcast_, is_distribut
 from flatquant_modifier.fusion import is_tensor_group
 
 __all__ = [
+    "fp4_weights_in_model_dtype",
     "shard_dataset",
     "mark_weight_qparams_unset",
     "sync_weight_qparams",
@@ -242,3 +243,41 @@ def routed_experts_only():
 
     with patch_attr(context, "_CALIBRATE_ALL_EXPERTS", False):
         yield
+
+
+def fp4_weights_in_model_dtype(model: torch.nn.Module):
+    """
+    compressed-tensors decompresses FP4 weights (MXFP4, NVFP4) and their scales to
+    bfloat16 whatever the model's dtype, at load (``dequantize=True``) or at the first
+    forward after loading or ``save_pretrained(save_compressed=True)``; they are cast to
+    the dtype of the embeddings then (FP4 values times powers of two are exact in any
+    float format), so that a float32 model keeps running.
+    """
+    dtype = model.get_input_embeddings().weight.dtype
+    fp4 = [
+        module for module in model.modules()
+        if isinstance(module, torch.nn.Linear)
+        and getattr(getattr(module, "quantization_scheme", None), "weights", None) is not None
+        and module.quantization_scheme.weights.type == "float"
+        and module.quantization_scheme.weights.num_bits == 4
+    ]
+    if dtype == torch.bfloat16 or not fp4:
+        return
+
+    @torch.no_grad()
+    def cast():
+        for module in fp4:
+            for name in ("weight", "weight_scale"):
+                value = getattr(module, name, None)
+                if isinstance(value, torch.nn.Parameter) and value.dtype == torch.bfloat16:
+                    value.data = value.data.to(dtype)
+
+    cast()
+    if any(not hasattr(module, "weight") for module in fp4):
+        # still compressed: after compressed-tensors' decompression hook (registered
+        # before this one) at the first forward
+        def after_decompression(*_):
+            cast()
+            handle.remove()
+
+        handle = model.register_forward_pre_hook(after_decompression)

@@ -17,6 +17,8 @@ from flatquant_modifier.modules import GroupParams, matrices_and_inverses
 from flatquant_modifier.options import FlatQuantOptions, Precision
 from flatquant_modifier.quantize import (
     fake_quantize_activation,
+    fake_quantize_mxfp4,
+    fake_quantize_mxfp4_weight,
     fake_quantize_nvfp4,
     fake_quantize_weight,
 )
@@ -101,6 +103,10 @@ class FakeQuantizedLayer:
             cfg = self.options
             if cfg.quant_format == "nvfp4":  # one global scale per linear
                 parts = [fake_quantize_nvfp4(w) for w in weight.split(self.out_features[gi])]
+            elif cfg.quant_format == "mxfp4":
+                if cfg.w_bits is not None:
+                    weight = fake_quantize_mxfp4_weight(weight, self.params[gi].weight_clip())
+                parts = weight.split(self.out_features[gi])
             else:
                 if cfg.w_bits is not None:
                     weight = fake_quantize_weight(weight, self.params[gi].weight_clip(), cfg.w_bits)
@@ -121,6 +127,8 @@ class FakeQuantizedLayer:
             h = kronecker_matmul(h, p1, p2)
             if cfg.quant_format == "nvfp4":
                 h = fake_quantize_nvfp4(h.to(self.dtype))
+            elif cfg.quant_format == "mxfp4":
+                h = fake_quantize_mxfp4(h.to(self.dtype))
             elif cfg.a_bits is not None:
                 h = fake_quantize_activation(h.to(self.dtype), act_clip, cfg.a_bits)
             self._inputs[gi] = (x, h)

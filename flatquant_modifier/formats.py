@@ -7,9 +7,10 @@ type and, under tensor-group schemes, one global scale).
 
 import re
 
+import torch
 from torch.nn import Linear, Module
 
-from flatquant_modifier.kronecker import get_decompose_dim
+from flatquant_modifier.kronecker import MX_MAX_FACTOR, get_decompose_dim, mxfp4_trans_dims
 
 __all__ = [
     "int_range",
@@ -38,6 +39,10 @@ __all__ = [
     "CHECKPOINT_NAMES",
     "checkpoint_name",
     "npu_kronecker_problem",
+    "ROW_PARALLEL",
+    "is_row_parallel",
+    "mxfp4_problem",
+    "is_mxfp4_weights",
     "is_int_channel_symmetric",
 ]
 
@@ -178,6 +183,55 @@ def npu_kronecker_problem(in_features: int) -> str | None:
             f"needs N % {INT4_PER_INT32} == 0 and M, N <= {NPU_MAX_FACTOR}"
         )
     return None
+
+
+# linears vLLM builds as RowParallelLinear in the supported architectures (input split
+# across tensor-parallel ranks): W4A4_MXFP4_FLATQUANT sizes their transforms by rank
+ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+def is_row_parallel(name: str) -> bool:
+    """Whether vLLM splits the input of the linear ``name`` across ranks."""
+    return name.rpartition(".")[2] in ROW_PARALLEL
+
+
+def mxfp4_problem(in_features: int, row_parallel: bool, max_supported_tp: int) -> str | None:
+    """Why vllm-ascend's ``W4A4_MXFP4_FLATQUANT`` cannot run a linear with
+    ``in_features`` inputs (its transform sizes come from its ``get_decompose_dim``,
+    :func:`~flatquant_modifier.kronecker.mxfp4_trans_dims`), or None when it can."""
+    pair = 2 * MX_GROUP_SIZE
+    if in_features % pair:
+        return (f"in_features={in_features} is not a multiple of {pair} (MXFP4 weight "
+                f"scales per {MX_GROUP_SIZE} values are read in pairs)")
+    if row_parallel and in_features % (max_supported_tp * pair):
+        return (f"in_features={in_features} does not split into max_supported_tp="
+                f"{max_supported_tp} rank shares that are multiples of {pair}")
+    try:
+        left, right = mxfp4_trans_dims(in_features, row_parallel, max_supported_tp)
+    except ValueError as error:
+        return str(error)
+    if left * right != in_features or max(left, right) > MX_MAX_FACTOR:
+        return (f"vllm-ascend sizes its transform {left} x {right} for in_features="
+                f"{in_features}; npu_kronecker_quant needs the product to be the input "
+                f"size and both factors at most {MX_MAX_FACTOR}")
+    if row_parallel and left % max_supported_tp:
+        return (f"left_trans of size {left} does not split into max_supported_tp="
+                f"{max_supported_tp} diagonal blocks")
+    return None
+
+
+def is_mxfp4_weights(weights) -> bool:
+    """Whether compressed-tensors weight args are its MXFP4 scheme (FP4 E2M1, groups of
+    32, E8M0 ``uint8`` scales, symmetric): what W4A4_MXFP4_FLATQUANT stores."""
+    return (
+        weights is not None
+        and weights.num_bits == 4
+        and weights.type == "float"
+        and weights.strategy == "group"
+        and weights.group_size == MX_GROUP_SIZE
+        and weights.symmetric
+        and weights.scale_dtype == torch.uint8
+    )
 
 
 def is_int_channel_symmetric(weights, num_bits: int) -> bool:

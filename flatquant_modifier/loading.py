@@ -32,13 +32,14 @@ from compressed_tensors.transform import (
 )
 from safetensors import safe_open
 
+from flatquant_modifier.compat import fp4_weights_in_model_dtype
 from flatquant_modifier.transform import TRANSFORM_NAME, KroneckerQuantTransform
 from flatquant_modifier.verify import verify_model
 
 __all__ = ["check_safetensors_files", "load_flatquant_model"]
 
 # the parameters of the online transforms, loaded here rather than by transformers
-_TRANSFORM_KEY = f".{TRANSFORM_NAME}_{TransformLocation.INPUT.value}."
+_TRANSFORM_KEY = re.compile(rf"\.{TRANSFORM_NAME}(_block\d+)?_{TransformLocation.INPUT.value}\.")
 
 
 def load_flatquant_model(path: str | Path, **from_pretrained_kwargs):
@@ -71,6 +72,7 @@ def load_flatquant_model(path: str | Path, **from_pretrained_kwargs):
             path, output_loading_info=True, **from_pretrained_kwargs
         )
     _check_loading_info(path, info)
+    fp4_weights_in_model_dtype(model)
     if "device_map" not in from_pretrained_kwargs:
         # compressed-tensors dispatches a model it decompresses (offloaded in CPU memory,
         # onloaded to the GPU where there is one); without a device_map the caller gets
@@ -198,7 +200,7 @@ def _check_loading_info(path: Path, info: dict):
     another shape (re-initialised), the online transforms' parameters excepted"""
     problems = {
         "missing": list(info.get("missing_keys") or []),
-        "unexpected": [k for k in info.get("unexpected_keys") or [] if _TRANSFORM_KEY not in k],
+        "unexpected": [k for k in info.get("unexpected_keys") or [] if not _TRANSFORM_KEY.search(k)],
         "of another shape": [str(k) for k in info.get("mismatched_keys") or []],
     }
     problems = {kind: sorted(keys) for kind, keys in problems.items() if keys}

@@ -16,8 +16,13 @@ from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
 from torch.nn import Module
 
-from flatquant_modifier.formats import INT4_PER_INT32, npu_kronecker_problem
-from flatquant_modifier.kronecker import get_decompose_dim
+from flatquant_modifier.formats import (
+    INT4_PER_INT32,
+    is_row_parallel,
+    mxfp4_problem,
+    npu_kronecker_problem,
+)
+from flatquant_modifier.kronecker import get_decompose_dim, mxfp4_trans_dims
 
 __all__ = [
     "FlatQuantMapping",
@@ -195,8 +200,12 @@ class ResolvedGroup:
     :param m: left Kronecker factor size
     :param n: right Kronecker factor size
     :param npu_problem: why vllm-ascend cannot run this group's transform
-        (:func:`flatquant_modifier.formats.npu_kronecker_problem`), when resolved with
+        (:func:`flatquant_modifier.formats.npu_kronecker_problem`, or
+        :func:`~flatquant_modifier.formats.mxfp4_problem`), when resolved with
         ``npu_fallback``: the group is then not transformed
+    :param left_blocks: the left factor is block-diagonal with this many blocks
+        (W4A4_MXFP4_FLATQUANT's row-parallel linears: one block per tensor-parallel
+        rank up to ``max_supported_tp``)
     """
 
     name: str
@@ -206,6 +215,7 @@ class ResolvedGroup:
     m: int
     n: int
     npu_problem: str | None = None
+    left_blocks: int = 1
 
     @property
     def in_features(self) -> int:
@@ -218,6 +228,7 @@ def resolve_layer(
     mappings: list[FlatQuantMapping],
     ignore: list[str] | None = None,
     npu_fallback: bool = False,
+    max_supported_tp: int | None = None,
 ) -> list[ResolvedGroup]:
     """
     Resolve ``mappings`` inside one decoder layer. A mapping whose linears are all in
@@ -227,6 +238,9 @@ def resolve_layer(
     :param npu_fallback: a group whose ``in_features`` vllm-ascend's
         ``npu_kronecker_quant`` cannot take is returned with ``npu_problem`` set
         (the caller serves it otherwise) instead of being refused or warned about
+    :param max_supported_tp: resolve for vllm-ascend's ``W4A4_MXFP4_FLATQUANT`` (None:
+        ``W4A4_FLATQUANT_DYNAMIC`` and the other formats): transform sizes as its
+        ``get_decompose_dim``, row-parallel linears' left factor in this many blocks
     """
     groups = []
     for mapping in mappings:
@@ -249,17 +263,17 @@ def resolve_layer(
                 f"(or `w8a8_dynamic`) removes only some of {[n for n, _ in named]}; they "
                 "share one transform (and vLLM fuses them), so list all of them or none."
             )
-        groups.append(_resolve_group(layer_name, layer, mapping, kept, npu_fallback))
+        if max_supported_tp is None:
+            group = _resolve_group(layer_name, layer, mapping, kept, npu_fallback)
+        else:
+            group = _resolve_mxfp4_group(layer_name, layer, mapping, kept, npu_fallback,
+                                         max_supported_tp)
+        groups.append(group)
     return groups
 
 
-def _resolve_group(
-    layer_name: str,
-    layer: Module,
-    mapping: FlatQuantMapping,
-    linears: list[tuple[str, Module]],
-    npu_fallback: bool = False,
-) -> ResolvedGroup:
+def _in_features(mapping: FlatQuantMapping, linears: list[tuple[str, Module]]) -> int:
+    """The one input size of a group's linears."""
     names = [n for n, _ in linears]
     for name, module in linears:
         if not isinstance(module, torch.nn.Linear):
@@ -272,18 +286,61 @@ def _resolve_group(
             f"FlatQuant mapping {mapping.name!r}: {names} share one transform but have "
             f"different in_features {sorted(sizes)}"
         )
-    in_features = sizes.pop()
+    return sizes.pop()
+
+
+def _full_precision_fix(names: list[str]) -> str:
+    """What works instead of a transform: the whole group (it shares one transform)
+    left unquantized."""
+    return (
+        f"Add {names if len(names) > 1 else names[0]} to `ignore` of FlatQuantModifier "
+        "and of the weight quantizer to keep "
+        + ("them" if len(names) > 1 else "it") + " in full precision"
+    )
+
+
+def _resolve_mxfp4_group(layer_name, layer, mapping, linears, npu_fallback,
+                         max_supported_tp) -> ResolvedGroup:
+    """A group sized as vllm-ascend's W4A4_MXFP4_FLATQUANT sizes it."""
+    names = [n for n, _ in linears]
+    in_features = _in_features(mapping, linears)
+    rows = {is_row_parallel(name) for name in names}
+    if len(rows) != 1:
+        raise ValueError(
+            f"FlatQuant mapping {mapping.name!r}: {names} share one transform, but vLLM "
+            "splits the inputs of only some of them across ranks (row-parallel); map "
+            "them separately"
+        )
+    row = rows.pop()
+    problem = mxfp4_problem(in_features, row, max_supported_tp)
+    group_name = _join(layer_name, mapping.name)
+    if problem is not None:
+        if npu_fallback:
+            return ResolvedGroup(group_name, linears, None, None, 1, in_features,
+                                 npu_problem=problem)
+        raise ValueError(f"FlatQuant: {names[0]}: {problem}, so vllm-ascend cannot run "
+                         f"its W4A4_MXFP4_FLATQUANT transform. {_full_precision_fix(names)}.")
+    m, n = mxfp4_trans_dims(in_features, row, max_supported_tp)
+    smooth, smooth_index = _resolve_smooth(layer_name, layer, mapping, linears)
+    return ResolvedGroup(group_name, linears, smooth, smooth_index, m, n,
+                         left_blocks=max_supported_tp if row else 1)
+
+
+def _resolve_group(
+    layer_name: str,
+    layer: Module,
+    mapping: FlatQuantMapping,
+    linears: list[tuple[str, Module]],
+    npu_fallback: bool = False,
+) -> ResolvedGroup:
+    names = [n for n, _ in linears]
+    in_features = _in_features(mapping, linears)
     # sizes that are 2 mod 4 are no difference of two squares (refused below)
     m, n = get_decompose_dim(in_features) if in_features % 4 != 2 else (1, in_features)
     if npu_fallback and (problem := npu_kronecker_problem(in_features)) is not None:
         return ResolvedGroup(_join(layer_name, mapping.name), linears, None, None, m, n,
                              npu_problem=problem)
-    # what works instead: leave the whole group (it shares one transform) unquantized
-    fix = (
-        f"Add {names if len(names) > 1 else names[0]} to `ignore` of FlatQuantModifier "
-        "and of the weight quantizer to keep "
-        + ("them" if len(names) > 1 else "it") + " in full precision"
-    )
+    fix = _full_precision_fix(names)
     if m == 1:
         raise ValueError(
             f"FlatQuant: in_features={in_features} of {names[0]} only decomposes as "

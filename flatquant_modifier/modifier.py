@@ -23,6 +23,7 @@ from llmcompressor.utils.pytorch.module import infer_sequential_targets
 from flatquant_modifier import fusion
 from flatquant_modifier.calibrate import StepPlan, attach_int8_quantizers, calibrate_layer
 from flatquant_modifier.compat import (
+    fp4_weights_in_model_dtype,
     hold_weights_during_forward,
     mark_weight_qparams_unset,
     sync_weight_qparams,
@@ -40,10 +41,9 @@ from flatquant_modifier.smoothing import SmoothingCheck
 from flatquant_modifier.train import LayerReport, NonFiniteLossError
 from flatquant_modifier.transform import (
     INT8_TRANSFORM_NAME,
-    TRANSFORM_NAME,
     dynamic_int8_scheme,
-    flatquant_scheme,
-    get_flatquant_transform,
+    flatquant_schemes,
+    is_transform_group,
 )
 from flatquant_modifier.verify import verify_model
 
@@ -234,10 +234,11 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
         self._layers = plan_layers(
             layers, self.mappings, self.ignore, self.w8a8_dynamic, self.undecomposable,
             ascend=self.quantizes_activations, nvfp4=self.quant_format == "nvfp4",
+            max_supported_tp=self.max_supported_tp,
         )
-        if TRANSFORM_NAME in getattr(
+        if any(map(is_transform_group, getattr(
             getattr(model, TRANSFORM_CONFIG_NAME, None), "config_groups", {}
-        ):
+        ))):
             raise ValueError(
                 "this model already carries FlatQuant transforms; apply "
                 "FlatQuantModifier to the full-precision model"
@@ -246,7 +247,8 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
         return True
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
-        check_weight_schemes(self._layers, self.quantizes_activations)
+        check_weight_schemes(self._layers, self.quantizes_activations,
+                             mxfp4=self.quant_format == "mxfp4")
         modifiers = getattr(active_session().lifecycle.recipe, "modifiers", None) or []
         check_shared_calibration(self, modifiers, self._layers)
         # under torchrun: lets on_finalize find the rank that computed each weight qparam
@@ -329,12 +331,7 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
         self._calls[module].append(arguments)
 
     def _record_transform_config(self, model: Module):
-        groups = {}
-        if self._transformed:
-            first = get_flatquant_transform(model.get_submodule(self._transformed[0]))
-            groups[TRANSFORM_NAME] = flatquant_scheme(
-                list(self._transformed), first.left_trans.dtype, self.quantizes_activations
-            )
+        groups = flatquant_schemes(model, self._transformed)
         if self._int8:
             groups[INT8_TRANSFORM_NAME] = dynamic_int8_scheme(list(self._int8))
         if not groups:
@@ -357,7 +354,9 @@ def _verify_before_saving(model: Module, transformed: list[str]):
     @functools.wraps(save_pretrained)
     def verified_save_pretrained(*args, **kwargs):
         verify_model(model, transformed, where="before save_pretrained")
-        return save_pretrained(*args, **kwargs)
+        result = save_pretrained(*args, **kwargs)
+        fp4_weights_in_model_dtype(model)  # compressed in place: decompressed in bf16
+        return result
 
     verified_save_pretrained.flatquant_verifies = True
     model.save_pretrained = verified_save_pretrained

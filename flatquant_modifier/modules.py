@@ -45,6 +45,8 @@ class LearnableMatrix(nn.Module):
       (a singular ``P`` shows up as a non-finite loss).
 
     Both start at ``P = Q`` with ``Q`` the identity or a random orthogonal matrix.
+    With ``blocks > 1``, ``P`` is block diagonal: ``blocks`` such matrices of size
+    ``size / blocks`` on its diagonal, zeros elsewhere (learned as a batch).
     """
 
     def __init__(
@@ -53,21 +55,28 @@ class LearnableMatrix(nn.Module):
         parametrization: Parametrization = "orthogonal",
         init: TransformInit = "identity",
         generator: torch.Generator | None = None,
+        blocks: int = 1,
     ):
         super().__init__()
-        self.size = size
+        if size % blocks:
+            raise ValueError(f"a matrix of size {size} has no {blocks} equal diagonal blocks")
+        self.size, self.blocks = size, blocks
         self.parametrization = parametrization
-        base = (
-            random_orthogonal(size, generator, torch.float32)
+        block = size // blocks
+        bases = [
+            random_orthogonal(block, generator, torch.float32)
             if init == "random"
-            else torch.eye(size)
-        )
+            else torch.eye(block)
+            for _ in range(blocks)
+        ]
+        # one block keeps the 2-D layout (and the random draws) of a dense matrix
+        base = bases[0] if blocks == 1 else torch.stack(bases)
         if parametrization == "orthogonal":
             self.register_buffer("u0", base)
-            self.register_buffer("v0", torch.eye(size))
-            self.skew_u = nn.Parameter(torch.zeros(size, size))
-            self.skew_v = nn.Parameter(torch.zeros(size, size))
-            self.singular = nn.Parameter(torch.ones(size))
+            self.register_buffer("v0", torch.eye(block).expand_as(base).clone())
+            self.skew_u = nn.Parameter(torch.zeros_like(base))
+            self.skew_v = nn.Parameter(torch.zeros_like(base))
+            self.singular = nn.Parameter(torch.ones(base.shape[:-1]))
         elif parametrization == "dense":
             self.matrix = nn.Parameter(base.clone())
         else:
@@ -78,30 +87,36 @@ class LearnableMatrix(nn.Module):
         dtype = dtype or self.skew_u.dtype
         su = self.skew_u.to(dtype).tril(-1)
         sv = self.skew_v.to(dtype).tril(-1)
-        u = self.u0.to(dtype) @ torch.linalg.matrix_exp(su - su.T)
-        v = self.v0.to(dtype) @ torch.linalg.matrix_exp(sv - sv.T)
+        u = self.u0.to(dtype) @ torch.linalg.matrix_exp(su - su.mT)
+        v = self.v0.to(dtype) @ torch.linalg.matrix_exp(sv - sv.mT)
         return u, v
+
+    def _full(self, *matrices: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The block-diagonal matrices of stacked blocks (unchanged with one block)."""
+        if self.blocks == 1:
+            return matrices
+        return tuple(torch.block_diag(*m.unbind(0)) for m in matrices)
+
+    def _orthogonal(self, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        u, v = self._factors(dtype)
+        s = self.singular.to(u.dtype).unsqueeze(-2)
+        return (u * s) @ v.mT, (u / s) @ v.mT
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """:return: ``(P, P^-T)``, in the parameters' dtype"""
         if self.parametrization == "orthogonal":
-            u, v = self._factors()
-            p = (u * self.singular) @ v.T
-            p_inv_t = (u / self.singular) @ v.T
-            return p, p_inv_t
+            return self._full(*self._orthogonal())
         p = self.matrix
         # inv_ex: no error check, hence no device sync in every training step
-        return p, torch.linalg.inv_ex(p).inverse.T
+        return self._full(p, torch.linalg.inv_ex(p).inverse.mT)
 
     @torch.no_grad()
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(P, P^-T)`` computed in float64, for absorbing into weights."""
         if self.parametrization == "orthogonal":
-            u, v = self._factors(torch.float64)
-            s = self.singular.double()
-            return (u * s) @ v.T, (u / s) @ v.T
+            return self._full(*self._orthogonal(torch.float64))
         p = self.matrix.double()
-        return p, torch.linalg.inv(p).T
+        return self._full(p, torch.linalg.inv(p).mT)
 
 
 def matrices_and_inverses(
@@ -115,9 +130,9 @@ def matrices_and_inverses(
     results: list = [None] * len(matrices)
     by_size: dict[int, list[int]] = {}
     for index, matrix in enumerate(matrices):
-        if matrix.parametrization == "dense":
+        if matrix.parametrization == "dense" and matrix.blocks == 1:
             by_size.setdefault(matrix.size, []).append(index)
-        else:
+        else:  # orthogonal, or block diagonal (inverted as its own batch of blocks)
             results[index] = matrix()
     for indices in by_size.values():
         stacked = torch.stack([matrices[i].matrix for i in indices])
@@ -129,7 +144,8 @@ def matrices_and_inverses(
 
 
 class LearnableKronecker(nn.Module):
-    """``P = kron(P1, P2)`` with sizes ``(M, N)``; see :class:`LearnableMatrix`."""
+    """``P = kron(P1, P2)`` with sizes ``(M, N)``, ``P1`` block diagonal with
+    ``left_blocks`` blocks; see :class:`LearnableMatrix`."""
 
     def __init__(
         self,
@@ -138,9 +154,10 @@ class LearnableKronecker(nn.Module):
         parametrization: Parametrization = "orthogonal",
         init: TransformInit = "identity",
         generator: torch.Generator | None = None,
+        left_blocks: int = 1,
     ):
         super().__init__()
-        self.left = LearnableMatrix(m, parametrization, init, generator)
+        self.left = LearnableMatrix(m, parametrization, init, generator, left_blocks)
         self.right = LearnableMatrix(n, parametrization, init, generator)
 
     def forward(self):
@@ -180,7 +197,8 @@ class GroupParams(nn.Module):
     ):
         super().__init__()
         self.kron = LearnableKronecker(
-            group.m, group.n, options.parametrization, options.transform_init, generator
+            group.m, group.n, options.parametrization, options.transform_init, generator,
+            group.left_blocks,
         )
         int_format = options.quant_format == "int"
         self.act_clip = (
@@ -188,12 +206,15 @@ class GroupParams(nn.Module):
             if int_format and options.a_bits is not None and options.learn_activation_clip
             else None
         )
+        # MXFP4 weights are clamped like int ones (baked into the weights, where the
+        # weight quantizer's group maxima follow them)
+        clips_weights = options.quant_format in ("int", "mxfp4")
         self.weight_clips = (
             nn.ModuleList(
                 ClipFactor(linear.out_features, options.clip_init_logit)
                 for _, linear in group.linears
             )
-            if int_format and options.w_bits is not None and options.learn_weight_clip
+            if clips_weights and options.w_bits is not None and options.learn_weight_clip
             else None
         )
         # smoothing vector at the granularity of the layer it is folded into

@@ -61,7 +61,16 @@ class FlatQuantOptions(BaseModel):
         formula, quantized by the online transform. ``"nvfp4"``: compressed-tensors'
         NVFP4 for weights and activations, quantized by a following NVFP4
         ``QuantizationModifier``; ``w_bits``, ``a_bits`` and the clip factors do not
-        apply
+        apply. ``"mxfp4"``: vllm-ascend's ``W4A4_MXFP4_FLATQUANT`` (Ascend 950): the
+        online transform quantizes activations to MXFP4 with the NPU's rule (E8M0
+        ``floor(log2 amax) - 2`` per 32 values, E2M1 half to even), the weights are
+        trained as compressed-tensors' MXFP4 scheme stores them; ``w_bits`` is 4 or
+        None, ``a_bits`` 4, no activation clip (the FP4 kernels ignore ``clip_ratio``)
+    :param max_supported_tp: ``quant_format="mxfp4"`` only (default 4): the largest
+        tensor-parallel size the checkpoint serves. The ``left_trans`` of row-parallel
+        linears (o_proj, down_proj) is trained block-diagonal with this many blocks,
+        the diagonal blocks each rank keeps, so every TP size dividing it serves the
+        trained transform
     :param propagate_activation_quant: pass the next layer this layer's outputs with
         its activations quantized (its weights stay unquantized until the weight
         quantizer runs), in the spirit of llm-compressor's ``propagate_error``; False
@@ -86,7 +95,8 @@ class FlatQuantOptions(BaseModel):
     cuda_graphs: bool = True
     deterministic: bool = False
     seed: int = 0
-    quant_format: Literal["int", "nvfp4"] = "int"
+    quant_format: Literal["int", "nvfp4", "mxfp4"] = "int"
+    max_supported_tp: int | None = Field(default=None, ge=1)
     propagate_activation_quant: bool = True
 
     # llm-compressor writes a recipe without its None values (recipe.yaml of a saved
@@ -102,9 +112,16 @@ class FlatQuantOptions(BaseModel):
 
     @property
     def quantizes_activations(self) -> bool:
-        """Whether the online transform fake-quantizes the activations (int4, the
-        Ascend formula); otherwise the linears' own scheme quantizes them."""
-        return self.a_bits is not None and self.quant_format == "int"
+        """Whether the online transform fake-quantizes the activations (int4 or MXFP4,
+        the Ascend NPU's rules); otherwise the linears' own scheme quantizes them."""
+        return self.a_bits is not None and self.quant_format in ("int", "mxfp4")
+
+    @field_validator("max_supported_tp")
+    @classmethod
+    def _power_of_two(cls, value):
+        if value is not None and value & (value - 1):
+            raise ValueError(f"max_supported_tp={value}: use a power of two (1, 2, 4, 8)")
+        return value
 
     @field_validator("autocast_dtype")
     @classmethod
@@ -130,6 +147,24 @@ class FlatQuantOptions(BaseModel):
                 self._not_chosen(key, off, "quant_format='nvfp4' quantizes with "
                                  "compressed-tensors' NVFP4 scheme (FP4 values, FP8 "
                                  "group scales), which has no integer bits or clip factors")
+        if self.quant_format == "mxfp4":
+            if self.w_bits not in (4, None):
+                raise ValueError(f"w_bits={self.w_bits} does not apply: quant_format="
+                                 "'mxfp4' stores FP4 weights; use w_bits=4 or None")
+            if self.a_bits is None:
+                raise ValueError("a_bits=None does not apply: W4A4_MXFP4_FLATQUANT "
+                                 "quantizes the activations in its transform; use a_bits=4")
+            self._not_chosen("learn_activation_clip", False, "the NPU's FP4 "
+                             "npu_kronecker_quant does not read clip_ratio (MXFP4 "
+                             "scales are powers of two of the group maximum)")
+            if self.max_supported_tp is None:
+                object.__setattr__(self, "max_supported_tp", 4)
+        elif self.max_supported_tp is not None:
+            raise ValueError(
+                f"max_supported_tp={self.max_supported_tp} does not apply: only "
+                "quant_format='mxfp4' (vllm-ascend's W4A4_MXFP4_FLATQUANT) splits "
+                "row-parallel transforms by tensor-parallel rank. Remove it."
+            )
         self._not_chosen("learn_weight_clip", False, "w_bits=None leaves the weights "
                          "unquantized in training", when=self.w_bits is None)
         self._not_chosen("learn_activation_clip", False, "a_bits=None leaves activation "

@@ -17,9 +17,11 @@ from flatquant_modifier.formats import (
     ASCEND_FLOAT_ONLY,
     NVFP4_GROUP_SIZE,
     W4A4_FLATQUANT_DYNAMIC,
+    W4A4_MXFP4_FLATQUANT,
     W8A8_DYNAMIC,
     expert_of,
     is_int_channel_symmetric,
+    is_mxfp4_weights,
     shared_experts_problem,
 )
 from flatquant_modifier.mappings import FlatQuantMapping, ResolvedGroup, relative_name, resolve_layer
@@ -49,6 +51,7 @@ def plan_layers(
     undecomposable: Undecomposable,
     ascend: bool,
     nvfp4: bool,
+    max_supported_tp: int | None = None,
 ) -> list[LayerPlan]:
     """
     Resolve ``mappings`` in every decoder layer (``layers``: name, module).
@@ -56,13 +59,15 @@ def plan_layers(
     :param ascend: the model targets vllm-ascend's W4A4 (int4 activations quantized by
         the transform): groups ``npu_kronecker_quant`` cannot take follow
         ``undecomposable``
+    :param max_supported_tp: plan for vllm-ascend's W4A4_MXFP4_FLATQUANT (None: any
+        other format), see :func:`~flatquant_modifier.mappings.resolve_layer`
     :raises ValueError: naming the layer, for sizes no format can take, a
         ``w8a8_dynamic`` pattern that matches no linear, or ``undecomposable="error"``
     """
     plans, matched_int8 = [], False
     for name, layer in layers:
         groups = resolve_layer(name, layer, mappings, [*ignore, *w8a8_dynamic],
-                               npu_fallback=ascend)
+                               npu_fallback=ascend, max_supported_tp=max_supported_tp)
         # the full names, as resolve_layer matches `ignore` and `w8a8_dynamic`: a linear
         # is either in a transformed group or in this list, never both
         int8 = [
@@ -84,7 +89,8 @@ def plan_layers(
         if nvfp4:
             _check_nvfp4_sizes(plan.groups)
         if ascend:
-            _check_ascend_kinds(plan)
+            _check_ascend_kinds(plan, W4A4_FLATQUANT_DYNAMIC if max_supported_tp is None
+                                else W4A4_MXFP4_FLATQUANT)
         plans.append(plan)
     if w8a8_dynamic and not matched_int8:
         raise ValueError(
@@ -132,7 +138,7 @@ def _fall_back(plan: LayerPlan, groups: list[ResolvedGroup], undecomposable: Und
     logger.info(f"FlatQuant {plan.name}: {names} not transformed ({problems}); {served}")
 
 
-def _check_ascend_kinds(plan: LayerPlan):
+def _check_ascend_kinds(plan: LayerPlan, flatquant_type: str):
     """What vllm-ascend has no method for: FlatQuant on routed experts, anything but
     full precision on the linears of ``ASCEND_FLOAT_ONLY``."""
     for group in plan.groups:
@@ -154,13 +160,13 @@ def _check_ascend_kinds(plan: LayerPlan):
                 "from `mappings`/`w8a8_dynamic` and add it to the weight quantizer's "
                 "`ignore`"
             )
-    _check_shared_experts(plan)
+    _check_shared_experts(plan, flatquant_type)
 
 
-def _check_shared_experts(plan: LayerPlan):
+def _check_shared_experts(plan: LayerPlan, flatquant_type: str):
     """Shared experts beside int8 routed experts: W8A8_DYNAMIC or full precision, and
     full precision when gated (:func:`flatquant_modifier.formats.shared_experts_problem`)."""
-    types = {name: W4A4_FLATQUANT_DYNAMIC for g in plan.groups for name, _ in g.linears}
+    types = {name: flatquant_type for g in plan.groups for name, _ in g.linears}
     types.update({name: W8A8_DYNAMIC for name, _ in plan.int8})
     blocks = {expert_of(name)[0].rpartition(".")[0] for name, _ in plan.int8 if expert_of(name)}
     for block in sorted(blocks):
@@ -184,7 +190,8 @@ def _check_nvfp4_sizes(groups: list[ResolvedGroup]):
             )
 
 
-def check_weight_schemes(plans: list[LayerPlan], quantizes_activations: bool):
+def check_weight_schemes(plans: list[LayerPlan], quantizes_activations: bool,
+                         mxfp4: bool = False):
     """
     The schemes the following weight quantizer attached must fit the plan:
 
@@ -197,7 +204,9 @@ def check_weight_schemes(plans: list[LayerPlan], quantizes_activations: bool):
     - full-precision fallbacks: no scheme;
     - under vllm-ascend's W4A4 (``quantizes_activations``), no other linear of a
       decoder layer with quantized weights: no vllm-ascend method would compute what
-      it computes (the export would refuse it after calibration).
+      it computes (the export would refuse it after calibration);
+    - under W4A4_MXFP4_FLATQUANT (``mxfp4``), transformed linears with weights get
+      compressed-tensors' MXFP4 scheme (the E8M0 scales vllm-ascend loads).
 
     :raises ValueError: naming the linear and the fix
     """
@@ -217,6 +226,14 @@ def check_weight_schemes(plans: list[LayerPlan], quantizes_activations: bool):
             for group in plan.groups:
                 for name, linear in group.linears:
                     scheme = getattr(linear, "quantization_scheme", None)
+                    weights = getattr(scheme, "weights", None)
+                    if mxfp4 and weights is not None and not is_mxfp4_weights(weights):
+                        raise ValueError(
+                            f"{name} is served as W4A4_MXFP4_FLATQUANT, which stores "
+                            "MXFP4 weights (FP4 E2M1, E8M0 scales per 32), but its weight "
+                            f"scheme is {weights}. Give the weight quantizer "
+                            "scheme: MXFP4A16 (see recipes/flatquant_mxfp4.yaml)."
+                        )
                     if scheme is not None and scheme.input_activations is not None:
                         raise ValueError(
                             f"{name} has a quantization scheme that quantizes its input "

@@ -25,13 +25,16 @@ of 32 consecutive values share the power of two ``2 ** (floor(log2(amax)) - 2)``
 OCP MX rule, E2M1's largest exponent being 2), stored as its E8M0 byte
 ``floor(log2(amax)) + 127 - 2``; values round half to even onto the E2M1 grid,
 saturating at +-6. ``clip_ratio`` plays no part (the FP4 kernels do not read it).
+MXFP4 weights follow compressed-tensors' MXFP4 scheme, which stores them: the group
+maximum is first rounded to a power of two, up from a mantissa of 1.75
+(``round_to_power_2``), so a group never saturates by more than a 7/6 factor;
+the values then round as above.
 """
 
 import torch
 
 from flatquant_modifier.formats import (
     E8M0_BIAS,
-    FP4_E2M1_VALUES,
     FP4_MAX,
     FP8_E4M3_MAX,
     MX_GROUP_SIZE,
@@ -52,10 +55,10 @@ __all__ = [
     "mxfp4_scale_byte",
     "quantize_mxfp4",
     "fake_quantize_mxfp4",
+    "fake_quantize_mxfp4_weight",
 ]
 
 FP8_MAX, NVFP4_GROUP = FP8_E4M3_MAX, NVFP4_GROUP_SIZE
-_FP4_GRID = FP4_E2M1_VALUES
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -121,12 +124,9 @@ def fake_quantize_weight(
 
 
 def _round_fp4_ste(x: torch.Tensor) -> torch.Tensor:
-    """Nearest FP4 E2M1 value (saturating at +-6), straight-through gradient."""
-    grid = torch.tensor(_FP4_GRID, device=x.device, dtype=x.dtype)
-    mids = (grid[1:] + grid[:-1]) / 2
-    magnitude = x.abs().clamp(max=FP4_MAX)
-    rounded = grid[torch.bucketize(magnitude, mids)] * torch.sign(x)
-    return x + (rounded - x).detach()
+    """Nearest FP4 E2M1 value (ties to even, as compressed-tensors' ``cast_to_fp4``,
+    saturating at +-6), straight-through gradient."""
+    return x + (round_to_e2m1(x.detach()) - x).detach()
 
 
 def fake_quantize_nvfp4(x: torch.Tensor, group_size: int = NVFP4_GROUP) -> torch.Tensor:
@@ -150,14 +150,17 @@ def fake_quantize_nvfp4(x: torch.Tensor, group_size: int = NVFP4_GROUP) -> torch
 
 def round_to_e2m1(x: torch.Tensor) -> torch.Tensor:
     """The E2M1 value nearest to ``x``, ties to the even code (round half to even, as
-    the NPU's ``CAST_RINT``), saturating at +-6; same dtype as ``x``."""
-    grid = torch.tensor(FP4_E2M1_VALUES, device=x.device, dtype=x.dtype)
+    the NPU's ``CAST_RINT``), saturating at +-6; same dtype as ``x``. Arithmetic, no
+    lookup table (a table copied to the GPU would break CUDA graph capture): the grid
+    steps by 0.5 below 2, by 1 up to 4, by 2 up to 6, and within each range the even
+    codes are the even multiples of the step, so ``torch.round`` (half to even) of the
+    value in steps rounds as the codes do."""
     magnitude = x.abs().clamp(max=FP4_MAX)
-    low = (torch.bucketize(magnitude, grid, right=True) - 1).clamp(0, len(grid) - 2)
-    high = low + 1
-    below, above = magnitude - grid[low], grid[high] - magnitude
-    up = (above < below) | ((above == below) & (high % 2 == 0))
-    return torch.where(up, grid[high], grid[low]) * torch.sign(x)
+    rounded = torch.where(
+        magnitude < 2, torch.round(magnitude * 2) / 2,
+        torch.where(magnitude < 4, torch.round(magnitude), torch.round(magnitude / 2) * 2),
+    )
+    return rounded * torch.sign(x)
 
 
 def mxfp4_scale_byte(x: torch.Tensor, group_size: int = MX_GROUP_SIZE) -> torch.Tensor:
@@ -170,13 +173,17 @@ def mxfp4_scale_byte(x: torch.Tensor, group_size: int = MX_GROUP_SIZE) -> torch.
     return _mx_exponents(x, group_size)[0]
 
 
-def _mx_exponents(x: torch.Tensor, group_size: int):
+def _mx_exponents(x: torch.Tensor, group_size: int, round_up_from: float | None = None):
     """Scale bytes, and which groups have a normal ``amax`` (the others, zero or
-    subnormal, quantize to 0 on the NPU)."""
+    subnormal, quantize to 0 on the NPU). ``round_up_from``: the mantissa in [1, 2)
+    from which ``amax`` counts as the next power of two (compressed-tensors: 1.75)."""
     grouped = x.reshape(*x.shape[:-1], -1, group_size)
-    amax = grouped.abs().amax(dim=-1).float()
-    _, exponent = torch.frexp(amax)  # amax = m * 2**e, m in [0.5, 1)
+    amax = grouped.abs().amax(dim=-1)
+    amax = amax.to(torch.promote_types(amax.dtype, torch.float32))
+    mantissa, exponent = torch.frexp(amax)  # amax = m * 2**e, m in [0.5, 1)
     biased = exponent.to(torch.int32) - 1 + E8M0_BIAS  # floor(log2 amax) + 127
+    if round_up_from is not None:
+        biased = biased + (mantissa >= round_up_from / 2).to(torch.int32)
     normal = (amax > 0) & (biased > 0)
     return torch.where(normal, (biased - 2).clamp(min=0), torch.zeros_like(biased)), normal
 
@@ -206,3 +213,29 @@ def fake_quantize_mxfp4(x: torch.Tensor, group_size: int = MX_GROUP_SIZE) -> tor
     grouped = values.reshape(*x.shape[:-1], -1, group_size).to(dtype)
     dequantized = (grouped * scale).reshape(x.shape).to(x.dtype)
     return x + (dequantized - x).detach()
+
+
+# compressed-tensors' round_to_power_2 adds a quarter of the mantissa range before
+# truncating: amax = m * 2**e counts as 2**(e + 1) from m = 1.75
+CT_ROUND_UP_FROM = 1.75
+
+
+def fake_quantize_mxfp4_weight(
+    weight: torch.Tensor, clip: torch.Tensor | float = 1.0, group_size: int = MX_GROUP_SIZE
+) -> torch.Tensor:
+    """
+    Quantize-dequantize ``weight`` [out, in] as compressed-tensors' MXFP4 scheme
+    stores it (min-max observer per group of 32, E8M0 scale of the group maximum
+    rounded to a power of two up from 1.75, E2M1 values half to even). A clip factor
+    per output channel ``c`` clamps the weights at ``+-c * amax`` first, as they are
+    absorbed. Straight-through gradient in ``weight``; ``c`` gets the clamp's.
+    """
+    if isinstance(clip, torch.Tensor):
+        bound = weight.abs().amax(dim=-1, keepdim=True) * clip.reshape(-1, 1)
+        weight = torch.maximum(torch.minimum(weight, bound), -bound)
+    scale_byte, _ = _mx_exponents(weight.detach(), group_size, CT_ROUND_UP_FROM)
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    scale = torch.exp2((scale_byte - E8M0_BIAS).to(dtype)).unsqueeze(-1)
+    grouped = weight.reshape(*weight.shape[:-1], -1, group_size).to(dtype) / scale
+    rounded = grouped + (round_to_e2m1(grouped.detach()) - grouped).detach()
+    return (rounded * scale).reshape(weight.shape).to(weight.dtype)

@@ -27,9 +27,9 @@ from llmcompressor.modifiers.utils.hooks import HooksMixin
 
 from flatquant_modifier.transform import (
     INT8_TRANSFORM_NAME,
-    TRANSFORM_NAME,
     get_dynamic_int8_quant,
     get_flatquant_transform,
+    is_transform_group,
 )
 
 __all__ = ["FlatQuantStateError", "recorded_transform_targets", "verify_model"]
@@ -50,7 +50,8 @@ def recorded_transform_targets(model: nn.Module) -> list[str] | None:
     transform or an int8 input quantizer (what ``save_pretrained`` writes), or None if
     it records neither."""
     groups = getattr(getattr(model, TRANSFORM_CONFIG_NAME, None), "config_groups", {})
-    schemes = [groups[name] for name in (TRANSFORM_NAME, INT8_TRANSFORM_NAME) if name in groups]
+    schemes = [scheme for name, scheme in groups.items()
+               if is_transform_group(name) or name == INT8_TRANSFORM_NAME]
     if not schemes:
         return None
     return [target for scheme in schemes for args in scheme.apply for target in args.targets]

@@ -53,9 +53,16 @@ TINY_QWEN3_MOE = dict(TINY, moe_intermediate_size=32, num_experts=4, num_experts
                       head_dim=16, mlp_only_layers=[0])
 
 
+# sizes vllm-ascend's W4A4_MXFP4_FLATQUANT serves at tensor-parallel sizes up to 4
+TINY_MXFP4 = dict(hidden_size=256, intermediate_size=512)
+
+
 def save_tiny_model_for(recipe: Path, path: Path) -> Path:
     """The tiny model a recipe of recipes/ is made for, saved with the byte tokenizer:
-    a Qwen3-MoE for the MoE recipes, else the tiny Llama."""
+    a Qwen3-MoE for the MoE recipes, a Llama whose o_proj and down_proj split into
+    four tensor-parallel shares of multiples of 64 for MXFP4, else the tiny Llama."""
+    if "mxfp4" in recipe.stem:
+        return save_tiny_llama(path, **TINY_MXFP4)
     if "moe" not in recipe.stem:
         return save_tiny_llama(path)
     torch.manual_seed(0)
@@ -64,9 +71,10 @@ def save_tiny_model_for(recipe: Path, path: Path) -> Path:
     return path
 
 
-def save_tiny_llama(path: Path) -> Path:
-    """Save the default tiny Llama (with outliers) and the byte tokenizer to ``path``."""
-    build_tiny_llama().save_pretrained(path)
+def save_tiny_llama(path: Path, **overrides) -> Path:
+    """Save the tiny Llama (with outliers; ``overrides`` of its config) and the byte
+    tokenizer to ``path``."""
+    build_tiny_llama(**overrides).save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return path
 

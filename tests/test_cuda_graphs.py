@@ -49,13 +49,14 @@ def test_graph_replays_with_new_inputs_and_skips_what_it_cannot_take():
     assert graphs.num_graphs == 2
 
 
-def _train(model, layer_index, calls, device, cuda_graphs, autocast=None):
+def _train(model, layer_index, calls, device, cuda_graphs, autocast=None, quant_format="int"):
     layer = model.model.layers[layer_index]
     name = f"model.layers.{layer_index}"
-    groups = resolve_layer(name, layer, infer_mappings_from_model(model), ["lm_head"])
+    options = FlatQuantOptions(epochs=3, cuda_graphs=cuda_graphs, quant_format=quant_format)
+    groups = resolve_layer(name, layer, infer_mappings_from_model(model), ["lm_head"],
+                           max_supported_tp=options.max_supported_tp and 1)
     steps = plan_steps(calls, *assign_steps(call_keys(calls), 2))
     targets, act_max = full_precision_pass(layer, steps, groups, device)
-    options = FlatQuantOptions(epochs=3, cuda_graphs=cuda_graphs)
     precision = Precision(torch.float32, autocast)
     params = build_group_params(groups, act_max, options, precision.dtype, device,
                                 torch.Generator().manual_seed(0))
@@ -66,13 +67,15 @@ def _train(model, layer_index, calls, device, cuda_graphs, autocast=None):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16])
-def test_graphed_training_equals_eager_training(autocast):
+@pytest.mark.parametrize("quant_format", ["int", "nvfp4", "mxfp4"])
+def test_graphed_training_equals_eager_training(autocast, quant_format):
+    """Every format's quantizers can be captured (no host copies, no syncs)."""
     device = torch.device("cuda")  # no index: the tensors say cuda:0
     model = build_tiny_llama().to(device)
     ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(0)).to(device)
     calls = layer_calls(model, model.model.layers[0], ids)
-    eager, eager_params = _train(model, 0, calls, device, False, autocast)
-    graphed, graphed_params = _train(model, 0, calls, device, True, autocast)
+    eager, eager_params = _train(model, 0, calls, device, False, autocast, quant_format)
+    graphed, graphed_params = _train(model, 0, calls, device, True, autocast, quant_format)
     # one graph per kind of pass: evaluation round-to-nearest, evaluation, training
     assert eager.cuda_graphs == 0 and graphed.cuda_graphs == 3
     assert graphed.epoch_losses == eager.epoch_losses

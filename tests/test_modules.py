@@ -69,3 +69,19 @@ def test_random_init_is_a_row_major_parameter():
     # tensors; LAPACK's QR returns Q column-major
     matrix = LearnableMatrix(24, "dense", "random", torch.Generator().manual_seed(0))
     assert matrix.matrix.is_contiguous()
+
+
+@pytest.mark.parametrize("parametrization", ["orthogonal", "dense"])
+def test_block_diagonal_matrix_keeps_its_off_diagonal_zeros(parametrization):
+    g = torch.Generator().manual_seed(0)
+    matrix = LearnableMatrix(12, parametrization, "random", g, blocks=3)
+    with torch.no_grad():
+        for p in matrix.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    mask = torch.block_diag(*[torch.ones(4, 4, dtype=torch.bool)] * 3)
+    for p, p_inv_t in (matrix(), matrices_and_inverses([matrix])[0], matrix.export()):
+        assert p.shape == (12, 12) and torch.all(p[~mask] == 0) and torch.all(p_inv_t[~mask] == 0)
+        torch.testing.assert_close(p @ p_inv_t.T, torch.eye(12, dtype=p.dtype), atol=1e-4, rtol=0)
+    p, _ = matrix()
+    p.sum().backward()
+    assert all(q.grad is not None for q in matrix.parameters())

@@ -46,6 +46,11 @@ def test_autocast_auto_is_bfloat16_on_cuda_only():
          r"to vllm-ascend's W4A4"),
         (dict(a_bits=None, undecomposable="float"), r"undecomposable applies to"),
         (dict(undecomposable="fp16"), r"'w8a8_dynamic', 'float' or 'error'"),
+        (dict(quant_format="mxfp4", w_bits=8), r"w_bits=8 does not apply: quant_format='mxfp4'"),
+        (dict(quant_format="mxfp4", a_bits=None), r"a_bits=None does not apply"),
+        (dict(quant_format="mxfp4", learn_activation_clip=True), r"does not read clip_ratio"),
+        (dict(quant_format="mxfp4", max_supported_tp=3), r"use a power of two"),
+        (dict(max_supported_tp=4), r"only quant_format='mxfp4'"),
     ],
 )
 def test_contradictory_options_are_refused(options, message):
@@ -61,6 +66,9 @@ def test_options_that_do_not_apply_are_switched_off_when_left_at_their_defaults(
     weights_only = FlatQuantModifier(a_bits=None)
     assert not weights_only.learn_activation_clip and weights_only.learn_weight_clip
     assert FlatQuantModifier().quantizes_activations
+    mxfp4 = FlatQuantModifier(quant_format="mxfp4")
+    assert mxfp4.max_supported_tp == 4 and mxfp4.quantizes_activations
+    assert mxfp4.learn_weight_clip and not mxfp4.learn_activation_clip
 
 
 @pytest.mark.parametrize(
@@ -68,6 +76,7 @@ def test_options_that_do_not_apply_are_switched_off_when_left_at_their_defaults(
     [
         dict(),
         dict(quant_format="nvfp4", epochs=3),
+        dict(quant_format="mxfp4", max_supported_tp=2, w_bits=None),
         dict(a_bits=None, w_bits=8, smooth=False, parametrization="orthogonal"),
         dict(autocast_dtype="bfloat16", deterministic=True, offload_device="cpu",
              ignore="lm_head", sibling_patterns=[r"(.*)\.(?:w1|w3)"], on_nonfinite="skip"),

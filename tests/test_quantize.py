@@ -1,9 +1,11 @@
 import torch
-from compressed_tensors.quantization import QuantizationArgs, fake_quantize
+import pytest
+from compressed_tensors.quantization import QuantizationArgs, fake_quantize, preset_name_to_scheme
 from compressed_tensors.quantization.utils import calculate_qparams
 
 from flatquant_modifier.quantize import (
     fake_quantize_activation,
+    fake_quantize_mxfp4_weight,
     fake_quantize_weight,
     quantize_activation,
     weight_scale,
@@ -94,3 +96,30 @@ def test_mxfp4_scales_follow_the_npu_rule():
     assert y[0, 40].item() == 0.25 and y[1, 70].item() == -768.0
     y.sum().backward()  # straight through
     assert torch.equal(x.grad, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_mxfp4_weights_match_compressed_tensors_mxfp4(dtype):
+    """The training's MXFP4 weight quantizer is compressed-tensors' MXFP4 scheme (its
+    power-of-two rounding of the group maximum up from 1.75, E2M1 ties to even), bit
+    for bit, a zero group included."""
+    args = preset_name_to_scheme("MXFP4A16", ["Linear"]).weights
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(64, 256, generator=g) * torch.rand(64, 1, generator=g) * 4).to(dtype)
+    w[3, :32] = 0
+    w[5, :32] = 1.75 * torch.sign(torch.randn(32, generator=g)) / 4  # mantissa 1.75
+    grouped = w.reshape(64, -1, 32)
+    scale, zero_point = calculate_qparams(grouped.amin(-1), grouped.amax(-1), args)
+    assert torch.equal(fake_quantize_mxfp4_weight(w), fake_quantize(w, scale, zero_point, args))
+
+
+def test_mxfp4_weight_clip_clamps_then_quantizes_with_gradients():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(4, 64, generator=g, dtype=torch.float64)
+    clip = torch.full((4,), 0.7, dtype=torch.float64, requires_grad=True)
+    bound = w.abs().amax(-1, keepdim=True) * 0.7
+    expected = fake_quantize_mxfp4_weight(w.clamp(-bound, bound))
+    out = fake_quantize_mxfp4_weight(w, clip)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    (out * w).sum().backward()  # larger bounds give larger |values|
+    assert clip.grad is not None and torch.all(clip.grad > 0)

@@ -15,8 +15,8 @@ __all__ = ["exact_fake_quant"]
 def exact_fake_quant(model):
     """
     The fake-quantized ``model`` in exact arithmetic, for comparisons with the Ascend
-    export: float64, each weight replaced by compressed-tensors' integers (what the
-    export stores) times its scale, formed in float64. At 4 bits a model is chaotic
+    export: float64, each weight replaced by compressed-tensors' integers or FP4 values
+    (what the export stores) times its scale, formed in float64. At 4 bits a model is chaotic
     under float32 rounding (one flipped activation integer changes the next layer's
     input), so only in float64 do the two compute visibly the same function; lifting
     the float32 products ``q * scale`` (1e-7 off) or re-quantizing in float64 (the
@@ -35,7 +35,10 @@ def exact_fake_quant(model):
     frozen = {module: module.weight.data.clone() for module in integers}
     model.to(torch.float64)
     for module, q in integers.items():
-        module.weight.data = q.to(torch.float64) * module.weight_scale.to(torch.float64)
+        scale = module.weight_scale.to(torch.float64)
+        if scale.shape[-1] not in (1, q.shape[-1]):  # one scale per group of inputs
+            scale = scale.repeat_interleave(q.shape[-1] // scale.shape[-1], dim=-1)
+        module.weight.data = q.to(torch.float64) * scale
         module.quantization_enabled = False
     try:
         yield model

@@ -38,22 +38,28 @@ from huggingface_hub import save_torch_state_dict
 from loguru import logger
 from torch.nn import Module
 
-from flatquant_modifier.ascend.runtime import DESCRIPTION_FILE, QUANT_TYPE
+from flatquant_modifier.ascend.ops import pack_fp4
+from flatquant_modifier.ascend.runtime import DESCRIPTION_FILE
 from flatquant_modifier.distributed import barrier, is_source_process
 from flatquant_modifier.formats import (
     ASCEND_FLOAT_ONLY,
     FLOAT,
     FUSED_SIBLINGS,
     MOE_METHODS,
+    MX_GROUP_SIZE,
     W4A4_FLATQUANT_DYNAMIC,
+    W4A4_MXFP4_FLATQUANT,
     W8A8_DYNAMIC,
     checkpoint_name,
     expert_of,
     is_int_channel_symmetric,
+    is_mxfp4_weights,
+    is_row_parallel,
+    mxfp4_problem,
     npu_kronecker_problem,
     shared_experts_problem,
 )
-from flatquant_modifier.kronecker import get_decompose_dim
+from flatquant_modifier.kronecker import get_decompose_dim, mxfp4_trans_dims
 from flatquant_modifier.transform import (
     DynamicInt8Quant,
     KroneckerQuantTransform,
@@ -70,6 +76,7 @@ __all__ = [
 ]
 
 DESCRIPTION_VERSION = "1.0.0"
+FLATQUANT_TYPES = (W4A4_FLATQUANT_DYNAMIC, W4A4_MXFP4_FLATQUANT)
 
 
 class AscendExportError(ValueError):
@@ -105,7 +112,8 @@ def save_ascend_checkpoint(
     if save_dir.exists() and not overwrite:
         raise FileExistsError(f"{save_dir} exists; pass overwrite=True to replace it")
     verify_model(model, where="before the Ascend export")
-    tensors, description = _collect_tensors(model)
+    tensors, description, header = _collect_tensors(model)
+    flatquant_type = next(kind for kind in FLATQUANT_TYPES if kind in description.values())
     barrier()  # every rank has checked save_dir before rank 0 creates it
     if not is_source_process():
         barrier()
@@ -118,12 +126,13 @@ def save_ascend_checkpoint(
     try:
         save_torch_state_dict(tensors, staging, max_shard_size=max_shard_size)
         description = {
-            "model_quant_type": QUANT_TYPE,
+            "model_quant_type": flatquant_type,
             "version": DESCRIPTION_VERSION,
+            **header,
             **dict(sorted(description.items())),
         }
         (staging / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2))
-        _write_config(model, staging)
+        _write_config(model, staging, flatquant_type)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         # mkdtemp made it private (0700); the checkpoint gets the usual mode (umask)
@@ -151,21 +160,29 @@ def _collect_tensors(model: Module) -> tuple[dict[str, torch.Tensor], dict[str, 
         for name, module in model.named_modules()
         if (quant_type := linear_quant_type(name, module)) != FLOAT
     }
-    if not any(t == W4A4_FLATQUANT_DYNAMIC for t in types.values()):
+    flatquant = {kind for kind in types.values() if kind in FLATQUANT_TYPES}
+    if not flatquant:
         raise AscendExportError(
             "no FlatQuant transforms found: run FlatQuantModifier (a_bits=4) and a W4 "
-            "per-channel weight quantizer through oneshot before exporting"
+            "weight quantizer through oneshot before exporting"
+        )
+    if len(flatquant) > 1:
+        raise AscendExportError(
+            f"the model has transforms of both {sorted(flatquant)}; calibrate it with one "
+            "quant_format"
         )
     _check_fused_siblings(model, types)
     moe_types = _moe_block_types(model, types)
     params_dtype = _params_dtype(model)
+    header = _mxfp4_header(model, types) if W4A4_MXFP4_FLATQUANT in flatquant else {}
+    collectors = {W4A4_FLATQUANT_DYNAMIC: _quantized_linear_tensors,
+                  W4A4_MXFP4_FLATQUANT: _mxfp4_linear_tensors,
+                  W8A8_DYNAMIC: _w8a8_dynamic_tensors}
     tensors: dict[str, torch.Tensor] = {}
     description: dict[str, str] = {}
     for name, quant_type in types.items():
         module = model.get_submodule(name)
-        collect = (_quantized_linear_tensors if quant_type == W4A4_FLATQUANT_DYNAMIC
-                   else _w8a8_dynamic_tensors)
-        for suffix, tensor in collect(name, module, params_dtype).items():
+        for suffix, tensor in collectors[quant_type](name, module, params_dtype).items():
             tensors[f"{name}.{suffix}"] = tensor
             description[f"{name}.{suffix}"] = quant_type
         if getattr(module, "bias", None) is not None:
@@ -184,7 +201,31 @@ def _collect_tensors(model: Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     tensors = {checkpoint_name(k, model_type): v for k, v in tensors.items()}
     description = {checkpoint_name(k, model_type): v for k, v in description.items()}
-    return tensors, description
+    return tensors, description, header
+
+
+def _mxfp4_header(model: Module, types: dict[str, str]) -> dict:
+    """The description keys vllm-ascend's W4A4_MXFP4_FLATQUANT reads: ``group_size``,
+    and ``max_supported_tp``, the diagonal blocks of the row-parallel linears'
+    ``left_trans`` (all alike; without row-parallel MXFP4 linears vllm-ascend's
+    default, 4, is left)."""
+    blocks = {
+        name: get_flatquant_transform(model.get_submodule(name)).left_blocks
+        for name, kind in types.items()
+        if kind == W4A4_MXFP4_FLATQUANT and is_row_parallel(name)
+    }
+    header = {"group_size": MX_GROUP_SIZE}
+    if not blocks:
+        return header
+    if len(set(blocks.values())) > 1:
+        example = {count: name for name, count in blocks.items()}
+        raise AscendExportError(
+            "vllm-ascend reads one max_supported_tp for the model, but the row-parallel "
+            f"transforms have {sorted(example)} diagonal blocks (e.g. {example}); "
+            "calibrate with one max_supported_tp"
+        )
+    header["max_supported_tp"] = next(iter(blocks.values()))
+    return header
 
 
 def _moe_block_types(model: Module, types: dict[str, str]) -> dict[str, str]:
@@ -238,15 +279,16 @@ def _type_counts(description: dict[str, str]) -> str:
 def linear_quant_type(name: str, module: Module) -> str:
     """
     The vllm-ascend quant type a module is exported as: ``W4A4_FLATQUANT_DYNAMIC``
-    (FlatQuant transform), ``W8A8_DYNAMIC`` (int8 input quantizer), ``FLOAT``
+    or ``W4A4_MXFP4_FLATQUANT`` (FlatQuant transform), ``W8A8_DYNAMIC`` (int8 input quantizer), ``FLOAT``
     (neither, unquantized).
 
     :raises AscendExportError: for a module with quantized weights but neither, which
         vllm-ascend would run at another precision than the model in memory
     """
     quant_type = FLOAT
-    if get_flatquant_transform(module) is not None:
-        quant_type = W4A4_FLATQUANT_DYNAMIC
+    if (transform := get_flatquant_transform(module)) is not None:
+        quant_type = (W4A4_MXFP4_FLATQUANT if transform.activations == "mxfp4"
+                      else W4A4_FLATQUANT_DYNAMIC)
     elif get_dynamic_int8_quant(module) is not None:
         quant_type = W8A8_DYNAMIC
     reason = ASCEND_FLOAT_ONLY.get(name.rpartition(".")[2])
@@ -340,6 +382,88 @@ def _w8a8_dynamic_tensors(name: str, module: Module, params_dtype) -> dict:
     return tensors
 
 
+def _mxfp4_linear_tensors(name: str, module: Module, params_dtype) -> dict:
+    """vllm-ascend's W4A4_MXFP4_FLATQUANT: ``weight`` uint8 [out, in/2] (E2M1 codes,
+    even element in the low nibble), ``weight_scale`` uint8 [out, in/32] (E8M0),
+    ``left_trans``/``right_trans`` sized as its ``get_decompose_dim`` (row-parallel:
+    block diagonal in ``max_supported_tp`` blocks), ``clip_ratio`` float32 [1]."""
+    transform: KroneckerQuantTransform = get_flatquant_transform(module)
+    scheme = getattr(module, "quantization_scheme", None)
+    if not is_mxfp4_weights(getattr(scheme, "weights", None)):
+        raise AscendExportError(
+            f"{name}: W4A4_MXFP4_FLATQUANT stores MXFP4 weights; this linear's weight "
+            f"scheme is {getattr(scheme, 'weights', None)}. Quantize its weights after "
+            "FlatQuantModifier with QuantizationModifier(scheme='MXFP4A16')."
+        )
+    _check_no_activation_schemes(name, scheme)
+    row, blocks = is_row_parallel(name), transform.left_blocks
+    if not row and blocks > 1:
+        raise AscendExportError(f"{name}: vLLM does not split its input across ranks, "
+                                "but its transform is block diagonal")
+    in_features = module.in_features
+    if problem := mxfp4_problem(in_features, row, blocks):
+        raise AscendExportError(f"{name}: {problem}")
+    with align_module_device(module), align_module_device(transform):
+        values, scale_byte = _mxfp4_weight(name, module)
+        left = transform.left_trans.detach().to(params_dtype).cpu()
+        right = transform.right_trans.detach().to(params_dtype).cpu()
+        clip = transform.clip_ratio.detach().float().reshape(1).cpu().clone()
+    m, n = mxfp4_trans_dims(in_features, row, blocks)
+    if left.shape != (m, m) or right.shape != (n, n):
+        raise AscendExportError(
+            f"{name}: transforms {tuple(left.shape)}/{tuple(right.shape)}, but "
+            f"vllm-ascend allocates {m} x {m} and {n} x {n}"
+        )
+    size = m // blocks
+    mask = torch.block_diag(*[torch.ones(size, size, dtype=torch.bool)] * blocks)
+    if torch.any(left[~mask] != 0):
+        raise AscendExportError(
+            f"{name}: left_trans is not block diagonal in {blocks} blocks, so ranks "
+            "that keep only their diagonal block would serve another transform"
+        )
+    if not 0.0 < clip.item() <= 1.0:
+        raise AscendExportError(f"{name}: clip_ratio {clip.item()} is outside (0, 1]")
+    tensors = {
+        "weight": pack_fp4(values.cpu()),
+        "weight_scale": scale_byte.cpu(),
+        "left_trans": left,
+        "right_trans": right,
+        "clip_ratio": clip,
+    }
+    for key, tensor in tensors.items():
+        _check_finite(f"{name}.{key}", tensor)
+    return tensors
+
+
+def _mxfp4_weight(name: str, module: Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """E2M1 values [out, in] and E8M0 scale bytes (uint8 [out, in/32]) of an MXFP4
+    weight, from the weight compressed-tensors fake-quantizes or, after
+    ``save_pretrained(save_compressed=True)`` packed the model in place, from its packed
+    weight and byte scales."""
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+    weights = module.quantization_scheme.weights
+    scale = module.weight_scale.detach()
+    if hasattr(module, "weight_packed"):
+        packed = module.weight_packed.detach()
+        values = unpack_fp4_from_uint8(packed, packed.shape[0], packed.shape[1] * 2,
+                                       dtype=torch.float32)
+        if scale.dtype != torch.uint8:
+            raise AscendExportError(f"{name}: packed MXFP4 weight with {scale.dtype} scales")
+        return values, scale.clone()
+    if getattr(module, "weight", None) is None:
+        raise AscendExportError(f"{name} has neither a weight nor a packed weight")
+    # compressed-tensors' own quantize: the values of its fake quantization
+    values = quantize(module.weight.detach(), scale, getattr(module, "weight_zero_point", None),
+                      weights, dtype=torch.float32)
+    mantissa, exponent = torch.frexp(scale.double())
+    byte = exponent - 1 + 127
+    if torch.any((mantissa != 0.5) | (byte < 0) | (byte > 254)):
+        raise AscendExportError(f"{name}: weight scales are not powers of two in E8M0's "
+                                "range; quantize with compressed-tensors' MXFP4 scheme")
+    return values, byte.to(torch.uint8)
+
+
 def _weight_integers(name: str, module: Module, num_bits: int) -> torch.Tensor:
     """The weight's integer values (int8 storage), from the fake-quantized weight or,
     after ``save_pretrained(save_compressed=True)`` packed the model in place, from
@@ -373,6 +497,10 @@ def _check_weight_scheme(name: str, module: Module, num_bits: int, quant_type: s
             "FlatQuantModifier with a QuantizationModifier/GPTQModifier config group "
             f"{{num_bits: {num_bits}, type: int, symmetric: true, strategy: channel}}."
         )
+    _check_no_activation_schemes(name, scheme)
+
+
+def _check_no_activation_schemes(name: str, scheme):
     if getattr(scheme, "input_activations", None) is not None:
         raise AscendExportError(
             f"{name}: its scheme quantizes input activations itself; on Ascend the "
@@ -403,7 +531,7 @@ def _check_fused_siblings(model: Module, types: dict[str, str]):
                 f"quant type, but they are {kinds}; give them the same treatment "
                 "(FlatQuant mappings, w8a8_dynamic, ignore)"
             )
-        if kinds[names[0]] != W4A4_FLATQUANT_DYNAMIC:
+        if kinds[names[0]] not in FLATQUANT_TYPES:
             continue
         first = get_flatquant_transform(model.get_submodule(names[0]))
         for other_name in names[1:]:
@@ -458,10 +586,10 @@ def _check_finite(name: str, tensor: torch.Tensor):
         raise AscendExportError(f"{name} contains NaN or Inf; refusing to export")
 
 
-def _write_config(model: Module, directory: Path):
+def _write_config(model: Module, directory: Path, quant_type: str):
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    config["quantize"] = QUANT_TYPE.lower()
+    config["quantize"] = quant_type.lower()
     (directory / "config.json").write_text(json.dumps(config, indent=2, default=str))
     generation = getattr(model, "generation_config", None)
     if generation is not None:

@@ -40,9 +40,11 @@ from flatquant_modifier.formats import (
     MX_GROUP_SIZE,
     INT4_PER_INT32,
     W4A4_FLATQUANT_DYNAMIC,
+    W4A4_MXFP4_FLATQUANT,
     W8A8_DYNAMIC,
     checkpoint_name,
     expert_of,
+    is_row_parallel,
 )
 from flatquant_modifier.kronecker import mxfp4_trans_dims
 from flatquant_modifier.loading import check_safetensors_files
@@ -342,6 +344,7 @@ class AscendW4A4MXFP4FlatQuantLinear(nn.Module):
 
 LINEAR_METHODS = {
     W4A4_FLATQUANT_DYNAMIC: AscendW4A4FlatQuantLinear,
+    W4A4_MXFP4_FLATQUANT: AscendW4A4MXFP4FlatQuantLinear,
     W8A8_DYNAMIC: AscendW8A8DynamicLinear,
 }
 MOE_METHODS = {W8A8_DYNAMIC: AscendW8A8DynamicMoE}
@@ -350,9 +353,10 @@ MOE_METHODS = {W8A8_DYNAMIC: AscendW8A8DynamicMoE}
 def load_ascend_model(path: str | Path, dtype: torch.dtype | None = None, use_npu=None):
     """
     Build a transformers model from an exported Ascend checkpoint: every linear whose
-    weight is ``W4A4_FLATQUANT_DYNAMIC`` (``W8A8_DYNAMIC``) in
+    weight is ``W4A4_FLATQUANT_DYNAMIC`` (``W4A4_MXFP4_FLATQUANT``, ``W8A8_DYNAMIC``) in
     ``quant_model_description.json`` becomes an :class:`AscendW4A4FlatQuantLinear`
-    (:class:`AscendW8A8DynamicLinear`), the routed experts of a ``W8A8_DYNAMIC`` MoE
+    (:class:`AscendW4A4MXFP4FlatQuantLinear` of one rank,
+    :class:`AscendW8A8DynamicLinear`), the routed experts of a ``W8A8_DYNAMIC`` MoE
     block one :class:`AscendW8A8DynamicMoE`; all tensors are loaded strictly.
 
     :raises ValueError: for a quant type this reference (and the export) does not know
@@ -373,6 +377,9 @@ def load_ascend_model(path: str | Path, dtype: torch.dtype | None = None, use_np
 
     description = {rename(k): v for k, v in
                    json.loads((path / DESCRIPTION_FILE).read_text()).items()}
+    # W4A4_MXFP4_FLATQUANT's settings, with vllm-ascend's defaults
+    mxfp4_settings = {"group_size": description.pop("group_size", MX_GROUP_SIZE),
+                      "max_supported_tp": description.pop("max_supported_tp", 4)}
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -395,7 +402,14 @@ def load_ascend_model(path: str | Path, dtype: torch.dtype | None = None, use_np
                 f"{path}: {name} is {kind}; this reference runs {sorted(methods)}"
             )
         module = model.get_submodule(name)
-        if name in linears:
+        if kind == W4A4_MXFP4_FLATQUANT:  # one rank (tensor parallel size 1)
+            replacement = methods[kind](
+                module.in_features, module.out_features, module.bias is not None,
+                params_dtype=dtype, row_parallel=is_row_parallel(name),
+                max_supported_tp=mxfp4_settings["max_supported_tp"],
+                group_size=mxfp4_settings["group_size"],
+            )
+        elif name in linears:
             replacement = methods[kind](
                 module.in_features, module.out_features, module.bias is not None,
                 params_dtype=dtype, use_npu=use_npu,

@@ -46,7 +46,6 @@ def test_runtime_reproduces_the_learned_transform_orientation():
     x = torch.randn(2, 5, m * n, generator=g)
     transform = KroneckerQuantTransform(
         m * n, TransformScheme(type="flatquant"), TransformArgs(targets=["x"], location="input"),
-        quantize=True,
     )
     with torch.no_grad():
         transform.left_trans.copy_(p1)

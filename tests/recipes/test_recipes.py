@@ -33,5 +33,9 @@ def test_recipe_runs_on_its_tiny_model(recipe, tmp_path):
     if "nvfp4" in recipe.stem:
         assert not transform.quantize and weights.type == "float" and weights.num_bits == 4
         assert q_proj.weight_global_scale.item() == model.model.layers[0].self_attn.v_proj.weight_global_scale.item()
+    elif "mxfp4" in recipe.stem:
+        assert transform.activations == "mxfp4" and weights.type == "float"
+        assert weights.group_size == 32 and weights.scale_dtype == torch.uint8
+        assert get_flatquant_transform(model.model.layers[0].self_attn.o_proj).left_blocks == 4
     else:
         assert transform.quantize and weights.type == "int" and weights.strategy == "channel"
