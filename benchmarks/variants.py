@@ -5,6 +5,11 @@ Writes a JSON result and prints a Markdown table; not a timed test.
 
     python benchmarks/variants.py --variants orthogonal,dense --num-samples 32 \
         --seq-len 512 --out outputs/variants.json
+
+``--scheme mxfp4`` trains for vllm-ascend's W4A4_MXFP4_FLATQUANT (MXFP4 weights from
+compressed-tensors' scheme, the NPU's MX activation quantizer in the transform); its
+``rtn`` is the same model with identity transforms and no training (what the NPU
+computes without FlatQuant).
 """
 
 import argparse
@@ -44,10 +49,18 @@ A4_TOKEN = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "token"
             "dynamic": True}
 
 
+# MXFP4 without FlatQuant: identity transforms, no smoothing, no clipping, no training;
+# the transform then only runs the NPU's MX activation quantizer
+MXFP4_RTN = {"epochs": 0, "transform_init": "identity", "smooth": False,
+             "learn_weight_clip": False}
+
+
 def quantizer(scheme: str, flatquant: bool) -> QuantizationModifier:
     """The weight (and activation) quantizer after FlatQuant, or alone for "rtn"."""
     if scheme == "nvfp4":
         return QuantizationModifier(targets=["Linear"], scheme="NVFP4", ignore=["lm_head"])
+    if scheme == "mxfp4":
+        return QuantizationModifier(targets=["Linear"], scheme="MXFP4A16", ignore=["lm_head"])
     group = {"targets": ["Linear"], "weights": W4_CHANNEL}
     if not flatquant:  # FlatQuant's transform quantizes the activations itself
         group["input_activations"] = A4_TOKEN
@@ -57,11 +70,17 @@ def quantizer(scheme: str, flatquant: bool) -> QuantizationModifier:
 def run_variant(name, kwargs, args, tokenizer, dataset, device):
     model, _ = load_smollm2(args.model_cache)
     model.to(device)
+    if args.scheme == "mxfp4":
+        kwargs = {"epochs": args.epochs, "seed": args.seed,
+                  **(MXFP4_RTN if kwargs is None else kwargs),
+                  "quant_format": "mxfp4", "max_supported_tp": args.max_supported_tp}
+    elif kwargs is not None:
+        kwargs = {"epochs": args.epochs, "seed": args.seed, **kwargs}
+        if args.scheme == "nvfp4":
+            kwargs["quant_format"] = "nvfp4"
     recipe = [quantizer(args.scheme, kwargs is not None)]
     if kwargs is not None:
-        if args.scheme == "nvfp4":
-            kwargs = {**kwargs, "quant_format": "nvfp4"}
-        recipe.insert(0, FlatQuantModifier(epochs=args.epochs, **kwargs))
+        recipe.insert(0, FlatQuantModifier(**kwargs))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
@@ -73,10 +92,12 @@ def run_variant(name, kwargs, args, tokenizer, dataset, device):
         "variant": name,
         "kwargs": kwargs,
         "calibration_seconds": round(seconds, 1),
-        "ppl": round(perplexity(model, tokenizer, TEST_TEXT,
-                                2048, args.eval_windows or None), 3),
     }
-    if kwargs is not None:
+    for windows in args.eval_windows:
+        row[f"ppl_{windows or 'all'}"] = round(
+            perplexity(model, tokenizer, TEST_TEXT, 2048, windows or None), 3)
+    row["ppl"] = row[f"ppl_{args.eval_windows[0] or 'all'}"]
+    if kwargs is not None and recipe[0].reports:
         reports = recipe[0].reports
         row["mean_final_layer_loss"] = sum(r.loss_final for r in reports) / len(reports)
     if device.type == "cuda":
@@ -91,17 +112,25 @@ def main():
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--scheme", choices=["w4a4", "nvfp4"], default="w4a4",
+    parser.add_argument("--seed", type=int, default=0,
+                        help="FlatQuant's seed and that of the calibration windows")
+    parser.add_argument("--scheme", choices=["w4a4", "nvfp4", "mxfp4"], default="w4a4",
                         help="w4a4: int4 channel weights + Ascend A4 (FlatQuant) or "
-                        "int4 per-token activations (rtn); nvfp4: llm-compressor NVFP4")
-    parser.add_argument("--eval-windows", type=int, default=8, help="0: all")
+                        "int4 per-token activations (rtn); nvfp4: llm-compressor NVFP4; "
+                        "mxfp4: vllm-ascend's W4A4_MXFP4_FLATQUANT")
+    parser.add_argument("--max-supported-tp", type=int, default=1,
+                        help="mxfp4: FlatQuant's max_supported_tp (SmolLM2's 576 inputs "
+                        "of o_proj split into 64-multiples at 1 only)")
+    parser.add_argument("--eval-windows", default="8",
+                        help="comma-separated numbers of test windows, 0: all (e.g. 8,0)")
     parser.add_argument("--model-cache", default=str(ROOT / "outputs" / "smollm2-hf"))
     parser.add_argument("--out", default=str(ROOT / "outputs" / "variants.json"))
     args = parser.parse_args()
+    args.eval_windows = [int(w) for w in args.eval_windows.split(",")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, tokenizer = load_smollm2(args.model_cache)
     dataset = text_windows_dataset(tokenizer, CALIBRATION_TEXT,
-                                   args.num_samples, args.seq_len, seed=0)
+                                   args.num_samples, args.seq_len, seed=args.seed)
     rows = []
     for name in args.variants.split(","):
         rows.append(run_variant(name, VARIANTS[name], args, tokenizer, dataset, device))
@@ -109,14 +138,17 @@ def main():
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({
             "budget": f"{args.num_samples} x {args.seq_len}, {args.epochs} epochs",
+            "seed": args.seed,
             "scheme": args.scheme,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "eval_windows": args.eval_windows, "rows": rows}, indent=2))
-    print(f"\n| variant | ppl ({args.eval_windows or 'all'} windows) | calib s | peak |")
-    print("|---|---|---|---|")
+    keys = [f"ppl_{w or 'all'}" for w in args.eval_windows]
+    print(f"\n| variant | {' | '.join(keys)} | calib s | peak |")
+    print("|---|" + "---|" * len(keys) + "---|---|")
     for r in rows:
         peak = r.get("peak_gpu_GiB", r["peak_rss_GiB"])
-        print(f"| {r['variant']} | {r['ppl']:.2f} | {r['calibration_seconds']} | {peak} GiB |")
+        ppl = " | ".join(f"{r[k]:.2f}" for k in keys)
+        print(f"| {r['variant']} | {ppl} | {r['calibration_seconds']} | {peak} GiB |")
 
 
 if __name__ == "__main__":
