@@ -65,7 +65,10 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
     activation transform runs online as a compressed-tensors transform that also
     fake-quantizes the activations with the Ascend NPU formula
     (``scale = max|y| * clip_ratio / 7``), exactly what vllm-ascend's
-    ``W4A4_FLATQUANT_DYNAMIC`` method computes.
+    ``W4A4_FLATQUANT_DYNAMIC`` method computes. ``quant_format="mxfp4"`` does the same
+    for its ``W4A4_MXFP4_FLATQUANT`` method (Ascend 950: MXFP4 activations with the
+    NPU's rule, compressed-tensors' MXFP4 weights, row-parallel transforms block
+    diagonal per tensor-parallel rank); ``"nvfp4"`` trains for NVFP4.
 
     FlatQuant only transforms; the weights are quantized by a following
     ``QuantizationModifier`` or ``GPTQModifier`` with a weights-only scheme (the
