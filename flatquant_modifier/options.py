@@ -65,7 +65,8 @@ class FlatQuantOptions(BaseModel):
         online transform quantizes activations to MXFP4 with the NPU's rule (E8M0
         ``floor(log2 amax) - 2`` per 32 values, E2M1 half to even), the weights are
         trained as compressed-tensors' MXFP4 scheme stores them; ``w_bits`` is 4 or
-        None, ``a_bits`` 4, no activation clip (the FP4 kernels ignore ``clip_ratio``)
+        None, ``a_bits`` 4, no activation clip (the FP4 kernels ignore ``clip_ratio``),
+        no weight clip unless chosen (a power-of-two scale passes it no gradient)
     :param max_supported_tp: ``quant_format="mxfp4"`` only (default 4): the largest
         tensor-parallel size the checkpoint serves. The ``left_trans`` of row-parallel
         linears (o_proj, down_proj) is trained block-diagonal with this many blocks,
@@ -157,6 +158,10 @@ class FlatQuantOptions(BaseModel):
             self._not_chosen("learn_activation_clip", False, "the NPU's FP4 "
                              "npu_kronecker_quant does not read clip_ratio (MXFP4 "
                              "scales are powers of two of the group maximum)")
+            # a power-of-two scale gives the clip factor no gradient, only the clamp
+            # does: off unless chosen
+            if "learn_weight_clip" not in self.model_fields_set:
+                object.__setattr__(self, "learn_weight_clip", False)
             if self.max_supported_tp is None:
                 object.__setattr__(self, "max_supported_tp", 4)
         elif self.max_supported_tp is not None:

@@ -83,6 +83,8 @@ def transform_group_name(head_dim: int | None) -> str:
 def is_transform_group(name: str) -> bool:
     """Whether ``name`` is the config group of FlatQuant transforms."""
     return bool(_GROUP.match(name))
+
+
 DYNAMIC_INT8_TRANSFORM_TYPE = "npu-dynamic-int8"
 INT8_TRANSFORM_NAME = "flatquant_int8"
 
@@ -242,8 +244,11 @@ def flatquant_schemes(model: Module, names: list[str]) -> dict[str, TransformSch
     for (kind, precision, head_dim), targets in grouped.items():
         group = transform_group_name(head_dim)
         if group in schemes:
-            raise ValueError(f"FlatQuant: transforms of types {schemes[group].type} and "
-                             f"{kind} in one model; calibrate it with one quant_format")
+            raise ValueError(
+                f"FlatQuant: transforms of {schemes[group].type} ({schemes[group].precision}) "
+                f"and {kind} ({precision}) in one model; calibrate it in one run, with one "
+                "quant_format"
+            )
         schemes[group] = flatquant_scheme(targets, precision, ACTIVATIONS[kind], head_dim)
     return schemes
 

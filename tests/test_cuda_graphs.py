@@ -11,7 +11,7 @@ from flatquant_modifier.calibrate import full_precision_pass
 from flatquant_modifier.modules import build_group_params
 from flatquant_modifier.options import FlatQuantOptions, Precision
 from flatquant_modifier.train import train_layer
-from tests.conftest import build_tiny_llama
+from tests.conftest import TINY_MXFP4, build_tiny_llama
 from tests.helpers import layer_calls
 
 
@@ -52,9 +52,12 @@ def test_graph_replays_with_new_inputs_and_skips_what_it_cannot_take():
 def _train(model, layer_index, calls, device, cuda_graphs, autocast=None, quant_format="int"):
     layer = model.model.layers[layer_index]
     name = f"model.layers.{layer_index}"
-    options = FlatQuantOptions(epochs=3, cuda_graphs=cuda_graphs, quant_format=quant_format)
+    clips = {"learn_weight_clip": True} if quant_format == "mxfp4" else {}  # its clamp too
+    options = FlatQuantOptions(epochs=3, cuda_graphs=cuda_graphs, quant_format=quant_format,
+                               **clips)
+    # MXFP4: row-parallel transforms block diagonal in 4 blocks
     groups = resolve_layer(name, layer, infer_mappings_from_model(model), ["lm_head"],
-                           max_supported_tp=options.max_supported_tp and 1)
+                           max_supported_tp=options.max_supported_tp)
     steps = plan_steps(calls, *assign_steps(call_keys(calls), 2))
     targets, act_max = full_precision_pass(layer, steps, groups, device)
     precision = Precision(torch.float32, autocast)
@@ -71,7 +74,7 @@ def _train(model, layer_index, calls, device, cuda_graphs, autocast=None, quant_
 def test_graphed_training_equals_eager_training(autocast, quant_format):
     """Every format's quantizers can be captured (no host copies, no syncs)."""
     device = torch.device("cuda")  # no index: the tensors say cuda:0
-    model = build_tiny_llama().to(device)
+    model = build_tiny_llama(**(TINY_MXFP4 if quant_format == "mxfp4" else {})).to(device)
     ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(0)).to(device)
     calls = layer_calls(model, model.model.layers[0], ids)
     eager, eager_params = _train(model, 0, calls, device, False, autocast, quant_format)

@@ -68,7 +68,8 @@ def test_options_that_do_not_apply_are_switched_off_when_left_at_their_defaults(
     assert FlatQuantModifier().quantizes_activations
     mxfp4 = FlatQuantModifier(quant_format="mxfp4")
     assert mxfp4.max_supported_tp == 4 and mxfp4.quantizes_activations
-    assert mxfp4.learn_weight_clip and not mxfp4.learn_activation_clip
+    assert not mxfp4.learn_weight_clip and not mxfp4.learn_activation_clip
+    assert FlatQuantModifier(quant_format="mxfp4", learn_weight_clip=True).learn_weight_clip
 
 
 @pytest.mark.parametrize(

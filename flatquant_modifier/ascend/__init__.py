@@ -1,5 +1,6 @@
 """Ascend NPU deployment: a faithful reference of the NPU ops, the export for
-vllm-ascend (W4A4_FLATQUANT_DYNAMIC, W8A8_DYNAMIC, FLOAT per tensor), and a reference
+vllm-ascend (W4A4_FLATQUANT_DYNAMIC or W4A4_MXFP4_FLATQUANT, W8A8_DYNAMIC, FLOAT per
+tensor), and a reference
 loader to evaluate it without an NPU."""
 
 from flatquant_modifier.ascend.export import (

@@ -1,5 +1,6 @@
 """``flatquant-export-ascend``: convert a saved FlatQuant compressed-tensors checkpoint
-into the vllm-ascend layout (W4A4_FLATQUANT_DYNAMIC, W8A8_DYNAMIC, FLOAT per tensor).
+into the vllm-ascend layout (W4A4_FLATQUANT_DYNAMIC or W4A4_MXFP4_FLATQUANT, W8A8_DYNAMIC,
+FLOAT per tensor).
 
     flatquant-export-ascend outputs/smollm2-flatquant-w4a4 outputs/smollm2-ascend
 """

@@ -10,7 +10,12 @@ computes ``left_trans.T @ X @ right_trans`` = ``P1^T X P2``, our ``x @ kron(P1, 
 ``clip_ratio`` float32 [1]. Per linear with an int8 input quantizer (``w8a8_dynamic``,
 or a size ``npu_kronecker_quant`` cannot take): vllm-ascend's ``W8A8_DYNAMIC``,
 ``weight`` int8 [out, in], ``weight_scale`` and ``weight_offset`` [out, 1] in the model
-dtype. Every other tensor is ``FLOAT``. The weight integers and scales are those of
+dtype. Every other tensor is ``FLOAT``. With MXFP4 transforms (``quant_format="mxfp4"``)
+the FlatQuant linears are ``W4A4_MXFP4_FLATQUANT`` (Ascend 950): ``weight`` uint8
+[out, in/2] of E2M1 codes (even element in the low nibble), ``weight_scale`` uint8
+[out, in/32] of E8M0 bytes, transforms sized as that method allocates them (row-parallel
+linears by ``max_supported_tp``, their ``left_trans`` block diagonal), ``clip_ratio`` 1,
+and the description's ``group_size`` and ``max_supported_tp``. The weight integers and scales are those of
 the compressed-tensors quantization the model was evaluated with, so ``weight *
 weight_scale`` is exactly the fake-quantized weight.
 
@@ -80,7 +85,7 @@ FLATQUANT_TYPES = (W4A4_FLATQUANT_DYNAMIC, W4A4_MXFP4_FLATQUANT)
 
 
 class AscendExportError(ValueError):
-    """The model cannot be written as a valid W4A4_FLATQUANT_DYNAMIC checkpoint."""
+    """The model cannot be written as a valid vllm-ascend FlatQuant checkpoint."""
 
 
 def save_ascend_checkpoint(
@@ -278,8 +283,8 @@ def _type_counts(description: dict[str, str]) -> str:
 
 def linear_quant_type(name: str, module: Module) -> str:
     """
-    The vllm-ascend quant type a module is exported as: ``W4A4_FLATQUANT_DYNAMIC``
-    or ``W4A4_MXFP4_FLATQUANT`` (FlatQuant transform), ``W8A8_DYNAMIC`` (int8 input quantizer), ``FLOAT``
+    The vllm-ascend quant type a module is exported as: ``W4A4_FLATQUANT_DYNAMIC`` or
+    ``W4A4_MXFP4_FLATQUANT`` (FlatQuant transform), ``W8A8_DYNAMIC`` (int8 input quantizer), ``FLOAT``
     (neither, unquantized).
 
     :raises AscendExportError: for a module with quantized weights but neither, which
