@@ -50,7 +50,6 @@ from flatquant_modifier.kronecker import mxfp4_trans_dims
 from flatquant_modifier.loading import check_safetensors_files
 
 __all__ = [
-    "QUANT_TYPE",
     "DESCRIPTION_FILE",
     "AscendW4A4FlatQuantLinear",
     "AscendW8A8DynamicLinear",
@@ -59,7 +58,6 @@ __all__ = [
     "load_ascend_model",
 ]
 
-QUANT_TYPE = W4A4_FLATQUANT_DYNAMIC
 DESCRIPTION_FILE = "quant_model_description.json"
 QUANTIZED_SUFFIXES = (
     "weight", "weight_scale", "weight_offset", "left_trans", "right_trans", "clip_ratio"
