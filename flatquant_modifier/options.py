@@ -47,6 +47,13 @@ class FlatQuantOptions(BaseModel):
     :param lr: AdamW learning rate of the transforms and smoothing vectors
     :param clip_lr: AdamW learning rate of the clip factors
     :param weight_decay: AdamW weight decay
+    :param lr_schedule: ``"cosine"`` (annealed to 0 over all steps of a layer, as the
+        paper's code does) or ``"constant"``
+    :param loss: what a step minimises. ``"mse"``: the mean squared error of the
+        layer output against full precision (the paper's loss). ``"relative"``: each
+        token's squared error divided by the mean square of its full-precision output,
+        averaged over tokens, so that tokens with large residual-stream norms (attention
+        sinks) do not dominate, as they do not after the model's final norm
     :param autocast_dtype: autocast dtype of the training forward (``bfloat16`` /
         ``float16``), master weights staying float32; None trains in float32.
         ``"auto"``: ``bfloat16`` on CUDA, as the paper's code trains, float32
@@ -92,6 +99,8 @@ class FlatQuantOptions(BaseModel):
     lr: float = Field(default=5e-3, ge=0.0)
     clip_lr: float = Field(default=5e-2, ge=0.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    loss: Literal["mse", "relative"] = "mse"
     autocast_dtype: Literal["auto"] | TorchDtype | None = "auto"
     cuda_graphs: bool = True
     deterministic: bool = False

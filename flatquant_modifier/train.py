@@ -1,7 +1,7 @@
 """
 The FlatQuant optimisation loop of one decoder layer: AdamW with a cosine schedule on
-the layer's :class:`~flatquant_modifier.modules.GroupParams`, minimising the MSE
-between the layer's full-precision outputs and its outputs with transformed,
+the layer's :class:`~flatquant_modifier.modules.GroupParams`, minimising the MSE (or
+the per-token relative error) between the layer's full-precision outputs and its outputs with transformed,
 fake-quantized linears (:class:`~flatquant_modifier.emulation.FakeQuantizedLayer`).
 Gradients are summed over ranks under ``torchrun``; on CUDA each step replays as a
 CUDA graph. What comes before (targets, initial parameters) and after (absorption)
@@ -34,6 +34,7 @@ __all__ = [
     "train_layer",
     "deterministic_algorithms",
     "log_report",
+    "layer_loss",
 ]
 
 
@@ -45,9 +46,8 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class LayerReport:
     """
-    Mean per-step MSE (over all ranks) of the layer output against full precision:
-    ``loss_rtn`` with
-    identity transforms, no smoothing and no clipping (plain round-to-nearest),
+    Mean per-step training loss (``options.loss``; over all ranks) of the layer output
+    against full precision: ``loss_rtn`` with identity transforms, no smoothing and no clipping (plain round-to-nearest),
     ``loss_init`` at the initial transforms, ``loss_final`` after training.
     """
 
@@ -93,8 +93,21 @@ def _step_weights(
     ]
 
 
-def _mean_loss(layer, patched, steps, targets, weights, autocast, graphs) -> float:
-    """Mean over steps of the step MSE (over all ranks)."""
+def layer_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """
+    The training loss of one sub-batch (:attr:`FlatQuantOptions.loss`): the MSE of the
+    layer output, or (``"relative"``) each token's squared error over the mean square
+    of its target, averaged over tokens.
+    """
+    if kind == "mse":
+        return F.mse_loss(out, target)
+    error = (out - target).square().mean(dim=-1)
+    scale = target.square().mean(dim=-1).clamp_min(torch.finfo(target.dtype).tiny)
+    return (error / scale).mean()
+
+
+def _mean_loss(layer, patched, steps, targets, weights, autocast, graphs, kind) -> float:
+    """Mean over steps of the step loss (over all ranks)."""
     total = torch.zeros((), dtype=torch.float64, device=_device_of(targets))
 
     def evaluate(kwargs, target):
@@ -103,7 +116,7 @@ def _mean_loss(layer, patched, steps, targets, weights, autocast, graphs) -> flo
             with autocast():
                 out = layer_output(layer(**kwargs))
             dtype = patched.dtype
-            loss = F.mse_loss(out.to(dtype), target.to(dtype))
+            loss = layer_loss(out.to(dtype), target.to(dtype), kind)
             patched.new_step()
         return loss
 
@@ -183,7 +196,9 @@ def train_layer(
         patched.new_step()
         with autocast():
             out = layer_output(layer(**kwargs))
-        loss = F.mse_loss(out.to(precision.dtype), target.to(precision.dtype))
+        loss = layer_loss(
+            out.to(precision.dtype), target.to(precision.dtype), options.loss
+        )
         grads = torch.autograd.grad(loss, flat_params, allow_unused=True)
         patched.new_step()
         return loss.detach(), [
@@ -195,17 +210,23 @@ def train_layer(
         precision, device,
     )
     with _frozen(layer), torch.enable_grad(), _cuda_linalg(device):
-        loss_rtn = _mean_loss(layer, rtn, steps, targets, weights, autocast, graphs)
+        loss_rtn = _mean_loss(layer, rtn, steps, targets, weights, autocast, graphs,
+                              options.loss)
         del rtn
-        loss_init = _mean_loss(layer, patched, steps, targets, weights, autocast, graphs)
+        loss_init = _mean_loss(
+            layer, patched, steps, targets, weights, autocast, graphs, options.loss
+        )
         # one optimizer implementation for every launch mode (torchrun or not), so
         # that a 1-rank torchrun run is the plain run bit for bit
         optimizer = torch.optim.AdamW(
             trainable, weight_decay=options.weight_decay, foreach=True
         )
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=max(total_steps, 1), eta_min=0.0
-        )
+        if options.lr_schedule == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, T_max=max(total_steps, 1), eta_min=0.0
+            )
+        else:
+            scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
         grad_buffer, grad_views = _flat_gradients(flat_params, device)
         epoch_losses = []
         bar = tqdm(range(options.epochs), desc=f"FlatQuant {name}", leave=False)
@@ -233,7 +254,9 @@ def train_layer(
                 )
             epoch_losses.append(mean)
             bar.set_postfix(loss=f"{mean:.3g}")
-        loss_final = _mean_loss(layer, patched, steps, targets, weights, autocast, graphs)
+        loss_final = _mean_loss(
+            layer, patched, steps, targets, weights, autocast, graphs, options.loss
+        )
         num_graphs = graphs.num_graphs
         graphs.close()
         for p in flat_params:
