@@ -1,10 +1,12 @@
 """
-Compare FlatQuantModifier variants (parametrisation, init, smoothing, ...) on
-SmolLM2-135M-Instruct: WikiText-2 test perplexity, calibration time, peak memory.
-Writes a JSON result and prints a Markdown table; not a timed test.
+Compare FlatQuantModifier variants (parametrisation, init, smoothing, training
+schedule, loss, the weight quantizer after it) on SmolLM2-135M-Instruct: WikiText-2
+test perplexity, calibration time, peak memory, for one or more seeds (FlatQuant's
+initialisation and the calibration windows). Writes a JSON result and prints a
+Markdown table (mean and range over the seeds); not a timed test.
 
-    python benchmarks/variants.py --variants orthogonal,dense --num-samples 32 \
-        --seq-len 512 --out outputs/variants.json
+    python benchmarks/variants.py --variants default,relative-loss,gptq \
+        --num-samples 128 --seq-len 2048 --eval-windows 8,0 --seeds 0,1
 
 ``--scheme mxfp4`` trains for vllm-ascend's W4A4_MXFP4_FLATQUANT (MXFP4 weights from
 compressed-tensors' scheme, the NPU's MX activation quantizer in the transform); its
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 from llmcompressor import oneshot
-from llmcompressor.modifiers.quantization import QuantizationModifier
+from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
 from flatquant_modifier import FlatQuantModifier
 
@@ -34,6 +36,15 @@ from examples.common.smollm2 import load_smollm2  # noqa: E402
 VARIANTS = {  # changes from the defaults (dense, random init, smoothing, both clips)
     "rtn": None,  # no FlatQuantModifier: the weight/activation scheme alone
     "default": {},
+    # training schedule and loss (the paper's code: AdamW, its default weight decay
+    # 0.01, cosine annealing, 15 epochs, lr 5e-3, layer-output MSE)
+    "epochs-8": {"epochs": 8},
+    "epochs-30": {"epochs": 30},
+    "lr-2.5e-3": {"lr": 2.5e-3},
+    "lr-1e-2": {"lr": 1e-2},
+    "constant-lr": {"lr_schedule": "constant"},
+    "weight-decay-0.01": {"weight_decay": 0.01},
+    "relative-loss": {"loss": "relative"},
     "dense-identity-init": {"transform_init": "identity"},
     "no-smooth": {"smooth": False},
     "no-clip": {"learn_weight_clip": False, "learn_activation_clip": False},
@@ -41,6 +52,16 @@ VARIANTS = {  # changes from the defaults (dense, random init, smoothing, both c
     "propagate-act-quant": {"propagate_activation_quant": True},
     "orthogonal-random-init": {"parametrization": "orthogonal", "transform_init": "random"},
     "orthogonal-identity-init": {"parametrization": "orthogonal", "transform_init": "identity"},
+}
+
+# GPTQ instead of round-to-nearest weights after FlatQuant (FlatQuant at its defaults;
+# GPTQModifier at llm-compressor's: block 128, dampening 0.01, static activation order)
+GPTQ_VARIANTS = {
+    "gptq": {},
+    "gptq-no-actorder": {"actorder": None},
+    "gptq-damp-0.1": {"dampening_frac": 0.1},
+    "gptq-mse-observer": {"observer": "memoryless-mse"},
+    "relative-loss-gptq": {"flatquant": {"loss": "relative"}},
 }
 
 W4_CHANNEL = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel",
@@ -55,8 +76,19 @@ MXFP4_RTN = {"epochs": 0, "transform_init": "identity", "smooth": False,
              "learn_weight_clip": False}
 
 
-def quantizer(scheme: str, flatquant: bool) -> QuantizationModifier:
-    """The weight (and activation) quantizer after FlatQuant, or alone for "rtn"."""
+def quantizer(scheme: str, flatquant: bool, gptq: dict | None = None):
+    """
+    The weight (and activation) quantizer after FlatQuant, or alone for "rtn";
+    ``gptq``: GPTQModifier's options (``observer``: the weights' observer) for GPTQ
+    weights instead of round-to-nearest.
+    """
+    if gptq is not None:
+        if scheme != "w4a4":
+            raise SystemExit("GPTQ variants are for --scheme w4a4")
+        gptq = {k: v for k, v in gptq.items() if k != "flatquant"}
+        weights = {**W4_CHANNEL, "observer": gptq.pop("observer", "minmax")}
+        return GPTQModifier(ignore=["lm_head"], config_groups={
+            "group_0": {"targets": ["Linear"], "weights": weights}}, **gptq)
     if scheme == "nvfp4":
         return QuantizationModifier(targets=["Linear"], scheme="NVFP4", ignore=["lm_head"])
     if scheme == "mxfp4":
@@ -67,18 +99,20 @@ def quantizer(scheme: str, flatquant: bool) -> QuantizationModifier:
     return QuantizationModifier(ignore=["lm_head"], config_groups={"group_0": group})
 
 
-def run_variant(name, kwargs, args, tokenizer, dataset, device):
+def run_variant(name, args, seed, tokenizer, dataset, device):
+    gptq = GPTQ_VARIANTS.get(name)
+    kwargs = VARIANTS[name] if gptq is None else gptq.get("flatquant", {})
     model, _ = load_smollm2(args.model_cache)
     model.to(device)
     if args.scheme == "mxfp4":
-        kwargs = {"epochs": args.epochs, "seed": args.seed,
+        kwargs = {"epochs": args.epochs, "seed": seed,
                   **(MXFP4_RTN if kwargs is None else kwargs),
                   "quant_format": "mxfp4", "max_supported_tp": args.max_supported_tp}
     elif kwargs is not None:
-        kwargs = {"epochs": args.epochs, "seed": args.seed, **kwargs}
+        kwargs = {"epochs": args.epochs, "seed": seed, **kwargs}
         if args.scheme == "nvfp4":
             kwargs["quant_format"] = "nvfp4"
-    recipe = [quantizer(args.scheme, kwargs is not None)]
+    recipe = [quantizer(args.scheme, kwargs is not None, gptq)]
     if kwargs is not None:
         recipe.insert(0, FlatQuantModifier(**kwargs))
     if device.type == "cuda":
@@ -90,7 +124,9 @@ def run_variant(name, kwargs, args, tokenizer, dataset, device):
     seconds = time.perf_counter() - start
     row = {
         "variant": name,
+        "seed": seed,
         "kwargs": kwargs,
+        "gptq": gptq,
         "calibration_seconds": round(seconds, 1),
     }
     for windows in args.eval_windows:
@@ -112,8 +148,9 @@ def main():
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--seed", type=int, default=0,
-                        help="FlatQuant's seed and that of the calibration windows")
+    parser.add_argument("--seeds", default="0",
+                        help="comma-separated seeds of FlatQuant and of the calibration "
+                        "windows; every variant runs once per seed")
     parser.add_argument("--scheme", choices=["w4a4", "nvfp4", "mxfp4"], default="w4a4",
                         help="w4a4: int4 channel weights + Ascend A4 (FlatQuant) or "
                         "int4 per-token activations (rtn); nvfp4: llm-compressor NVFP4; "
@@ -129,26 +166,48 @@ def main():
     args.eval_windows = [int(w) for w in args.eval_windows.split(",")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, tokenizer = load_smollm2(args.model_cache)
-    dataset = text_windows_dataset(tokenizer, CALIBRATION_TEXT,
-                                   args.num_samples, args.seq_len, seed=args.seed)
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS and n not in GPTQ_VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from "
+                         f"{sorted(VARIANTS) + sorted(GPTQ_VARIANTS)}")
     rows = []
-    for name in args.variants.split(","):
-        rows.append(run_variant(name, VARIANTS[name], args, tokenizer, dataset, device))
-        print(json.dumps(rows[-1]), flush=True)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({
-            "budget": f"{args.num_samples} x {args.seq_len}, {args.epochs} epochs",
-            "seed": args.seed,
-            "scheme": args.scheme,
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "eval_windows": args.eval_windows, "rows": rows}, indent=2))
-    keys = [f"ppl_{w or 'all'}" for w in args.eval_windows]
-    print(f"\n| variant | {' | '.join(keys)} | calib s | peak |")
-    print("|---|" + "---|" * len(keys) + "---|---|")
-    for r in rows:
-        peak = r.get("peak_gpu_GiB", r["peak_rss_GiB"])
-        ppl = " | ".join(f"{r[k]:.2f}" for k in keys)
-        print(f"| {r['variant']} | {ppl} | {r['calibration_seconds']} | {peak} GiB |")
+    for seed in seeds:
+        dataset = text_windows_dataset(tokenizer, CALIBRATION_TEXT,
+                                       args.num_samples, args.seq_len, seed=seed)
+        for name in names:
+            rows.append(run_variant(name, args, seed, tokenizer, dataset, device))
+            print(json.dumps(rows[-1]), flush=True)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({
+                "budget": f"{args.num_samples} x {args.seq_len}, {args.epochs} epochs",
+                "seeds": seeds,
+                "scheme": args.scheme,
+                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                "eval_windows": args.eval_windows, "rows": rows}, indent=2))
+    print("\n" + table(rows, [f"ppl_{w or 'all'}" for w in args.eval_windows]))
+
+
+def table(rows: list[dict], keys: list[str]) -> str:
+    """Markdown, one line per variant: mean [min-max] over its seeds."""
+    lines = [f"| variant | seeds | {' | '.join(keys)} | calib s | peak |",
+             "|---|---|" + "---|" * len(keys) + "---|---|"]
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        runs = [r for r in rows if r["variant"] == name]
+        cells = []
+        for key in keys:
+            values = [r[key] for r in runs]
+            mean = sum(values) / len(values)
+            cells.append(f"{mean:.2f}" if len(values) == 1
+                         else f"{mean:.2f} [{min(values):.2f}-{max(values):.2f}]")
+        seconds = sum(r["calibration_seconds"] for r in runs) / len(runs)
+        peak = max(r["peak_gpu_GiB"] if "peak_gpu_GiB" in r else r["peak_rss_GiB"]
+                   for r in runs)
+        seeds = ",".join(str(r["seed"]) for r in runs)
+        lines.append(
+            f"| {name} | {seeds} | {' | '.join(cells)} | {seconds:.1f} | {peak} GiB |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

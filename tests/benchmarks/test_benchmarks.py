@@ -69,6 +69,26 @@ def test_placement_table():
     assert "| cpu | 29.4 s | 27.67 | - | - |" in text
 
 
+def test_variant_table_over_seeds_and_gptq_options():
+    variants = _load("variants")
+    rows = [
+        {"variant": "default", "seed": 0, "ppl_all": 29.5, "calibration_seconds": 140.0,
+         "peak_gpu_GiB": 7.5},
+        {"variant": "default", "seed": 1, "ppl_all": 28.5, "calibration_seconds": 150.0,
+         "peak_gpu_GiB": 7.7},
+        {"variant": "gptq", "seed": 0, "ppl_all": 28.0, "calibration_seconds": 160.0,
+         "peak_rss_GiB": 3.0},
+    ]
+    text = variants.table(rows, ["ppl_all"])
+    assert "| default | 0,1 | 29.00 [28.50-29.50] | 145.0 | 7.7 GiB |" in text
+    assert "| gptq | 0 | 28.00 | 160.0 | 3.0 GiB |" in text
+    gptq = variants.quantizer("w4a4", True, variants.GPTQ_VARIANTS["gptq-mse-observer"])
+    assert gptq.config_groups["group_0"].weights.observer == "memoryless-mse"
+    gptq = variants.quantizer("w4a4", True, variants.GPTQ_VARIANTS["gptq-damp-0.1"])
+    assert gptq.dampening_frac == 0.1
+    assert gptq.config_groups["group_0"].weights.observer == "minmax"
+
+
 def test_rounding_perturbation_moves_the_first_layer_input_by_its_size():
     from tests.conftest import build_tiny_llama
 
