@@ -8,6 +8,9 @@ prints a table; not a timed test. Quality is not measured (random weights).
 
     python benchmarks/oneshot_scale.py --shape qwen3-30b-a3b --layers 6 \\
         --recipe recipes/flatquant_w4a4_moe.yaml --json oneshot.json
+
+Under ``torchrun --nproc_per_node N`` it calibrates data-parallel (each rank its shard
+of the samples, one GPU per rank); the row gets ``world_size`` and per-rank peaks.
 """
 
 import argparse
@@ -27,6 +30,8 @@ from scale import SHAPES  # noqa: E402
 
 import flatquant_modifier  # noqa: E402, F401  (registers FlatQuantModifier for YAML)
 from examples.common.synthetic import byte_tokenizer, random_token_dataset  # noqa: E402
+from flatquant_modifier.compat import shard_dataset  # noqa: E402
+from flatquant_modifier.distributed import init_distributed, is_source_process  # noqa: E402
 
 
 def build_model(shape: str, layers: int | None):
@@ -60,6 +65,7 @@ def main():
 
     from llmcompressor import oneshot
 
+    distributed = init_distributed()  # torchrun: one GPU per rank (compressed-tensors')
     start = time.perf_counter()
     model, depth = build_model(args.shape, args.layers)
     layers = model.config.num_hidden_layers
@@ -69,21 +75,39 @@ def main():
         model.config.save_pretrained(directory)
         byte_tokenizer().save_pretrained(directory)
         model.name_or_path = model.config._name_or_path = directory
-        dataset = random_token_dataset(args.num_samples, args.seq_len,
-                                       vocab_size=model.config.vocab_size)
+        # every rank draws the same samples and calibrates on its own shard of them
+        dataset = shard_dataset(random_token_dataset(args.num_samples, args.seq_len,
+                                                     vocab_size=model.config.vocab_size))
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         oneshot(model=model, processor=byte_tokenizer(), dataset=dataset,
-                recipe=str(args.recipe), num_calibration_samples=args.num_samples,
+                recipe=str(args.recipe), num_calibration_samples=len(dataset),
                 max_seq_length=args.seq_len)
         seconds = time.perf_counter() - start
     training = sum(r.seconds for m in _flatquant_modifiers() for r in m.reports)
+    peaks = {
+        "peak_gpu_GiB": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                         if torch.cuda.is_available() else None),
+        "peak_host_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+    }
+    world = 1
+    if distributed:  # the largest peak over ranks in the row, every rank's in a list
+        world = torch.distributed.get_world_size()
+        per_rank = [None] * world
+        torch.distributed.all_gather_object(per_rank, peaks)
+        peaks = {key: max((p[key] for p in per_rank), key=lambda v: v or 0)
+                 for key in peaks} | {
+            f"{key}_per_rank": [p[key] for p in per_rank] for key in peaks}
+    if not is_source_process():
+        torch.distributed.destroy_process_group()
+        return
     row = {
         "shape": args.shape,
         "recipe": args.recipe.name,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "calibration": f"{args.num_samples} x {args.seq_len}",
+        "world_size": world,
         "layers": layers,
         "depth": depth,
         "build_seconds": round(build_seconds, 1),
@@ -91,18 +115,19 @@ def main():
         "seconds_per_layer": round(seconds / layers, 1),
         "training_seconds": round(training, 1),
         "projected_full_depth_minutes": round(seconds / layers * depth / 60, 1),
-        "peak_gpu_GiB": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                         if torch.cuda.is_available() else None),
-        "peak_host_GiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        **peaks,
     }
     print(json.dumps(row), flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(row, indent=2))
-    print("| shape | layers | oneshot | per layer | projected, all layers | peak GPU | peak host |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| {row['shape']} | {layers} of {depth} | {row['oneshot_seconds']} s | "
+    print("| shape | ranks | layers | oneshot | per layer | projected, all layers | peak GPU "
+          "| peak host |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {row['shape']} | {world} | {layers} of {depth} | {row['oneshot_seconds']} s | "
           f"{row['seconds_per_layer']} s | {row['projected_full_depth_minutes']} min | "
           f"{row['peak_gpu_GiB']} GiB | {row['peak_host_GiB']} GiB |")
+    if distributed:
+        torch.distributed.destroy_process_group()
 
 
 def _flatquant_modifiers():
