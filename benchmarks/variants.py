@@ -42,6 +42,8 @@ VARIANTS = {  # changes from the defaults (dense, random init, smoothing, both c
     "epochs-30": {"epochs": 30},
     "lr-2.5e-3": {"lr": 2.5e-3},
     "lr-1e-2": {"lr": 1e-2},
+    "lr-2e-2": {"lr": 2e-2, "clip_lr": 2e-1},  # both rates 4x
+    "epochs-5-lr-2e-2": {"epochs": 5, "lr": 2e-2, "clip_lr": 2e-1},  # a third of the steps
     "constant-lr": {"lr_schedule": "constant"},
     "weight-decay-0.01": {"weight_decay": 0.01},
     "relative-loss": {"loss": "relative"},

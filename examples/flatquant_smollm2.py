@@ -37,6 +37,7 @@ import flatquant_modifier  # noqa: F401  registers FlatQuantModifier for YAML re
 from flatquant_modifier import FlatQuantModifier, load_flatquant_model
 from flatquant_modifier.ascend import load_ascend_model, save_ascend_checkpoint
 from flatquant_modifier.compat import shard_dataset
+from flatquant_modifier.options import cpu_has_native_bfloat16
 from flatquant_modifier.distributed import (
     barrier,
     get_rank,
@@ -64,8 +65,10 @@ def parse_args():
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sample")
     parser.add_argument("--epochs", type=int, default=None,
                         help="override the recipe's FlatQuant epochs")
-    parser.add_argument("--autocast", choices=["float32", "bfloat16"], default=None,
-                        help="override the recipe's autocast_dtype (float32: none)")
+    parser.add_argument("--autocast", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="override the recipe's autocast_dtype (float32: none); auto: "
+                        "the recipe's, but bfloat16 on a CPU that computes it natively "
+                        "(AVX512-BF16, AMX, Arm BF16) where the recipe leaves it to 'auto'")
     parser.add_argument("--deterministic", action="store_true",
                         help="override the recipe: deterministic algorithms while training "
                         "(two GPU runs give the same model; slower)")
@@ -147,10 +150,14 @@ def main():
             continue
         if args.epochs is not None:
             modifier.epochs = args.epochs
-        if args.autocast is not None:
+        if args.autocast != "auto":
             modifier.autocast_dtype = (
                 None if args.autocast == "float32" else getattr(torch, args.autocast)
             )
+        elif (modifier.autocast_dtype == "auto" and args.device == "cpu"
+              and cpu_has_native_bfloat16()):
+            modifier.autocast_dtype = torch.bfloat16
+        result["autocast"] = str(modifier.autocast_dtype).replace("torch.", "")
         if args.no_cuda_graphs:
             modifier.cuda_graphs = False
         if args.deterministic:

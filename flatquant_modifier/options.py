@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, field_serializer, field_validator, model_
 
 from flatquant_modifier.modules import Parametrization, TransformInit
 
-__all__ = ["FlatQuantOptions", "Precision", "training_precision"]
+__all__ = ["FlatQuantOptions", "Precision", "training_precision", "cpu_has_native_bfloat16"]
 
 
 class FlatQuantOptions(BaseModel):
@@ -235,3 +235,28 @@ def training_precision(
         cuda = device.type == "cuda" and torch.cuda.is_available()
         autocast = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
     return Precision(torch.float32, autocast)
+
+
+# x86 AVX512-BF16 / AMX-BF16, Arm's BF16 extension, as Linux names them in /proc/cpuinfo
+_NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+
+
+def cpu_has_native_bfloat16(cpuinfo: str | None = None) -> bool:
+    """
+    Whether this CPU computes bfloat16 matmuls natively, from the flags in
+    ``/proc/cpuinfo`` (``cpuinfo``: its text, for tests); False where it cannot be
+    read. Only then does bfloat16 autocast make CPU training faster (an AVX2 CPU
+    emulates it); ``torch.backends.cpu.get_cpu_capability()`` does not tell, since it
+    reports the vector ISA only.
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features") and _NATIVE_BF16_FLAGS & set(value.split()):
+            return True
+    return False

@@ -117,3 +117,17 @@ def test_the_recipe_llm_compressor_saves_rebuilds_the_same_modifier():
     assert again.a_bits is None and again.autocast_dtype is None
     # smooth stays "auto" (a warning where a fold is not exact), not a forced True
     assert again.smooth == "auto"
+
+
+def test_native_bfloat16_cpu_from_the_cpuinfo_flags():
+    from flatquant_modifier.options import cpu_has_native_bfloat16
+
+    zen4 = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n"
+    sapphire = "flags\t\t: avx2 avx512f amx_bf16 amx_tile amx_int8\n"
+    avx2 = "flags\t\t: fpu sse avx avx2 fma\n"
+    neoverse_v1 = "Features\t: fp asimd sve bf16 i8mm\n"
+    assert cpu_has_native_bfloat16(zen4) and cpu_has_native_bfloat16(sapphire)
+    assert cpu_has_native_bfloat16(neoverse_v1)
+    assert not cpu_has_native_bfloat16(avx2) and not cpu_has_native_bfloat16("")
+    # a flag named like one elsewhere on the line does not count
+    assert not cpu_has_native_bfloat16("model name\t: bf16 edition\nflags\t\t: avx2\n")
