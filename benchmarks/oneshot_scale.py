@@ -99,9 +99,6 @@ def main():
         peaks = {key: max((p[key] for p in per_rank), key=lambda v: v or 0)
                  for key in peaks} | {
             f"{key}_per_rank": [p[key] for p in per_rank] for key in peaks}
-    if not is_source_process():
-        torch.distributed.destroy_process_group()
-        return
     row = {
         "shape": args.shape,
         "recipe": args.recipe.name,
@@ -117,15 +114,16 @@ def main():
         "projected_full_depth_minutes": round(seconds / layers * depth / 60, 1),
         **peaks,
     }
-    print(json.dumps(row), flush=True)
-    if args.json is not None:
-        args.json.write_text(json.dumps(row, indent=2))
-    print("| shape | ranks | layers | oneshot | per layer | projected, all layers | peak GPU "
-          "| peak host |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {row['shape']} | {world} | {layers} of {depth} | {row['oneshot_seconds']} s | "
-          f"{row['seconds_per_layer']} s | {row['projected_full_depth_minutes']} min | "
-          f"{row['peak_gpu_GiB']} GiB | {row['peak_host_GiB']} GiB |")
+    if is_source_process():  # one report per run
+        print(json.dumps(row), flush=True)
+        if args.json is not None:
+            args.json.write_text(json.dumps(row, indent=2))
+        print("| shape | ranks | layers | oneshot | per layer | projected, all layers "
+              "| peak GPU | peak host |")
+        print("|---|---|---|---|---|---|---|---|")
+        print(f"| {row['shape']} | {world} | {layers} of {depth} | {row['oneshot_seconds']} s "
+              f"| {row['seconds_per_layer']} s | {row['projected_full_depth_minutes']} min | "
+              f"{row['peak_gpu_GiB']} GiB | {row['peak_host_GiB']} GiB |")
     if distributed:
         torch.distributed.destroy_process_group()
 

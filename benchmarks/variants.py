@@ -56,14 +56,15 @@ VARIANTS = {  # changes from the defaults (dense, random init, smoothing, both c
     "orthogonal-identity-init": {"parametrization": "orthogonal", "transform_init": "identity"},
 }
 
-# GPTQ instead of round-to-nearest weights after FlatQuant (FlatQuant at its defaults;
-# GPTQModifier at llm-compressor's: block 128, dampening 0.01, static activation order)
+# GPTQ instead of round-to-nearest weights after FlatQuant: (changes of FlatQuant's
+# defaults, GPTQModifier options changed from llm-compressor's defaults: block 128,
+# dampening 0.01, static activation order; "observer": the weights' observer)
 GPTQ_VARIANTS = {
-    "gptq": {},
-    "gptq-no-actorder": {"actorder": None},
-    "gptq-damp-0.1": {"dampening_frac": 0.1},
-    "gptq-mse-observer": {"observer": "memoryless-mse"},
-    "relative-loss-gptq": {"flatquant": {"loss": "relative"}},
+    "gptq": ({}, {}),
+    "gptq-no-actorder": ({}, {"actorder": None}),
+    "gptq-damp-0.1": ({}, {"dampening_frac": 0.1}),
+    "gptq-mse-observer": ({}, {"observer": "memoryless-mse"}),
+    "relative-loss-gptq": ({"loss": "relative"}, {}),
 }
 
 W4_CHANNEL = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel",
@@ -87,7 +88,7 @@ def quantizer(scheme: str, flatquant: bool, gptq: dict | None = None):
     if gptq is not None:
         if scheme != "w4a4":
             raise SystemExit("GPTQ variants are for --scheme w4a4")
-        gptq = {k: v for k, v in gptq.items() if k != "flatquant"}
+        gptq = dict(gptq)
         weights = {**W4_CHANNEL, "observer": gptq.pop("observer", "minmax")}
         return GPTQModifier(ignore=["lm_head"], config_groups={
             "group_0": {"targets": ["Linear"], "weights": weights}}, **gptq)
@@ -102,8 +103,7 @@ def quantizer(scheme: str, flatquant: bool, gptq: dict | None = None):
 
 
 def run_variant(name, args, seed, tokenizer, dataset, device):
-    gptq = GPTQ_VARIANTS.get(name)
-    kwargs = VARIANTS[name] if gptq is None else gptq.get("flatquant", {})
+    kwargs, gptq = GPTQ_VARIANTS.get(name, (VARIANTS.get(name), None))
     model, _ = load_smollm2(args.model_cache)
     model.to(device)
     if args.scheme == "mxfp4":

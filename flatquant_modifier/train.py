@@ -1,8 +1,9 @@
 """
 The FlatQuant optimisation loop of one decoder layer: AdamW with a cosine schedule on
 the layer's :class:`~flatquant_modifier.modules.GroupParams`, minimising the MSE (or
-the per-token relative error) between the layer's full-precision outputs and its outputs with transformed,
-fake-quantized linears (:class:`~flatquant_modifier.emulation.FakeQuantizedLayer`).
+the per-token relative error) between the layer's full-precision outputs and its
+outputs with transformed, fake-quantized linears
+(:class:`~flatquant_modifier.emulation.FakeQuantizedLayer`).
 Gradients are summed over ranks under ``torchrun``; on CUDA each step replays as a
 CUDA graph. What comes before (targets, initial parameters) and after (absorption)
 is :mod:`flatquant_modifier.calibrate`.
@@ -47,8 +48,9 @@ class NonFiniteLossError(RuntimeError):
 class LayerReport:
     """
     Mean per-step training loss (``options.loss``; over all ranks) of the layer output
-    against full precision: ``loss_rtn`` with identity transforms, no smoothing and no clipping (plain round-to-nearest),
-    ``loss_init`` at the initial transforms, ``loss_final`` after training.
+    against full precision: ``loss_rtn`` with identity transforms, no smoothing and no
+    clipping (plain round-to-nearest), ``loss_init`` at the initial transforms,
+    ``loss_final`` after training.
     """
 
     name: str

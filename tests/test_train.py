@@ -1,5 +1,6 @@
 """The optimisation loop of one layer, on its own (through oneshot: tests/test_modifier.py)."""
 
+import pytest
 import torch
 
 from flatquant_modifier import FlatQuantModifier
@@ -8,8 +9,6 @@ from flatquant_modifier.calibrate import full_precision_pass
 from flatquant_modifier.mappings import infer_mappings_from_model, resolve_layer
 from flatquant_modifier.modules import build_group_params
 from flatquant_modifier.options import FlatQuantOptions, Precision
-import pytest
-
 from flatquant_modifier.train import deterministic_algorithms, layer_loss, train_layer
 from tests.conftest import build_tiny_llama, load_tiny
 from tests.helpers import layer_calls, run

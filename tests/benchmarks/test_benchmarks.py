@@ -82,9 +82,11 @@ def test_variant_table_over_seeds_and_gptq_options():
     text = variants.table(rows, ["ppl_all"])
     assert "| default | 0,1 | 29.00 [28.50-29.50] | 145.0 | 7.7 GiB |" in text
     assert "| gptq | 0 | 28.00 | 160.0 | 3.0 GiB |" in text
-    gptq = variants.quantizer("w4a4", True, variants.GPTQ_VARIANTS["gptq-mse-observer"])
+    _, options = variants.GPTQ_VARIANTS["gptq-mse-observer"]
+    gptq = variants.quantizer("w4a4", True, options)
     assert gptq.config_groups["group_0"].weights.observer == "memoryless-mse"
-    gptq = variants.quantizer("w4a4", True, variants.GPTQ_VARIANTS["gptq-damp-0.1"])
+    _, options = variants.GPTQ_VARIANTS["gptq-damp-0.1"]
+    gptq = variants.quantizer("w4a4", True, options)
     assert gptq.dampening_frac == 0.1
     assert gptq.config_groups["group_0"].weights.observer == "minmax"
 
