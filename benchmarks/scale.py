@@ -31,6 +31,8 @@ from flatquant_modifier.modules import build_group_params  # noqa: E402
 from flatquant_modifier.options import FlatQuantOptions, training_precision  # noqa: E402
 from flatquant_modifier.train import train_layer  # noqa: E402
 
+COMPILE = {"auto": "auto", "on": True, "off": False}
+
 # name -> (transformers config class, config fields, number of decoder layers)
 SHAPES = {
     "smollm2-135m": ("LlamaConfig", dict(
@@ -86,7 +88,8 @@ def measure(shape: str, args, device: torch.device) -> dict:
     steps = plan_steps(calls, *assign_steps(call_keys(calls), args.batch_size))
     targets, act_max = full_precision_pass(layer, steps, groups, device)
     options = FlatQuantOptions(epochs=args.epochs, batch_size=args.batch_size,
-                               cuda_graphs=not args.no_cuda_graphs)
+                               cuda_graphs=not args.no_cuda_graphs,
+                               torch_compile=COMPILE[args.torch_compile])
     precision = training_precision(options, layer, device)
 
     def run(epochs):
@@ -97,7 +100,8 @@ def measure(shape: str, args, device: torch.device) -> dict:
                            precision, device)
 
     cuda = device.type == "cuda"
-    run(1)  # warm-up: kernels (the backward's too), allocator, cuBLAS workspaces
+    # warm-up: kernels (the backward's too), compilation, allocator, cuBLAS workspaces
+    first = run(1).seconds
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -109,6 +113,8 @@ def measure(shape: str, args, device: torch.device) -> dict:
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
+    if args.profile:
+        print_profile(run)
     ms_per_step = 1000 * (report.seconds - shorter.seconds) / len(steps)
     # the rest of a layer's time: evaluation passes, graph capture
     overhead = max(shorter.seconds - ms_per_step / 1000 * len(steps) * args.epochs, 0.0)
@@ -124,6 +130,8 @@ def measure(shape: str, args, device: torch.device) -> dict:
         "batch_size": args.batch_size,
         "epochs_measured": [args.epochs, args.epochs + 1],
         "cuda_graphs": report.cuda_graphs,
+        "torch_compile": args.torch_compile,
+        "first_layer_seconds": round(first, 2),  # 1 epoch, with compilation and capture
         "ms_per_step": round(ms_per_step, 2),
         "layer_seconds_measured": round(seconds, 2),
         "peak_gpu_GiB": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
@@ -134,11 +142,24 @@ def measure(shape: str, args, device: torch.device) -> dict:
     }
 
 
+def print_profile(run):
+    """The top GPU kernels (CPU operators on a CPU) of one more epoch (torch.profiler)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        run(1)
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=30,
+                                    max_name_column_width=70), flush=True)
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| shape | ms per step | peak GPU memory | layers | projected training at the budget |",
-             "|---|---|---|---|---|"]
+    lines = ["| shape | torch.compile | ms per step | peak GPU memory | layers | "
+             "projected training at the budget |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['ms_per_step']} | {r['peak_gpu_GiB']} GiB | "
+        lines.append(f"| {r['shape']} | {r['torch_compile']} | {r['ms_per_step']} | "
+                     f"{r['peak_gpu_GiB']} GiB | "
                      f"{r['layers']} | {r['projected_training_minutes']} min ({r['budget']}) |")
     return "\n".join(lines)
 
@@ -159,6 +180,11 @@ def main():
     parser.add_argument("--budget-samples", type=int, default=128)
     parser.add_argument("--budget-epochs", type=int, default=15)
     parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--torch-compile", choices=sorted(COMPILE), default="auto",
+                        help="FlatQuantOptions.torch_compile")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the top GPU kernels of one more epoch (best with "
+                        "--no-cuda-graphs, whose kernels the profiler sees one by one)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu only checks that the script runs (small shapes)")
     parser.add_argument("--json", type=Path, default=None)

@@ -5,6 +5,7 @@ the forward FlatQuant trains and evaluates (:mod:`flatquant_modifier.train`).
 """
 
 import contextlib
+import importlib.util
 from typing import Any, Callable
 
 import torch
@@ -23,7 +24,13 @@ from flatquant_modifier.quantize import (
     fake_quantize_weight,
 )
 
-__all__ = ["FakeQuantizedLayer", "layer_output"]
+__all__ = [
+    "FakeQuantizedLayer",
+    "layer_output",
+    "quantized_weights",
+    "quantized_input",
+    "use_torch_compile",
+]
 
 
 def layer_output(out: Any) -> torch.Tensor:
@@ -51,11 +58,13 @@ class FakeQuantizedLayer:
         self.params = params
         self.options = options
         self.dtype = precision.dtype
-        # the linears of a group stacked by rows: transformed and quantized in one go
+        # the linears of a group stacked by rows: transformed and quantized in one go;
+        # kept in the model's dtype (bfloat16 weights: half the memory), cast exactly
+        # to the training dtype in each step
         self.weights = [
             torch.cat(
-                [linear.weight.detach().to(device=device, dtype=self.dtype)
-                 for _, linear in group.linears]
+                [linear.weight.detach().to(device=device, dtype=_storage_dtype(
+                    linear.weight.dtype, self.dtype)) for _, linear in group.linears]
             )
             for group in groups
         ]
@@ -69,6 +78,11 @@ class FakeQuantizedLayer:
             ]
             for group in groups
         ]
+        self._compiled = (
+            (_compile(quantized_weights), _compile(quantized_input))
+            if use_torch_compile(options, device, sum(w.numel() for w in self.weights))
+            else None
+        )
         self._step: dict[int, tuple] = {}
         self._quantized: dict[int, tuple[torch.Tensor, ...]] = {}
         self._inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -77,6 +91,13 @@ class FakeQuantizedLayer:
         self._step.clear()
         self._quantized.clear()
         self._inputs.clear()
+
+    def _functions(self) -> tuple[Callable, Callable]:
+        """The weight and input functions: compiled for training steps; the few
+        evaluation passes (no gradients) run eagerly, sparing their compilations."""
+        if self._compiled is not None and torch.is_grad_enabled():
+            return self._compiled
+        return quantized_weights, quantized_input
 
     def _matrices(self, gi: int):
         """``(P1, P1^-T, P2, P2^-T, act_clip, smooth)`` of group ``gi``; all groups'
@@ -96,41 +117,26 @@ class FakeQuantizedLayer:
         """The group's transformed, fake-quantized weights (once per step)."""
         if gi not in self._quantized:
             _, p1_inv_t, _, p2_inv_t, _, smooth = self._matrices(gi)
-            weight = self.weights[gi]
-            if smooth is not None:
-                weight = weight * smooth
-            weight = kronecker_matmul(weight, p1_inv_t, p2_inv_t)
             cfg = self.options
-            if cfg.quant_format == "nvfp4":  # one global scale per linear
-                parts = [fake_quantize_nvfp4(w) for w in weight.split(self.out_features[gi])]
-            elif cfg.quant_format == "mxfp4":
-                if cfg.w_bits is not None:
-                    weight = fake_quantize_mxfp4_weight(weight, self.params[gi].weight_clip())
-                parts = weight.split(self.out_features[gi])
-            else:
-                if cfg.w_bits is not None:
-                    weight = fake_quantize_weight(weight, self.params[gi].weight_clip(), cfg.w_bits)
-                parts = weight.split(self.out_features[gi])
-            self._quantized[gi] = tuple(parts)
+            rows = self.out_features[gi]
+            weight = self._functions()[0](
+                self.weights[gi], smooth, p1_inv_t, p2_inv_t,
+                self.params[gi].weight_clip(), cfg.quant_format, cfg.w_bits, self.dtype,
+                rows if cfg.quant_format == "nvfp4" else None,
+            )
+            self._quantized[gi] = weight.split(rows)
         return self._quantized[gi]
 
     def _forward(self, gi: int, li: int, x: torch.Tensor) -> torch.Tensor:
-        p1, _, p2, _, act_clip, smooth = self._matrices(gi)
-        cfg = self.options
         cached = self._inputs.get(gi)
         if cached is not None and cached[0] is x:
             h = cached[1]
         else:
-            h = x.to(self.dtype)
-            if smooth is not None:
-                h = h / smooth
-            h = kronecker_matmul(h, p1, p2)
-            if cfg.quant_format == "nvfp4":
-                h = fake_quantize_nvfp4(h.to(self.dtype))
-            elif cfg.quant_format == "mxfp4":
-                h = fake_quantize_mxfp4(h.to(self.dtype))
-            elif cfg.a_bits is not None:
-                h = fake_quantize_activation(h.to(self.dtype), act_clip, cfg.a_bits)
+            p1, _, p2, _, act_clip, smooth = self._matrices(gi)
+            cfg = self.options
+            h = self._functions()[1](
+                x, smooth, p1, p2, act_clip, cfg.quant_format, cfg.a_bits, self.dtype
+            )
             self._inputs[gi] = (x, h)
         weight = self._group_weights(gi)[li]
         return F.linear(h, weight, self.biases[gi][li]).to(x.dtype)
@@ -147,3 +153,93 @@ class FakeQuantizedLayer:
 
     def _make_forward(self, gi: int, li: int) -> Callable:
         return lambda x: self._forward(gi, li, x)
+
+
+COMPILE_BACKEND = "inductor"  # tests trace with "aot_eager" (no code generation)
+
+
+def _compile(fn: Callable) -> Callable:
+    # one graph per group shape (parameters keep static shapes), shared by all layers
+    return torch.compile(fn, backend=COMPILE_BACKEND)
+
+
+def _storage_dtype(weight_dtype: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+    """A narrower floating dtype than the training one converts to it exactly."""
+    narrower = weight_dtype.is_floating_point and weight_dtype.itemsize < dtype.itemsize
+    return weight_dtype if narrower else dtype
+
+
+# "auto" compiles layers with at least this many transformed weights (a 3B model's and
+# up): one H200 trains a Llama-3-8B layer (218 M) 1.9x faster compiled, while
+# SmolLM2-135M (3.5 M per layer) calibrated slower compiled (compilation: about 35 s)
+AUTO_COMPILE_MIN_WEIGHTS = 50_000_000
+
+
+def use_torch_compile(options: FlatQuantOptions, device: torch.device,
+                      num_weights: int) -> bool:
+    """Whether the fake-quantized weights and inputs of a layer with ``num_weights``
+    transformed weights run through ``torch.compile``
+    (:attr:`FlatQuantOptions.torch_compile`)."""
+    if options.torch_compile != "auto":
+        return options.torch_compile
+    return (torch.device(device).type == "cuda" and options.quant_format == "int"
+            and num_weights >= AUTO_COMPILE_MIN_WEIGHTS
+            and importlib.util.find_spec("triton") is not None)
+
+
+def quantized_weights(
+    weight: torch.Tensor,
+    smooth: torch.Tensor | None,
+    p1_inv_t: torch.Tensor,
+    p2_inv_t: torch.Tensor,
+    clip: torch.Tensor | float,
+    quant_format: str,
+    w_bits: int | None,
+    dtype: torch.dtype,
+    nvfp4_rows: list[int] | None = None,
+) -> torch.Tensor:
+    """
+    A group's weights (its linears stacked by rows) scaled by the smoothing vector,
+    transformed by ``kron(P1, P2)^-T`` and fake-quantized (NVFP4: one global scale per
+    ``nvfp4_rows`` rows, a linear's). A pure function of its arguments, so that
+    ``torch.compile`` can fuse it.
+    """
+    weight = weight.to(dtype)
+    if smooth is not None:
+        weight = weight * smooth
+    weight = kronecker_matmul(weight, p1_inv_t, p2_inv_t)
+    if quant_format == "nvfp4":
+        return torch.cat([fake_quantize_nvfp4(w) for w in weight.split(nvfp4_rows)])
+    if w_bits is None:
+        return weight
+    if quant_format == "mxfp4":
+        return fake_quantize_mxfp4_weight(weight, clip)
+    return fake_quantize_weight(weight, clip, w_bits)
+
+
+def quantized_input(
+    x: torch.Tensor,
+    smooth: torch.Tensor | None,
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    act_clip: torch.Tensor | float,
+    quant_format: str,
+    a_bits: int | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """
+    A linear's input divided by the smoothing vector, transformed by ``kron(P1, P2)``
+    and fake-quantized as the online transform does (NVFP4: as the linear's scheme).
+    A pure function of its arguments, so that ``torch.compile`` can fuse it.
+    """
+    h = x.to(dtype)
+    if smooth is not None:
+        h = h / smooth
+    h = kronecker_matmul(h, p1, p2)
+    if quant_format == "nvfp4":
+        return fake_quantize_nvfp4(h.to(dtype))
+    if quant_format == "mxfp4":
+        return fake_quantize_mxfp4(h.to(dtype))
+    if a_bits is not None:
+        return fake_quantize_activation(h.to(dtype), act_clip, a_bits)
+    return h

@@ -60,6 +60,13 @@ class FlatQuantOptions(BaseModel):
         elsewhere. A float64 model always trains in float64
     :param cuda_graphs: on CUDA, replay each training step as a CUDA graph captured
         once per input shape (eager with a warning if a capture fails)
+    :param torch_compile: run the transform and fake quantizer of each group's weights
+        and inputs through ``torch.compile``, which fuses their elementwise work and
+        the backward's into a few kernels (a Llama-3-8B layer on one H200: half the
+        time per step, two thirds of the memory, after a one-time compilation of
+        about 40 s). ``"auto"``: for ``quant_format="int"`` on CUDA (with Triton) in
+        layers of at least 50 M transformed weights (3B models and up); eager
+        elsewhere
     :param deterministic: train with ``torch.use_deterministic_algorithms(True)``, so
         that two runs on the same GPU give the same model
     :param seed: seed of the random initialisations
@@ -103,6 +110,7 @@ class FlatQuantOptions(BaseModel):
     loss: Literal["mse", "relative"] = "mse"
     autocast_dtype: Literal["auto"] | TorchDtype | None = "auto"
     cuda_graphs: bool = True
+    torch_compile: bool | Literal["auto"] = "auto"
     deterministic: bool = False
     seed: int = 0
     quant_format: Literal["int", "nvfp4", "mxfp4"] = "int"

@@ -49,12 +49,13 @@ def test_graph_replays_with_new_inputs_and_skips_what_it_cannot_take():
     assert graphs.num_graphs == 2
 
 
-def _train(model, layer_index, calls, device, cuda_graphs, autocast=None, quant_format="int"):
+def _train(model, layer_index, calls, device, cuda_graphs, autocast=None, quant_format="int",
+           **extra):
     layer = model.model.layers[layer_index]
     name = f"model.layers.{layer_index}"
     clips = {"learn_weight_clip": True} if quant_format == "mxfp4" else {}  # its clamp too
     options = FlatQuantOptions(epochs=3, cuda_graphs=cuda_graphs, quant_format=quant_format,
-                               **clips)
+                               **clips, **extra)
     # MXFP4: row-parallel transforms block diagonal in 4 blocks
     groups = resolve_layer(name, layer, infer_mappings_from_model(model), ["lm_head"],
                            max_supported_tp=options.max_supported_tp)
@@ -77,11 +78,42 @@ def test_graphed_training_equals_eager_training(autocast, quant_format):
     model = build_tiny_llama(**(TINY_MXFP4 if quant_format == "mxfp4" else {})).to(device)
     ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(0)).to(device)
     calls = layer_calls(model, model.model.layers[0], ids)
-    eager, eager_params = _train(model, 0, calls, device, False, autocast, quant_format)
-    graphed, graphed_params = _train(model, 0, calls, device, True, autocast, quant_format)
+    # the eager quantizers (compiled ones: the next test)
+    eager, eager_params = _train(model, 0, calls, device, False, autocast, quant_format,
+                                 torch_compile=False)
+    graphed, graphed_params = _train(model, 0, calls, device, True, autocast, quant_format,
+                                     torch_compile=False)
     # one graph per kind of pass: evaluation round-to-nearest, evaluation, training
     assert eager.cuda_graphs == 0 and graphed.cuda_graphs == 3
     assert graphed.epoch_losses == eager.epoch_losses
     assert graphed.loss_final == eager.loss_final and graphed.loss_rtn == eager.loss_rtn
     for a, b in zip(graphed_params, eager_params):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quant_format", ["int", "nvfp4", "mxfp4"])
+def test_compiled_quantizers_are_captured_exactly(quant_format):
+    """
+    Inductor's fused weight and input quantizers (the CUDA default) run in the step
+    graphs exactly as eagerly, and train. (Their gradients are the eager ones:
+    tests/test_emulation.py; whole trainings drift apart from the eager quantizers'
+    by the rounding of fused arithmetic, amplified by the quantizers' steps.)
+    """
+    device = torch.device("cuda")
+    model = build_tiny_llama(**(TINY_MXFP4 if quant_format == "mxfp4" else {})).to(device)
+    ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(0)).to(device)
+    calls = layer_calls(model, model.model.layers[0], ids)
+    runs = []
+    for graphs in (False, True):
+        torch._dynamo.reset()  # both runs compile the same graphs in the same order
+        runs.append(_train(model, 0, calls, device, graphs, torch.bfloat16, quant_format,
+                           torch_compile=True))
+    (eager, eager_params), (graphed, graphed_params) = runs
+    assert eager.cuda_graphs == 0 and graphed.cuda_graphs == 3
+    assert graphed.epoch_losses == eager.epoch_losses
+    assert graphed.loss_final == eager.loss_final
+    for a, b in zip(graphed_params, eager_params):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert graphed.loss_final < 0.5 * graphed.loss_rtn
+    torch._dynamo.reset()

@@ -1,13 +1,15 @@
 """The training forward: a decoder layer with transformed, fake-quantized linears."""
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from flatquant_modifier.emulation import FakeQuantizedLayer, layer_output
 from flatquant_modifier.mappings import infer_mappings_from_model, resolve_layer
 from flatquant_modifier.modules import build_group_params, identity_params
 from flatquant_modifier.options import FlatQuantOptions, Precision
 from flatquant_modifier.quantize import fake_quantize_activation, fake_quantize_weight
-from tests.conftest import build_tiny_llama
+from tests.conftest import TINY_MXFP4, build_tiny_llama
 from tests.helpers import layer_calls
 
 
@@ -51,3 +53,55 @@ def test_identity_transforms_quantize_like_the_fake_quantizers():
     with torch.no_grad(), emulated.patched():
         emulated.new_step()
         torch.testing.assert_close(q_proj(x), expected, atol=1e-12, rtol=0)
+
+
+def _one_step_gradients(quant_format: str, device: torch.device, torch_compile: bool):
+    """Loss and gradients of every learnable parameter for one step of layer 0."""
+    model = build_tiny_llama(**(TINY_MXFP4 if quant_format == "mxfp4" else {})).to(device)
+    layer = model.model.layers[0]
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    calls = layer_calls(model, layer, ids.to(device))
+    clips = {"learn_weight_clip": True} if quant_format == "mxfp4" else {}
+    options = FlatQuantOptions(quant_format=quant_format, torch_compile=torch_compile,
+                               **clips)
+    groups = resolve_layer("model.layers.0", layer, infer_mappings_from_model(model),
+                           ["lm_head"], max_supported_tp=options.max_supported_tp)
+    act_max = [torch.rand(g.in_features, generator=torch.Generator().manual_seed(i)) + 0.5
+               for i, g in enumerate(groups)]
+    params = build_group_params(groups, act_max, options, torch.float32, device,
+                                torch.Generator().manual_seed(0))
+    learnable = [p for g in params for p in g.parameters()]
+    layer.requires_grad_(False)
+    with torch.no_grad():
+        targets = [layer_output(layer(**call)) for call in calls]
+    emulated = FakeQuantizedLayer(groups, params, options, Precision(torch.float32, None),
+                                  device)
+    with emulated.patched():
+        emulated.new_step()
+        loss = sum(F.mse_loss(layer_output(layer(**call)), target)
+                   for call, target in zip(calls, targets))
+        grads = torch.autograd.grad(loss, learnable)
+    return loss.detach(), grads
+
+
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device, quant_format", [
+    ("cpu", "int"),
+    # compiling the NVFP4 / MXFP4 graphs takes about a minute on a small CPU
+    pytest.param("cpu", "nvfp4", marks=pytest.mark.slow),
+    pytest.param("cpu", "mxfp4", marks=pytest.mark.slow),
+    pytest.param("cuda", "int", marks=_CUDA),
+])
+def test_compiled_quantizers_have_the_eager_loss_and_gradients(device, quant_format):
+    """``torch_compile=True`` (inductor's fused kernels) computes the training step's
+    loss and gradients of the eager quantizers, up to float32 rounding."""
+    torch._dynamo.reset()
+    loss, grads = _one_step_gradients(quant_format, torch.device(device), False)
+    compiled_loss, compiled_grads = _one_step_gradients(quant_format, torch.device(device),
+                                                        True)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=0)
+    for grad, compiled in zip(grads, compiled_grads):
+        assert (compiled - grad).norm() <= 1e-4 * grad.norm() + 1e-12

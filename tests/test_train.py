@@ -79,3 +79,74 @@ def test_deterministic_option_restores_the_global_mode(tiny_llama_dir):
     assert not torch.are_deterministic_algorithms_enabled()
 
 
+
+
+@pytest.mark.parametrize("quant_format", ["int", "nvfp4"])
+def test_compiled_quantizers_train_as_the_eager_ones(monkeypatch, quant_format):
+    """
+    ``torch_compile=True`` traces the weight and input quantizers once per group
+    (training steps only; the evaluation passes stay eager), within dynamo's
+    recompilation limit. Traced without code generation ("aot_eager") the training
+    is the eager one exactly; inductor's fused kernels: tests/test_cuda_graphs.py.
+    """
+    from torch._dynamo.utils import counters
+
+    from flatquant_modifier import emulation
+
+    monkeypatch.setattr(emulation, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    eager, _, _ = _train_first_layer(quant_format=quant_format, torch_compile=False)
+    assert counters["stats"]["unique_graphs"] == 0
+    traced, _, _ = _train_first_layer(quant_format=quant_format, torch_compile=True)
+    # 4 groups (q/k/v, o, gate/up, down) x (weights, inputs)
+    assert counters["stats"]["unique_graphs"] == 8
+    assert not counters["unimplemented"]  # no recompile limit, no graph break
+    assert traced.epoch_losses == eager.epoch_losses
+    assert (traced.loss_rtn, traced.loss_init, traced.loss_final) == (
+        eager.loss_rtn, eager.loss_init, eager.loss_final)
+    torch._dynamo.reset()
+
+
+def test_torch_compile_auto_is_for_large_int_layers_on_cuda():
+    from flatquant_modifier.emulation import AUTO_COMPILE_MIN_WEIGHTS, use_torch_compile
+
+    cuda, cpu, large = torch.device("cuda"), torch.device("cpu"), AUTO_COMPILE_MIN_WEIGHTS
+    auto = FlatQuantOptions()
+    assert not use_torch_compile(auto, cpu, large)
+    assert not use_torch_compile(auto, cuda, large - 1)
+    assert not use_torch_compile(FlatQuantOptions(quant_format="nvfp4"), cuda, large)
+    assert use_torch_compile(FlatQuantOptions(torch_compile=True), cpu, 1)
+    assert not use_torch_compile(FlatQuantOptions(torch_compile=False), cuda, large)
+    # with Triton, large int layers on CUDA compile
+    import importlib.util
+    assert use_torch_compile(auto, cuda, large) == (
+        importlib.util.find_spec("triton") is not None)
+
+
+def test_bfloat16_weights_are_kept_in_bfloat16_and_cast_exactly():
+    from flatquant_modifier.emulation import FakeQuantizedLayer, layer_output
+
+    model = build_tiny_llama().to(torch.bfloat16)
+    layer = model.model.layers[0]
+    groups = resolve_layer("model.layers.0", layer, infer_mappings_from_model(model),
+                           ["lm_head"])
+    options = FlatQuantOptions()
+    params = build_group_params(groups, [None] * len(groups), options, torch.float32,
+                                torch.device("cpu"), torch.Generator().manual_seed(0))
+    emulated = FakeQuantizedLayer(groups, params, options, Precision(torch.float32, None),
+                                  torch.device("cpu"))
+    assert all(w.dtype == torch.bfloat16 for w in emulated.weights)
+    reference = FakeQuantizedLayer(groups, params, options, Precision(torch.float32, None),
+                                   torch.device("cpu"))
+    reference.weights = [w.float() for w in reference.weights]
+    hidden = torch.randn(1, 8, layer.self_attn.q_proj.in_features).to(torch.bfloat16)
+    position = torch.arange(8).unsqueeze(0)
+    embeddings = model.model.rotary_emb(hidden, position)
+    outputs = []
+    with torch.no_grad():
+        for emulation_ in (emulated, reference):
+            with emulation_.patched():
+                emulation_.new_step()
+                outputs.append(layer_output(layer(hidden, position_embeddings=embeddings)))
+    assert torch.equal(outputs[0], outputs[1])
