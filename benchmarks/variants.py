@@ -51,6 +51,7 @@ VARIANTS = {  # changes from the defaults (dense, random init, smoothing, both c
     "no-smooth": {"smooth": False},
     "no-clip": {"learn_weight_clip": False, "learn_activation_clip": False},
     "bf16-autocast": {"autocast_dtype": "bfloat16"},
+    "no-torch-compile": {"torch_compile": False},  # eager quantizers (the CPU default)
     "propagate-act-quant": {"propagate_activation_quant": True},
     "orthogonal-random-init": {"parametrization": "orthogonal", "transform_init": "random"},
     "orthogonal-identity-init": {"parametrization": "orthogonal", "transform_init": "identity"},
@@ -65,6 +66,10 @@ GPTQ_VARIANTS = {
     "gptq-damp-0.1": ({}, {"dampening_frac": 0.1}),
     "gptq-mse-observer": ({}, {"observer": "memoryless-mse"}),
     "relative-loss-gptq": ({"loss": "relative"}, {}),
+    "lr-1e-2-gptq-mse": ({"lr": 1e-2}, {"observer": "memoryless-mse"}),
+    "lr-2e-2-gptq-mse": ({"lr": 2e-2, "clip_lr": 2e-1}, {"observer": "memoryless-mse"}),
+    "epochs-5-lr-2e-2-gptq-mse": ({"epochs": 5, "lr": 2e-2, "clip_lr": 2e-1},
+                                  {"observer": "memoryless-mse"}),
 }
 
 W4_CHANNEL = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel",
