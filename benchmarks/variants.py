@@ -51,7 +51,9 @@ VARIANTS = {  # changes from the defaults (dense, random init, smoothing, both c
     "no-smooth": {"smooth": False},
     "no-clip": {"learn_weight_clip": False, "learn_activation_clip": False},
     "bf16-autocast": {"autocast_dtype": "bfloat16"},
-    "no-torch-compile": {"torch_compile": False},  # eager quantizers (the CPU default)
+    # compiled / eager quantizers (SmolLM2's layers are below "auto"'s size: eager)
+    "torch-compile": {"torch_compile": True},
+    "no-torch-compile": {"torch_compile": False},
     "propagate-act-quant": {"propagate_activation_quant": True},
     "orthogonal-random-init": {"parametrization": "orthogonal", "transform_init": "random"},
     "orthogonal-identity-init": {"parametrization": "orthogonal", "transform_init": "identity"},
