@@ -58,13 +58,16 @@ class FakeQuantizedLayer:
         self.params = params
         self.options = options
         self.dtype = precision.dtype
+        num_weights = sum(linear.weight.numel() for g in groups for _, linear in g.linears)
+        compiled = use_torch_compile(options, device, num_weights)
         # the linears of a group stacked by rows: transformed and quantized in one go;
-        # kept in the model's dtype (bfloat16 weights: half the memory), cast exactly
-        # to the training dtype in each step
+        # compiled, kept in the model's dtype (bfloat16: half the memory) and cast
+        # exactly inside the fused kernels (an eager cast would keep a copy for backward)
         self.weights = [
             torch.cat(
                 [linear.weight.detach().to(device=device, dtype=_storage_dtype(
-                    linear.weight.dtype, self.dtype)) for _, linear in group.linears]
+                    linear.weight.dtype, self.dtype) if compiled else self.dtype)
+                 for _, linear in group.linears]
             )
             for group in groups
         ]
@@ -79,9 +82,7 @@ class FakeQuantizedLayer:
             for group in groups
         ]
         self._compiled = (
-            (_compile(quantized_weights), _compile(quantized_input))
-            if use_torch_compile(options, device, sum(w.numel() for w in self.weights))
-            else None
+            (_compile(quantized_weights), _compile(quantized_input)) if compiled else None
         )
         self._step: dict[int, tuple] = {}
         self._quantized: dict[int, tuple[torch.Tensor, ...]] = {}
@@ -124,7 +125,7 @@ class FakeQuantizedLayer:
                 self.params[gi].weight_clip(), cfg.quant_format, cfg.w_bits, self.dtype,
                 rows if cfg.quant_format == "nvfp4" else None,
             )
-            self._quantized[gi] = weight.split(rows)
+            self._quantized[gi] = weight if isinstance(weight, tuple) else weight.split(rows)
         return self._quantized[gi]
 
     def _forward(self, gi: int, li: int, x: torch.Tensor) -> torch.Tensor:
@@ -159,7 +160,8 @@ COMPILE_BACKEND = "inductor"  # tests trace with "aot_eager" (no code generation
 
 
 def _compile(fn: Callable) -> Callable:
-    # one graph per group shape (parameters keep static shapes), shared by all layers
+    # dynamo specialises on the groups' shapes (smoothing vectors and dense matrices are
+    # parameters, whose shapes stay static): a few graphs, shared by all layers
     return torch.compile(fn, backend=COMPILE_BACKEND)
 
 
@@ -169,9 +171,9 @@ def _storage_dtype(weight_dtype: torch.dtype, dtype: torch.dtype) -> torch.dtype
     return weight_dtype if narrower else dtype
 
 
-# "auto" compiles layers with at least this many transformed weights (a 3B model's and
-# up): one H200 trains a Llama-3-8B layer (218 M) 1.9x faster compiled, while
-# SmolLM2-135M (3.5 M per layer) calibrated slower compiled (compilation: about 35 s)
+# "auto" compiles layers with at least this many transformed weights: one H200 trains a
+# Llama-3-8B layer (218 M) 1.9x faster compiled, while SmolLM2-135M (3.5 M per layer)
+# calibrated slower compiled (compilation: about 35 s)
 AUTO_COMPILE_MIN_WEIGHTS = 50_000_000
 
 
@@ -197,19 +199,19 @@ def quantized_weights(
     w_bits: int | None,
     dtype: torch.dtype,
     nvfp4_rows: list[int] | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """
     A group's weights (its linears stacked by rows) scaled by the smoothing vector,
-    transformed by ``kron(P1, P2)^-T`` and fake-quantized (NVFP4: one global scale per
-    ``nvfp4_rows`` rows, a linear's). A pure function of its arguments, so that
-    ``torch.compile`` can fuse it.
+    transformed by ``kron(P1, P2)^-T`` and fake-quantized; NVFP4: one tensor per linear
+    (``nvfp4_rows`` rows each), each with its own global scale. A pure function of its
+    arguments, so that ``torch.compile`` can fuse it.
     """
     weight = weight.to(dtype)
     if smooth is not None:
         weight = weight * smooth
     weight = kronecker_matmul(weight, p1_inv_t, p2_inv_t)
     if quant_format == "nvfp4":
-        return torch.cat([fake_quantize_nvfp4(w) for w in weight.split(nvfp4_rows)])
+        return tuple(fake_quantize_nvfp4(w) for w in weight.split(nvfp4_rows))
     if w_bits is None:
         return weight
     if quant_format == "mxfp4":

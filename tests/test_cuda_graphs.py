@@ -95,8 +95,8 @@ def test_graphed_training_equals_eager_training(autocast, quant_format):
 @pytest.mark.parametrize("quant_format", ["int", "nvfp4", "mxfp4"])
 def test_compiled_quantizers_are_captured_exactly(quant_format):
     """
-    Inductor's fused weight and input quantizers (the CUDA default) run in the step
-    graphs exactly as eagerly, and train. (Their gradients are the eager ones:
+    Inductor's fused weight and input quantizers (``torch_compile=True``) run in the
+    step graphs exactly as eagerly, and train. (Their gradients are the eager ones:
     tests/test_emulation.py; whole trainings drift apart from the eager quantizers'
     by the rounding of fused arithmetic, amplified by the quantizers' steps.)
     """

@@ -97,10 +97,15 @@ _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA G
 def test_compiled_quantizers_have_the_eager_loss_and_gradients(device, quant_format):
     """``torch_compile=True`` (inductor's fused kernels) computes the training step's
     loss and gradients of the eager quantizers, up to float32 rounding."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     loss, grads = _one_step_gradients(quant_format, torch.device(device), False)
+    assert counters["stats"]["unique_graphs"] == 0
     compiled_loss, compiled_grads = _one_step_gradients(quant_format, torch.device(device),
                                                         True)
+    assert counters["stats"]["unique_graphs"] > 0  # the compiled functions ran
     torch._dynamo.reset()
     torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=0)
     for grad, compiled in zip(grads, compiled_grads):

@@ -124,14 +124,14 @@ def test_torch_compile_auto_is_for_large_int_layers_on_cuda():
         importlib.util.find_spec("triton") is not None)
 
 
-def test_bfloat16_weights_are_kept_in_bfloat16_and_cast_exactly():
+def test_compiled_layers_keep_bfloat16_weights_and_cast_them_exactly():
     from flatquant_modifier.emulation import FakeQuantizedLayer, layer_output
 
     model = build_tiny_llama().to(torch.bfloat16)
     layer = model.model.layers[0]
     groups = resolve_layer("model.layers.0", layer, infer_mappings_from_model(model),
                            ["lm_head"])
-    options = FlatQuantOptions()
+    options = FlatQuantOptions(torch_compile=True)  # eager layers store float32
     params = build_group_params(groups, [None] * len(groups), options, torch.float32,
                                 torch.device("cpu"), torch.Generator().manual_seed(0))
     emulated = FakeQuantizedLayer(groups, params, options, Precision(torch.float32, None),
