@@ -58,6 +58,23 @@ def layer_inputs(model, layer, input_ids: torch.Tensor) -> list[dict]:
     return calls
 
 
+def profiled(fn, device: torch.device):
+    """``fn()`` under torch.profiler (CPU operators, and the GPU kernels on CUDA);
+    returns its result and the profile."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        result = fn()
+    return result, prof
+
+
+def top_operators(prof, device: torch.device, rows: int) -> str:
+    """The profile's top GPU kernels (CPU operators on a CPU), as a table."""
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=70)
+
+
 def random_smollm2(num_layers: int):
     """A randomly initialised Llama with SmolLM2-135M-Instruct's shapes."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -145,11 +162,7 @@ def main():
         torch.cuda.set_sync_debug_mode("warn")
     start = time.perf_counter()
     if args.profile:
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
-            report = run()
+        report, prof = profiled(run, device)
     else:
         report = run()
     if device.type == "cuda":
@@ -181,8 +194,7 @@ def main():
         result["peak_gpu_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     print(json.dumps(result))
     if args.profile:
-        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-        print(prof.key_averages().table(sort_by=sort, row_limit=25))
+        print(top_operators(prof, device, rows=25))
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))

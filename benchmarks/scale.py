@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # profile_layer
-from profile_layer import layer_inputs  # noqa: E402
+from profile_layer import layer_inputs, profiled, top_operators  # noqa: E402
 
 from flatquant_modifier.batching import assign_steps, call_keys, plan_steps  # noqa: E402
 from flatquant_modifier.calibrate import full_precision_pass  # noqa: E402
@@ -113,8 +113,9 @@ def measure(shape: str, args, device: torch.device) -> dict:
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    if args.profile:
-        print_profile(run)
+    if args.profile:  # the top kernels of one more epoch
+        _, prof = profiled(lambda: run(1), device)
+        print(top_operators(prof, device, rows=30), flush=True)
     ms_per_step = 1000 * (report.seconds - shorter.seconds) / len(steps)
     # the rest of a layer's time: evaluation passes, graph capture
     overhead = max(shorter.seconds - ms_per_step / 1000 * len(steps) * args.epochs, 0.0)
@@ -140,18 +141,6 @@ def measure(shape: str, args, device: torch.device) -> dict:
         "projected_training_minutes": round(per_layer * layers / 60, 1),
         "loss": [report.loss_rtn, report.loss_init, report.loss_final],
     }
-
-
-def print_profile(run):
-    """The top GPU kernels (CPU operators on a CPU) of one more epoch (torch.profiler)."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        run(1)
-    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=30,
-                                    max_name_column_width=70), flush=True)
 
 
 def table(rows: list[dict]) -> str:
