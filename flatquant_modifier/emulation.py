@@ -123,7 +123,7 @@ class FakeQuantizedLayer:
             weight = self._functions()[0](
                 self.weights[gi], smooth, p1_inv_t, p2_inv_t,
                 self.params[gi].weight_clip(), cfg.quant_format, cfg.w_bits, self.dtype,
-                rows if cfg.quant_format == "nvfp4" else None,
+                rows if cfg.quant_format == "nvfp4" else None, _autocast_dtype(p1_inv_t),
             )
             self._quantized[gi] = weight if isinstance(weight, tuple) else weight.split(rows)
         return self._quantized[gi]
@@ -135,8 +135,12 @@ class FakeQuantizedLayer:
         else:
             p1, _, p2, _, act_clip, smooth = self._matrices(gi)
             cfg = self.options
+            # an input several linears share stays in ``self.dtype``: autocast casts
+            # it per linear, so that their gradients add up in that precision
+            shared = len(self.groups[gi].linears) > 1
             h = self._functions()[1](
-                x, smooth, p1, p2, act_clip, cfg.quant_format, cfg.a_bits, self.dtype
+                x, smooth, p1, p2, act_clip, cfg.quant_format, cfg.a_bits, self.dtype,
+                None if shared else _autocast_dtype(p1),
             )
             self._inputs[gi] = (x, h)
         weight = self._group_weights(gi)[li]
@@ -154,6 +158,19 @@ class FakeQuantizedLayer:
 
     def _make_forward(self, gi: int, li: int) -> Callable:
         return lambda x: self._forward(gi, li, x)
+
+
+def _autocast_dtype(like: torch.Tensor | None) -> torch.dtype | None:
+    """The dtype autocast gives a linear's operands on ``like``'s device (None: off).
+    The weight and input functions return it themselves, so that compiled, the cast
+    fuses into their last kernel (forward and backward) instead of being a copy of
+    its own; autocast then leaves the operands as they are: the same values."""
+    if like is None:
+        return None
+    device_type = like.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 COMPILE_BACKEND = "inductor"  # tests trace with "aot_eager" (no code generation)
@@ -199,10 +216,12 @@ def quantized_weights(
     w_bits: int | None,
     dtype: torch.dtype,
     nvfp4_rows: list[int] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """
     A group's weights (its linears stacked by rows) scaled by the smoothing vector,
-    transformed by ``kron(P1, P2)^-T`` and fake-quantized; NVFP4: one tensor per linear
+    transformed by ``kron(P1, P2)^-T`` and fake-quantized, computed in ``dtype`` and
+    returned in ``out_dtype`` (None: ``dtype``); NVFP4: one tensor per linear
     (``nvfp4_rows`` rows each), each with its own global scale. A pure function of its
     arguments, so that ``torch.compile`` can fuse it.
     """
@@ -211,12 +230,14 @@ def quantized_weights(
         weight = weight * smooth
     weight = kronecker_matmul(weight, p1_inv_t, p2_inv_t)
     if quant_format == "nvfp4":
-        return tuple(fake_quantize_nvfp4(w) for w in weight.split(nvfp4_rows))
-    if w_bits is None:
-        return weight
-    if quant_format == "mxfp4":
-        return fake_quantize_mxfp4_weight(weight, clip)
-    return fake_quantize_weight(weight, clip, w_bits)
+        return tuple(_to(fake_quantize_nvfp4(w), out_dtype)
+                     for w in weight.split(nvfp4_rows))
+    if w_bits is not None:
+        if quant_format == "mxfp4":
+            weight = fake_quantize_mxfp4_weight(weight, clip)
+        else:
+            weight = fake_quantize_weight(weight, clip, w_bits)
+    return _to(weight, out_dtype)
 
 
 def quantized_input(
@@ -228,20 +249,26 @@ def quantized_input(
     quant_format: str,
     a_bits: int | None,
     dtype: torch.dtype,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """
     A linear's input divided by the smoothing vector, transformed by ``kron(P1, P2)``
-    and fake-quantized as the online transform does (NVFP4: as the linear's scheme).
-    A pure function of its arguments, so that ``torch.compile`` can fuse it.
+    and fake-quantized as the online transform does (NVFP4: as the linear's scheme),
+    computed in ``dtype`` and returned in ``out_dtype`` (None: as computed). A pure
+    function of its arguments, so that ``torch.compile`` can fuse it.
     """
     h = x.to(dtype)
     if smooth is not None:
         h = h / smooth
     h = kronecker_matmul(h, p1, p2)
     if quant_format == "nvfp4":
-        return fake_quantize_nvfp4(h.to(dtype))
-    if quant_format == "mxfp4":
-        return fake_quantize_mxfp4(h.to(dtype))
-    if a_bits is not None:
-        return fake_quantize_activation(h.to(dtype), act_clip, a_bits)
-    return h
+        h = fake_quantize_nvfp4(h.to(dtype))
+    elif quant_format == "mxfp4":
+        h = fake_quantize_mxfp4(h.to(dtype))
+    elif a_bits is not None:
+        h = fake_quantize_activation(h.to(dtype), act_clip, a_bits)
+    return _to(h, out_dtype)
+
+
+def _to(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor if dtype is None else tensor.to(dtype)

@@ -55,12 +55,14 @@ def test_identity_transforms_quantize_like_the_fake_quantizers():
         torch.testing.assert_close(q_proj(x), expected, atol=1e-12, rtol=0)
 
 
-def _one_step_gradients(quant_format: str, device: torch.device, torch_compile: bool):
-    """Loss and gradients of every learnable parameter for one step of layer 0."""
+def _one_step_gradients(quant_format: str, device: torch.device, torch_compile: bool,
+                        autocast: torch.dtype | None = None, num_calls: int | None = None):
+    """Loss and gradients of every learnable parameter for one step of layer 0 (the
+    first ``num_calls`` calls; None: all)."""
     model = build_tiny_llama(**(TINY_MXFP4 if quant_format == "mxfp4" else {})).to(device)
     layer = model.model.layers[0]
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
-    calls = layer_calls(model, layer, ids.to(device))
+    calls = layer_calls(model, layer, ids.to(device))[:num_calls]
     clips = {"learn_weight_clip": True} if quant_format == "mxfp4" else {}
     options = FlatQuantOptions(quant_format=quant_format, torch_compile=torch_compile,
                                **clips)
@@ -76,12 +78,32 @@ def _one_step_gradients(quant_format: str, device: torch.device, torch_compile: 
         targets = [layer_output(layer(**call)) for call in calls]
     emulated = FakeQuantizedLayer(groups, params, options, Precision(torch.float32, None),
                                   device)
-    with emulated.patched():
+    with emulated.patched(), torch.autocast(device.type, dtype=autocast,
+                                            enabled=autocast is not None):
         emulated.new_step()
-        loss = sum(F.mse_loss(layer_output(layer(**call)), target)
+        loss = sum(F.mse_loss(layer_output(layer(**call)).float(), target)
                    for call, target in zip(calls, targets))
         grads = torch.autograd.grad(loss, learnable)
     return loss.detach(), grads
+
+
+@pytest.mark.parametrize("quant_format", ["int", "nvfp4", "mxfp4"])
+def test_autocast_operands_cast_by_the_quantizers_give_the_same_step(quant_format,
+                                                                    monkeypatch):
+    """Under autocast the weight and input functions return the linears' operands in
+    the autocast dtype themselves (fused into their kernels when compiled): the loss
+    and gradients of a training sub-batch (one forward per backward) are those of
+    autocast casting the operands, bit for bit."""
+    from flatquant_modifier import emulation
+
+    cpu = torch.device("cpu")
+    loss, grads = _one_step_gradients(quant_format, cpu, False, torch.bfloat16, 1)
+    monkeypatch.setattr(emulation, "_autocast_dtype", lambda like: None)
+    reference_loss, reference_grads = _one_step_gradients(quant_format, cpu, False,
+                                                          torch.bfloat16, 1)
+    assert torch.equal(loss, reference_loss)
+    for grad, reference in zip(grads, reference_grads):
+        assert torch.equal(grad, reference)
 
 
 _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
