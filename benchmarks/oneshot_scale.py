@@ -32,6 +32,7 @@ import flatquant_modifier  # noqa: E402, F401  (registers FlatQuantModifier for 
 from examples.common.synthetic import byte_tokenizer, random_token_dataset  # noqa: E402
 from flatquant_modifier.compat import shard_dataset  # noqa: E402
 from flatquant_modifier.distributed import init_distributed, is_source_process  # noqa: E402
+from flatquant_modifier.options import FlatQuantOptions  # noqa: E402
 
 
 def build_model(shape: str, layers: int | None):
@@ -60,8 +61,12 @@ def main():
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes/flatquant_w4a4.yaml")
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="FlatQuant epochs instead of the recipe's (a shorter run): "
+                        "the projection scales the training time to the recipe's epochs")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    recipe, recipe_epochs = with_epochs(args.recipe, args.epochs)
 
     from llmcompressor import oneshot
 
@@ -82,10 +87,16 @@ def main():
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         oneshot(model=model, processor=byte_tokenizer(), dataset=dataset,
-                recipe=str(args.recipe), num_calibration_samples=len(dataset),
+                recipe=recipe, num_calibration_samples=len(dataset),
                 max_seq_length=args.seq_len)
         seconds = time.perf_counter() - start
-    training = sum(r.seconds for m in _flatquant_modifiers() for r in m.reports)
+    reports = [r for m in _flatquant_modifiers() for r in m.reports]
+    training = sum(r.seconds for r in reports)
+    # a shorter run adds the epochs it left out at each layer's last epoch time (every
+    # epoch takes the same steps; the first may include compilation and graph capture)
+    epochs = args.epochs if args.epochs is not None else recipe_epochs
+    budget_seconds = seconds + (recipe_epochs - epochs) * sum(
+        r.epoch_seconds[-1] for r in reports if r.epoch_seconds)
     peaks = {
         "peak_gpu_GiB": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
                          if torch.cuda.is_available() else None),
@@ -104,6 +115,8 @@ def main():
         "recipe": args.recipe.name,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "calibration": f"{args.num_samples} x {args.seq_len}",
+        "epochs": epochs,
+        "recipe_epochs": recipe_epochs,
         "world_size": world,
         "layers": layers,
         "depth": depth,
@@ -111,21 +124,46 @@ def main():
         "oneshot_seconds": round(seconds, 1),
         "seconds_per_layer": round(seconds / layers, 1),
         "training_seconds": round(training, 1),
-        "projected_full_depth_minutes": round(seconds / layers * depth / 60, 1),
+        "projected_full_depth_minutes": round(budget_seconds / layers * depth / 60, 1),
         **peaks,
     }
     if is_source_process():  # one report per run
         print(json.dumps(row), flush=True)
         if args.json is not None:
             args.json.write_text(json.dumps(row, indent=2))
-        print("| shape | ranks | layers | oneshot | per layer | projected, all layers "
-              "| peak GPU | peak host |")
-        print("|---|---|---|---|---|---|---|---|")
-        print(f"| {row['shape']} | {world} | {layers} of {depth} | {row['oneshot_seconds']} s "
-              f"| {row['seconds_per_layer']} s | {row['projected_full_depth_minutes']} min | "
-              f"{row['peak_gpu_GiB']} GiB | {row['peak_host_GiB']} GiB |")
+        print("| shape | ranks | layers | epochs | oneshot | per layer | projected, all "
+              f"layers, {recipe_epochs} epochs | peak GPU | peak host |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        print(f"| {row['shape']} | {world} | {layers} of {depth} | {epochs} | "
+              f"{row['oneshot_seconds']} s | {row['seconds_per_layer']} s | "
+              f"{row['projected_full_depth_minutes']} min | {row['peak_gpu_GiB']} GiB | "
+              f"{row['peak_host_GiB']} GiB |")
     if distributed:
         torch.distributed.destroy_process_group()
+
+
+def with_epochs(path: Path, epochs: int | None) -> tuple[str, int]:
+    """The recipe (YAML text) with every FlatQuantModifier's ``epochs`` set to
+    ``epochs`` (None: as it is), and the recipe's own epochs."""
+    import yaml
+
+    recipe = yaml.safe_load(path.read_text())
+    found = []
+
+    def visit(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "FlatQuantModifier" and isinstance(value, dict):
+                    found.append(value.get("epochs", FlatQuantOptions().epochs))
+                    if epochs is not None:
+                        value["epochs"] = epochs
+                else:
+                    visit(value)
+
+    visit(recipe)
+    if not found:
+        raise SystemExit(f"{path}: no FlatQuantModifier to take --epochs")
+    return yaml.safe_dump(recipe), found[0]
 
 
 def _flatquant_modifiers():

@@ -10,11 +10,12 @@ is :mod:`flatquant_modifier.calibrate`.
 """
 
 import contextlib
+import functools
 import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,8 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class LayerReport:
     """
-    Mean per-step training loss (``options.loss``; over all ranks) of the layer output
+    Mean per-step training loss (``options.loss``, or the logits' MSE at the last
+    layer: ``options.last_layer_loss``; over all ranks) of the layer output
     against full precision: ``loss_rtn`` with identity transforms, no smoothing and no
     clipping (plain round-to-nearest), ``loss_init`` at the initial transforms,
     ``loss_final`` after training.
@@ -58,6 +60,7 @@ class LayerReport:
     loss_init: float
     loss_final: float
     epoch_losses: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)  # each epoch's steps
     seconds: float = 0.0
     cuda_graphs: int = 0  # CUDA graphs captured for the layer (0: eager steps)
 
@@ -108,7 +111,7 @@ def layer_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tens
     return (error / scale).mean()
 
 
-def _mean_loss(layer, patched, steps, targets, weights, autocast, graphs, kind) -> float:
+def _mean_loss(layer, patched, steps, targets, weights, autocast, graphs, loss_fn) -> float:
     """Mean over steps of the step loss (over all ranks)."""
     total = torch.zeros((), dtype=torch.float64, device=_device_of(targets))
 
@@ -118,7 +121,7 @@ def _mean_loss(layer, patched, steps, targets, weights, autocast, graphs, kind) 
             with autocast():
                 out = layer_output(layer(**kwargs))
             dtype = patched.dtype
-            loss = layer_loss(out.to(dtype), target.to(dtype), kind)
+            loss = loss_fn(out.to(dtype), target.to(dtype))
             patched.new_step()
         return loss
 
@@ -161,10 +164,12 @@ def train_layer(
     options: FlatQuantOptions,
     precision: Precision,
     device: torch.device,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> LayerReport:
     """
     Train ``params`` so that ``layer`` with transformed, fake-quantized linears
-    reproduces ``targets`` (its full-precision outputs for ``steps``).
+    reproduces ``targets`` (its full-precision outputs for ``steps``): minimising
+    ``loss_fn(output, target)`` (default: :func:`layer_loss` of ``options.loss``).
 
     ``steps[k]`` holds the sub-batches of optimisation step ``k`` on this rank (see
     :func:`flatquant_modifier.batching.plan_steps`); under ``torch.distributed``
@@ -178,6 +183,8 @@ def train_layer(
         garbage and must not be applied; the layer itself is untouched)
     """
     start = time.perf_counter()
+    if loss_fn is None:
+        loss_fn = functools.partial(layer_loss, kind=options.loss)
     patched = FakeQuantizedLayer(groups, params, options, precision, device)
     if precision.autocast is not None:
         def autocast():
@@ -198,9 +205,7 @@ def train_layer(
         patched.new_step()
         with autocast():
             out = layer_output(layer(**kwargs))
-        loss = layer_loss(
-            out.to(precision.dtype), target.to(precision.dtype), options.loss
-        )
+        loss = loss_fn(out.to(precision.dtype), target.to(precision.dtype))
         grads = torch.autograd.grad(loss, flat_params, allow_unused=True)
         patched.new_step()
         return loss.detach(), [
@@ -213,10 +218,10 @@ def train_layer(
     )
     with _frozen(layer), torch.enable_grad(), _cuda_linalg(device):
         loss_rtn = _mean_loss(layer, rtn, steps, targets, weights, autocast, graphs,
-                              options.loss)
+                              loss_fn)
         del rtn
         loss_init = _mean_loss(
-            layer, patched, steps, targets, weights, autocast, graphs, options.loss
+            layer, patched, steps, targets, weights, autocast, graphs, loss_fn
         )
         # one optimizer implementation for every launch mode (torchrun or not), so
         # that a 1-rank torchrun run is the plain run bit for bit
@@ -230,9 +235,10 @@ def train_layer(
         else:
             scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
         grad_buffer, grad_views = _flat_gradients(flat_params, device)
-        epoch_losses = []
+        epoch_losses, epoch_seconds = [], []
         bar = tqdm(range(options.epochs), desc=f"FlatQuant {name}", leave=False)
         for epoch in bar:
+            epoch_start = time.perf_counter()
             total = torch.zeros((), dtype=torch.float64, device=device)
             with patched.patched():
                 for batches, step_targets, step_weights in zip(steps, targets, weights):
@@ -245,7 +251,8 @@ def train_layer(
                     all_reduce_(grad_buffer)
                     optimizer.step()
                     scheduler.step()
-            mean = float(all_reduce_(total)) / max(len(steps), 1)
+            mean = float(all_reduce_(total)) / max(len(steps), 1)  # waits for the GPU
+            epoch_seconds.append(time.perf_counter() - epoch_start)
             if not math.isfinite(mean):
                 graphs.close()
                 raise NonFiniteLossError(
@@ -257,15 +264,15 @@ def train_layer(
             epoch_losses.append(mean)
             bar.set_postfix(loss=f"{mean:.3g}")
         loss_final = _mean_loss(
-            layer, patched, steps, targets, weights, autocast, graphs, options.loss
+            layer, patched, steps, targets, weights, autocast, graphs, loss_fn
         )
         num_graphs = graphs.num_graphs
         graphs.close()
         for p in flat_params:
             p.grad = None
     return LayerReport(
-        name, loss_rtn, loss_init, loss_final, epoch_losses, time.perf_counter() - start,
-        num_graphs,
+        name, loss_rtn, loss_init, loss_final, epoch_losses, epoch_seconds,
+        time.perf_counter() - start, num_graphs,
     )
 
 

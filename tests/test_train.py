@@ -38,6 +38,7 @@ def _train_first_layer(**options):
 def test_training_lowers_the_loss_and_leaves_the_layer_untouched(options):
     report, layer, before = _train_first_layer(**options)
     assert len(report.epoch_losses) == 4
+    assert len(report.epoch_seconds) == 4 and min(report.epoch_seconds) > 0
     assert report.loss_final < report.loss_init and report.loss_final < report.loss_rtn
     for key, value in layer.state_dict().items():  # absorbing is calibrate's job
         assert torch.equal(value, before[key]), key

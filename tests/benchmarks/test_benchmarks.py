@@ -4,6 +4,7 @@ made-up inputs; the benchmarks themselves are run by hand, not by the tests."""
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -109,3 +110,20 @@ def test_rounding_perturbation_moves_the_first_layer_input_by_its_size():
         handle.remove()
     relative = ((seen[1] - seen[0]) / seen[0]).abs()
     assert 1e-9 < float(relative.max()) < 1e-6
+
+
+def test_oneshot_scale_sets_the_epochs_of_the_recipe(tmp_path):
+    import yaml
+
+    with_epochs = _load("oneshot_scale").with_epochs
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "flatquant_w4a4.yaml"
+    text, recipe_epochs = with_epochs(recipe, 5)
+    assert recipe_epochs == 15
+    modifiers = yaml.safe_load(text)["quant_stage"]["quant_modifiers"]
+    assert modifiers["FlatQuantModifier"]["epochs"] == 5
+    assert modifiers["FlatQuantModifier"]["lr"] == 0.02  # the rest as it was
+    assert yaml.safe_load(with_epochs(recipe, None)[0]) == yaml.safe_load(recipe.read_text())
+    other = tmp_path / "gptq.yaml"
+    other.write_text("stage:\n  modifiers:\n    GPTQModifier:\n      targets: Linear\n")
+    with pytest.raises(SystemExit, match="no FlatQuantModifier"):
+        with_epochs(other, 5)
