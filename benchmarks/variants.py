@@ -47,6 +47,7 @@ VARIANTS = {  # changes from the defaults (dense, random init, smoothing, both c
     "constant-lr": {"lr_schedule": "constant"},
     "weight-decay-0.01": {"weight_decay": 0.01},
     "relative-loss": {"loss": "relative"},
+    "lr-2e-2-last-layer-logits": {"lr": 2e-2, "clip_lr": 2e-1, "last_layer_loss": "logits"},
     "dense-identity-init": {"transform_init": "identity"},
     "no-smooth": {"smooth": False},
     "no-clip": {"learn_weight_clip": False, "learn_activation_clip": False},
@@ -72,6 +73,9 @@ GPTQ_VARIANTS = {
     "lr-2e-2-gptq-mse": ({"lr": 2e-2, "clip_lr": 2e-1}, {"observer": "memoryless-mse"}),
     "epochs-5-lr-2e-2-gptq-mse": ({"epochs": 5, "lr": 2e-2, "clip_lr": 2e-1},
                                   {"observer": "memoryless-mse"}),
+    "lr-2e-2-last-layer-logits-gptq-mse": (
+        {"lr": 2e-2, "clip_lr": 2e-1, "last_layer_loss": "logits"},
+        {"observer": "memoryless-mse"}),
 }
 
 W4_CHANNEL = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel",

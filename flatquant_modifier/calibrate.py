@@ -8,7 +8,8 @@ cached to the applied result:
    MoE experts, unquantized until after training, as grouped GEMMs on CUDA:
    :mod:`flatquant_modifier.experts`);
 3. the initial learnable state (:func:`flatquant_modifier.modules.build_group_params`);
-4. training (:func:`flatquant_modifier.train.train_layer`);
+4. training (:func:`flatquant_modifier.train.train_layer`; the last decoder layer
+   optionally on the logits' error, :mod:`flatquant_modifier.logits_loss`);
 5. the weights absorb the result and the online transforms are attached
    (:func:`flatquant_modifier.absorb.absorb_group`), written in one barrier
    (:func:`flatquant_modifier.distributed.write_parameters`), and the layer's
@@ -34,6 +35,7 @@ from flatquant_modifier.compat import routed_experts_only
 from flatquant_modifier.distributed import all_reduce_, write_parameters
 from flatquant_modifier.emulation import layer_output
 from flatquant_modifier.experts import grouped_experts
+from flatquant_modifier.logits_loss import logits_loss
 from flatquant_modifier.mappings import ResolvedGroup
 from flatquant_modifier.modules import GroupParams, build_group_params
 from flatquant_modifier.options import FlatQuantOptions, training_precision
@@ -87,6 +89,7 @@ def calibrate_layer(
     attn_implementation: str | None = None,
     smoothing: SmoothingCheck | None = None,
     int8_linears: list[str] = (),
+    logits: bool = False,
 ) -> LayerResult:
     """
     Train and apply FlatQuant on one decoder layer (see the module docstring).
@@ -100,6 +103,8 @@ def calibrate_layer(
     :param smoothing: turns off smoothing that cannot be folded exactly
     :param int8_linears: the layer's linears served as ``W8A8_DYNAMIC``: after
         training they get per-token int8 input quantizers (NPU formula)
+    :param logits: train on the MSE of the logits the layer's outputs give
+        (:mod:`flatquant_modifier.logits_loss`; the model's last decoder layer)
     :raises NonFiniteLossError: weights, targets or loss are NaN/Inf; the layer is
         left unchanged
     """
@@ -131,8 +136,10 @@ def calibrate_layer(
             params = build_group_params(
                 groups, act_max, options, precision.dtype, device, generator
             )
+            loss_fn = logits_loss(model, device, precision.dtype) if logits else None
             report = train_layer(
-                name, layer, groups, params, steps, targets, options, precision, device
+                name, layer, groups, params, steps, targets, options, precision, device,
+                loss_fn,
             )
         transformed = apply_layer(model, groups, params, options, precision.dtype)
         int8 = attach_int8_quantizers(model, list(int8_linears), options)

@@ -286,6 +286,8 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
                     attn_implementation=self._attn_implementation,
                     smoothing=self._smoothing if self.smooth else None,
                     int8_linears=int8,
+                    logits=(self.last_layer_loss == "logits"
+                            and index == len(self._layers) - 1),
                 )
             except NonFiniteLossError as error:
                 if self.on_nonfinite == "raise":

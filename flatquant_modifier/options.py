@@ -54,6 +54,12 @@ class FlatQuantOptions(BaseModel):
         token's squared error divided by the mean square of its full-precision output,
         averaged over tokens, so that tokens with large residual-stream norms (attention
         sinks) do not dominate, as they do not after the model's final norm
+    :param last_layer_loss: what the model's last decoder layer minimises. ``"layer"``:
+        ``loss`` of its output, as every layer. ``"logits"``: the mean squared error of
+        the logits its output gives through the final RMSNorm and ``lm_head``
+        (:mod:`flatquant_modifier.logits_loss`: exact, through one hidden x hidden
+        matrix), so that its error counts as it reaches the predictions rather than
+        by the residual stream's largest channels, which the final norm divides away
     :param autocast_dtype: autocast dtype of the training forward (``bfloat16`` /
         ``float16``), master weights staying float32; None trains in float32.
         ``"auto"``: ``bfloat16`` on CUDA, as the paper's code trains, float32
@@ -108,6 +114,7 @@ class FlatQuantOptions(BaseModel):
     weight_decay: float = Field(default=0.0, ge=0.0)
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     loss: Literal["mse", "relative"] = "mse"
+    last_layer_loss: Literal["layer", "logits"] = "layer"
     autocast_dtype: Literal["auto"] | TorchDtype | None = "auto"
     cuda_graphs: bool = True
     torch_compile: bool | Literal["auto"] = "auto"
