@@ -115,6 +115,9 @@ _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA G
     pytest.param("cpu", "nvfp4", marks=pytest.mark.slow),
     pytest.param("cpu", "mxfp4", marks=pytest.mark.slow),
     pytest.param("cuda", "int", marks=_CUDA),
+    # CUDA NVFP4 is left out: its compiled gradients differ from eager's by up to 4 %
+    # on one H200 (the loss agrees to 1e-6), so "auto" keeps NVFP4 eager
+    pytest.param("cuda", "mxfp4", marks=_CUDA),
 ])
 def test_compiled_quantizers_have_the_eager_loss_and_gradients(device, quant_format):
     """``torch_compile=True`` (inductor's fused kernels) computes the training step's
