@@ -58,6 +58,7 @@ class FakeQuantizedLayer:
         self.params = params
         self.options = options
         self.dtype = precision.dtype
+        self.device_type = torch.device(device).type
         num_weights = sum(linear.weight.numel() for g in groups for _, linear in g.linears)
         compiled = use_torch_compile(options, device, num_weights)
         # the linears of a group stacked by rows: transformed and quantized in one go;
@@ -123,7 +124,8 @@ class FakeQuantizedLayer:
             weight = self._functions()[0](
                 self.weights[gi], smooth, p1_inv_t, p2_inv_t,
                 self.params[gi].weight_clip(), cfg.quant_format, cfg.w_bits, self.dtype,
-                rows if cfg.quant_format == "nvfp4" else None, _autocast_dtype(p1_inv_t),
+                rows if cfg.quant_format == "nvfp4" else None,
+                _autocast_dtype(self.device_type),
             )
             self._quantized[gi] = weight if isinstance(weight, tuple) else weight.split(rows)
         return self._quantized[gi]
@@ -140,7 +142,7 @@ class FakeQuantizedLayer:
             shared = len(self.groups[gi].linears) > 1
             h = self._functions()[1](
                 x, smooth, p1, p2, act_clip, cfg.quant_format, cfg.a_bits, self.dtype,
-                None if shared else _autocast_dtype(p1),
+                None if shared else _autocast_dtype(self.device_type),
             )
             self._inputs[gi] = (x, h)
         weight = self._group_weights(gi)[li]
@@ -160,14 +162,11 @@ class FakeQuantizedLayer:
         return lambda x: self._forward(gi, li, x)
 
 
-def _autocast_dtype(like: torch.Tensor | None) -> torch.dtype | None:
-    """The dtype autocast gives a linear's operands on ``like``'s device (None: off).
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast gives a linear's operands on ``device_type`` (None: off).
     The weight and input functions return it themselves, so that compiled, the cast
     fuses into their last kernel (forward and backward) instead of being a copy of
     its own; autocast then leaves the operands as they are: the same values."""
-    if like is None:
-        return None
-    device_type = like.device.type
     if not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)

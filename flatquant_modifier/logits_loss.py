@@ -32,15 +32,19 @@ class LogitsLoss:
     def __call__(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # the projection's precision, not autocast's: the loss is a small difference
         with torch.autocast(out.device.type, enabled=False):
-            difference = self._normed(out) - self._normed(target)
+            dtype = self.projection.dtype
+            difference = (_rms_normalised(out.to(dtype), self.eps)
+                          - _rms_normalised(target.to(dtype), self.eps))
             return (difference @ self.projection).square().mean()
 
-    def _normed(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.to(self.projection.dtype)
-        return hidden * torch.rsqrt(hidden.square().mean(-1, keepdim=True) + self.eps)
+
+def _rms_normalised(hidden: torch.Tensor, eps: float) -> torch.Tensor:
+    """The final RMSNorm without its weight."""
+    return hidden * torch.rsqrt(hidden.square().mean(-1, keepdim=True) + eps)
 
 
-def _final_norm(model: Module) -> Module:
+def _final_norm(model: Module) -> tuple[Module, float]:
+    """The model's final norm and its epsilon."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     norm = getattr(decoder, "norm", None)
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
@@ -50,7 +54,7 @@ def _final_norm(model: Module) -> Module:
             "as the `norm` of model.get_decoder() (with a weight and an epsilon); none "
             "was found. Use last_layer_loss='layer' for this architecture."
         )
-    return norm
+    return norm, float(eps)
 
 
 @torch.no_grad()
@@ -64,7 +68,7 @@ def logits_loss(
     :raises ValueError: the model has no final RMSNorm this loss can reproduce (checked
         against the norm module itself on a probe), or no output embedding
     """
-    norm = _final_norm(model)
+    norm, eps = _final_norm(model)
     head = model.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:
         raise ValueError(f"last_layer_loss='logits': {type(model).__name__} has no "
@@ -82,15 +86,12 @@ def logits_loss(
         ridge = 1e-10 * gram.diagonal().mean().clamp_min(1e-30)
         lower = torch.linalg.cholesky(gram + ridge * torch.eye(len(gram), dtype=gram.dtype,
                                                                device=device))
-    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", None)))
     with align_module_device(norm, device):
         norm_weight = norm.weight.detach().to(device=device, dtype=torch.float64)
         probe = torch.randn(4, len(norm_weight), dtype=torch.float64, device=device,
                             generator=torch.Generator(device).manual_seed(0)) * 3.0
         expected = norm(probe.to(norm.weight.dtype)).double()
-    loss = LogitsLoss(norm_weight[:, None] * lower, eps)
-    reproduced = (probe * torch.rsqrt(probe.square().mean(-1, keepdim=True) + eps)
-                  * norm_weight)
+    reproduced = _rms_normalised(probe, eps) * norm_weight
     tolerance = 1e-2 if norm.weight.dtype in (torch.bfloat16, torch.float16) else 1e-4
     if not torch.allclose(reproduced, expected, rtol=tolerance, atol=tolerance):
         raise ValueError(
@@ -98,5 +99,4 @@ def logits_loss(
             f"({type(norm).__name__}) is not x * rsqrt(mean(x^2) + eps) * weight, which "
             "this loss computes; use last_layer_loss='layer' for this architecture"
         )
-    loss.projection = loss.projection.to(dtype)
-    return loss
+    return LogitsLoss((norm_weight[:, None] * lower).to(dtype), eps)

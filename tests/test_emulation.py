@@ -98,7 +98,7 @@ def test_autocast_operands_cast_by_the_quantizers_give_the_same_step(quant_forma
 
     cpu = torch.device("cpu")
     loss, grads = _one_step_gradients(quant_format, cpu, False, torch.bfloat16, 1)
-    monkeypatch.setattr(emulation, "_autocast_dtype", lambda like: None)
+    monkeypatch.setattr(emulation, "_autocast_dtype", lambda device_type: None)
     reference_loss, reference_grads = _one_step_gradients(quant_format, cpu, False,
                                                           torch.bfloat16, 1)
     assert torch.equal(loss, reference_loss)
