@@ -75,6 +75,61 @@ def top_operators(prof, device: torch.device, rows: int) -> str:
     return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=70)
 
 
+# kernel name fragments -> category, first match wins (cuBLAS/cuDNN/Triton kernel names)
+KERNEL_CATEGORIES = (
+    (("flash", "fmha", "sdpa", "attention"), "attention"),
+    (("triton",), "compiled (Triton)"),
+    (("gemm", "cutlass", "nvjet", "xmma", "cublas"), "GEMM"),
+    (("copy", "memcpy", "cast"), "copies and casts"),
+    (("elementwise", "vectorized"), "eager elementwise"),
+    (("reduce",), "eager reductions"),
+)
+
+
+def kernel_category(name: str) -> str:
+    lower = name.lower()
+    return next((cat for keys, cat in KERNEL_CATEGORIES if any(k in lower for k in keys)),
+                "other")
+
+
+def kernel_times(prof) -> dict[str, tuple[float, int]]:
+    """GPU time (microseconds) and launches per kernel name of a CUDA profile."""
+    times: dict[str, tuple[float, int]] = {}
+    for event in prof.key_averages():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        total = getattr(event, "device_time_total", None)
+        if total is None:
+            total = event.cuda_time_total
+        seconds, count = times.get(event.key, (0.0, 0))
+        times[event.key] = (seconds + total, count + event.count)
+    return times
+
+
+def step_kernel_table(shorter: dict, longer: dict, steps: int, rows: int = 25) -> str:
+    """
+    GPU time per step of the kernels one run has beyond another (:func:`kernel_times`
+    of both), e.g. a 2-epoch run minus a 1-epoch run: one epoch of training steps,
+    without the evaluation passes and graph captures both runs have. By category, then
+    the ``rows`` largest kernels.
+    """
+    delta = {k: (t - shorter.get(k, (0.0, 0))[0], n - shorter.get(k, (0.0, 0))[1])
+             for k, (t, n) in longer.items()}
+    total = sum(t for t, _ in delta.values())
+    per_step = lambda us: us / max(steps, 1) / 1000  # noqa: E731  (ms)
+    categories: dict[str, float] = {}
+    for name, (t, _) in delta.items():
+        categories[kernel_category(name)] = categories.get(kernel_category(name), 0.0) + t
+    lines = [f"GPU kernel time per step: {per_step(total):.2f} ms", "",
+             "| kernels | ms per step | share |", "|---|---|---|"]
+    for cat, t in sorted(categories.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {cat} | {per_step(t):.2f} | {100 * t / max(total, 1e-9):.1f} % |")
+    lines += ["", "| ms per step | launches per step | kernel |", "|---|---|---|"]
+    for name, (t, n) in sorted(delta.items(), key=lambda kv: -kv[1][0])[:rows]:
+        lines.append(f"| {per_step(t):.3f} | {n / max(steps, 1):.1f} | {name[:120]} |")
+    return "\n".join(lines)
+
+
 def random_smollm2(num_layers: int):
     """A randomly initialised Llama with SmolLM2-135M-Instruct's shapes."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # profile_layer
-from profile_layer import layer_inputs, profiled, top_operators  # noqa: E402
+from profile_layer import (  # noqa: E402
+    kernel_times, layer_inputs, profiled, step_kernel_table, top_operators,
+)
 
 from flatquant_modifier.batching import assign_steps, call_keys, plan_steps  # noqa: E402
 from flatquant_modifier.calibrate import full_precision_pass  # noqa: E402
@@ -113,7 +115,10 @@ def measure(shape: str, args, device: torch.device) -> dict:
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    if args.profile:  # the top kernels of one more epoch
+    if args.profile and cuda:  # the kernels of one epoch of steps: 2 epochs minus 1
+        profiles = [profiled(lambda e=e: run(e), device)[1] for e in (1, 2)]
+        print(step_kernel_table(*map(kernel_times, profiles), len(steps)), flush=True)
+    elif args.profile:  # the top operators of a 1-epoch run
         _, prof = profiled(lambda: run(1), device)
         print(top_operators(prof, device, rows=30), flush=True)
     ms_per_step = 1000 * (report.seconds - shorter.seconds) / len(steps)
@@ -172,8 +177,9 @@ def main():
     parser.add_argument("--torch-compile", choices=sorted(COMPILE), default="auto",
                         help="FlatQuantOptions.torch_compile")
     parser.add_argument("--profile", action="store_true",
-                        help="print the top GPU kernels of one more epoch (best with "
-                        "--no-cuda-graphs, whose kernels the profiler sees one by one)")
+                        help="print the GPU kernel time per step of one epoch of "
+                        "training steps (a 2-epoch run's profile minus a 1-epoch run's), "
+                        "by category and kernel; on a CPU the top operators of a run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu only checks that the script runs (small shapes)")
     parser.add_argument("--json", type=Path, default=None)

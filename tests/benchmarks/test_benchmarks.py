@@ -127,3 +127,23 @@ def test_oneshot_scale_sets_the_epochs_of_the_recipe(tmp_path):
     other.write_text("stage:\n  modifiers:\n    GPTQModifier:\n      targets: Linear\n")
     with pytest.raises(SystemExit, match="no FlatQuantModifier"):
         with_epochs(other, 5)
+
+
+def test_step_kernel_table_is_the_difference_of_two_runs_per_step():
+    profile_layer = _load("profile_layer")
+    # microseconds and launches: the 1-epoch run has the evaluation passes' kernels too
+    shorter = {"nvjet_sm90_tst_256x128": (4000.0, 8), "triton_poi_fused_round": (900.0, 4),
+               "cudnn_generated_fort_native_sdpa_sm90_flash_fprop": (300.0, 6)}
+    longer = {"nvjet_sm90_tst_256x128": (8000.0, 16), "triton_poi_fused_round": (1500.0, 8),
+              "cudnn_generated_fort_native_sdpa_sm90_flash_fprop": (500.0, 10),
+              "Memcpy DtoD (Device -> Device)": (100.0, 4)}
+    text = profile_layer.step_kernel_table(shorter, longer, steps=2)
+    assert "GPU kernel time per step: 2.45 ms" in text
+    assert "| GEMM | 2.00 | 81.6 % |" in text
+    assert "| compiled (Triton) | 0.30 | 12.2 % |" in text
+    assert "| attention | 0.10 | 4.1 % |" in text
+    assert "| copies and casts | 0.05 | 2.0 % |" in text
+    assert "| 2.000 | 4.0 | nvjet_sm90_tst_256x128 |" in text
+    assert profile_layer.kernel_category("void at::native::vectorized_elementwise_kernel<4, "
+                                         "CUDAFunctor_add<float>>") == "eager elementwise"
+    assert profile_layer.kernel_category("getrf_pivot<float>") == "other"
