@@ -12,7 +12,11 @@ import torch
 import torch.nn.functional as F
 from compressed_tensors.utils import patch_attr
 
-from flatquant_modifier.kronecker import kronecker_matmul
+from flatquant_modifier.kronecker import (
+    kronecker_matmul,
+    kronecker_matmul_factor_major,
+    to_factor_major,
+)
 from flatquant_modifier.mappings import ResolvedGroup
 from flatquant_modifier.modules import GroupParams, matrices_and_inverses
 from flatquant_modifier.options import FlatQuantOptions, Precision
@@ -61,16 +65,20 @@ class FakeQuantizedLayer:
         self.device_type = torch.device(device).type
         num_weights = sum(linear.weight.numel() for g in groups for _, linear in g.linears)
         compiled = use_torch_compile(options, device, num_weights)
-        # the linears of a group stacked by rows: transformed and quantized in one go;
-        # compiled, kept in the model's dtype (bfloat16: half the memory) and cast
+        # the linears of a group stacked by rows, factor-major ([M, rows, N]: both
+        # Kronecker factors are plain matrix products), transformed and quantized in one
+        # go; compiled, kept in the model's dtype (bfloat16: half the memory) and cast
         # exactly inside the fused kernels (an eager cast would keep a copy for backward)
         self.weights = [
-            torch.cat(
-                [linear.weight.detach().to(device=device, dtype=_storage_dtype(
-                    linear.weight.dtype, self.dtype) if compiled else self.dtype)
-                 for _, linear in group.linears]
+            to_factor_major(
+                torch.cat([
+                    linear.weight.detach().to(device=device, dtype=_storage_dtype(
+                        linear.weight.dtype, self.dtype) if compiled else self.dtype)
+                    for _, linear in group.linears
+                ]),
+                p.kron.left.size, p.kron.right.size,
             )
-            for group in groups
+            for group, p in zip(groups, params)
         ]
         self.out_features = [[linear.out_features for _, linear in g.linears] for g in groups]
         self.biases = [
@@ -218,16 +226,18 @@ def quantized_weights(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """
-    A group's weights (its linears stacked by rows) scaled by the smoothing vector,
-    transformed by ``kron(P1, P2)^-T`` and fake-quantized, computed in ``dtype`` and
-    returned in ``out_dtype`` (None: ``dtype``); NVFP4: one tensor per linear
-    (``nvfp4_rows`` rows each), each with its own global scale. A pure function of its
-    arguments, so that ``torch.compile`` can fuse it.
+    A group's weights (its linears stacked by rows, stored factor-major: ``[M, rows, N]``,
+    :func:`~flatquant_modifier.kronecker.to_factor_major`) scaled by the smoothing
+    vector, transformed by ``kron(P1, P2)^-T`` and fake-quantized, computed in ``dtype``
+    and returned as ``[rows, M * N]`` in ``out_dtype`` (None: ``dtype``); NVFP4: one
+    tensor per linear (``nvfp4_rows`` rows each), each with its own global scale. A pure
+    function of its arguments, so that ``torch.compile`` can fuse it.
     """
+    m, _, n = weight.shape
     weight = weight.to(dtype)
     if smooth is not None:
-        weight = weight * smooth
-    weight = kronecker_matmul(weight, p1_inv_t, p2_inv_t)
+        weight = weight * smooth.reshape(m, 1, n)
+    weight = kronecker_matmul_factor_major(weight, p1_inv_t, p2_inv_t)
     if quant_format == "nvfp4":
         return tuple(_to(fake_quantize_nvfp4(w), out_dtype)
                      for w in weight.split(nvfp4_rows))

@@ -19,6 +19,8 @@ __all__ = [
     "mx_decompose_dim",
     "mxfp4_trans_dims",
     "kronecker_matmul",
+    "kronecker_matmul_factor_major",
+    "to_factor_major",
     "kronecker_dense",
     "absorb_inverse_into_weight",
     "random_orthogonal",
@@ -108,6 +110,41 @@ def kronecker_matmul(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> tor
     y = (x3.reshape(-1, n) @ p2).reshape(-1, m, n)
     y = torch.matmul(p1.transpose(0, 1), y)
     return y.reshape(shape)
+
+
+def to_factor_major(x: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    """
+    ``x`` (``[rows, M * N]``) rearranged as ``[M, rows, N]`` (contiguous): the layout in
+    which :func:`kronecker_matmul_factor_major` applies both factors as plain matrix
+    products.
+    """
+    return x.reshape(x.shape[0], m, n).transpose(0, 1).contiguous()
+
+
+def kronecker_matmul_factor_major(
+    xs: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor
+) -> torch.Tensor:
+    """
+    :func:`kronecker_matmul` of rows stored factor-major (``xs`` = :func:`to_factor_major`
+    of ``x``), returned as ``[rows, M * N]``. Both factors are then one 2-D matrix
+    product each, forward and backward: :func:`kronecker_matmul`'s left factor acts on
+    the middle axis of ``[rows, M, N]``, which costs a transposed copy of the whole
+    tensor before and after its product (and two more in the backward). For weights,
+    stored once in this layout; the last transpose fuses into what reads the result.
+
+    :param xs: ``[M, rows, N]``
+    :param p1: ``[M, M]``
+    :param p2: ``[N, N]``
+    """
+    m, rows, n = xs.shape
+    if p1.shape[0] != m or p2.shape[0] != n:
+        raise ValueError(
+            f"kronecker_matmul_factor_major: rows stored as {tuple(xs.shape)} do not match"
+            f" P1 {tuple(p1.shape)}, P2 {tuple(p2.shape)}"
+        )
+    y = (xs.reshape(m * rows, n) @ p2).reshape(m, rows * n)
+    y = (p1.transpose(0, 1) @ y).reshape(m, rows, n)
+    return y.transpose(0, 1).reshape(rows, m * n)
 
 
 def kronecker_dense(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:

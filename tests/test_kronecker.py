@@ -6,7 +6,9 @@ from flatquant_modifier.kronecker import (
     get_decompose_dim,
     kronecker_dense,
     kronecker_matmul,
+    kronecker_matmul_factor_major,
     random_orthogonal,
+    to_factor_major,
 )
 
 
@@ -32,6 +34,26 @@ def test_kronecker_matmul_equals_dense_kron():
     torch.testing.assert_close(
         kronecker_matmul(x, p1, p2)[0, 0].view(3, 4), p1.T @ token @ p2
     )
+
+
+def test_factor_major_rows_give_kronecker_matmul_and_its_gradients():
+    g = torch.Generator().manual_seed(2)
+    p1 = torch.randn(3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    p2 = torch.randn(4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(7, 12, generator=g, dtype=torch.float64)
+    xs = to_factor_major(x, 3, 4)
+    assert xs.shape == (3, 7, 4) and xs.is_contiguous()
+    assert torch.equal(xs[1, 5], x[5, 4:8])  # row 5, second block of N
+    out = kronecker_matmul_factor_major(xs, p1, p2)
+    expected = kronecker_matmul(x, p1, p2)
+    torch.testing.assert_close(out, expected, rtol=1e-14, atol=1e-14)
+    upstream = torch.randn(7, 12, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * upstream).sum(), [p1, p2])
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), [p1, p2])
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match="do not match"):
+        kronecker_matmul_factor_major(xs, p2, p1)
 
 
 def test_absorbed_inverse_preserves_linear():
