@@ -80,7 +80,9 @@ KERNEL_CATEGORIES = (
     (("flash", "fmha", "sdpa", "attention"), "attention"),
     (("triton",), "compiled (Triton)"),
     (("gemm", "cutlass", "nvjet", "xmma", "cublas"), "GEMM"),
-    (("copy", "memcpy", "cast"), "copies and casts"),
+    # dtype casts are copy kernels; "cast" alone would also take the eager elementwise
+    # kernels named ``gpu_kernel_impl_nocast``
+    (("copy", "memcpy"), "copies and casts"),
     (("elementwise", "vectorized"), "eager elementwise"),
     (("reduce",), "eager reductions"),
 )
@@ -101,8 +103,8 @@ def kernel_times(prof) -> dict[str, tuple[float, int]]:
         total = getattr(event, "device_time_total", None)
         if total is None:
             total = event.cuda_time_total
-        seconds, count = times.get(event.key, (0.0, 0))
-        times[event.key] = (seconds + total, count + event.count)
+        micros, count = times.get(event.key, (0.0, 0))
+        times[event.key] = (micros + total, count + event.count)
     return times
 
 

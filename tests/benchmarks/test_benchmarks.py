@@ -147,3 +147,10 @@ def test_step_kernel_table_is_the_difference_of_two_runs_per_step():
     assert profile_layer.kernel_category("void at::native::vectorized_elementwise_kernel<4, "
                                          "CUDAFunctor_add<float>>") == "eager elementwise"
     assert profile_layer.kernel_category("getrf_pivot<float>") == "other"
+    assert profile_layer.kernel_category(
+        "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<"
+        "at::native::BinaryFunctor<c10::BFloat16, c10::BFloat16, c10::BFloat16, "
+        "at::native::binary_internal::MulFunctor<float> > >") == "eager elementwise"
+    assert profile_layer.kernel_category(
+        "void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda"
+        "(at::TensorIteratorBase&)::{lambda(float)#1}>") == "copies and casts"
