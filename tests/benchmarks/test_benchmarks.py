@@ -154,3 +154,20 @@ def test_step_kernel_table_is_the_difference_of_two_runs_per_step():
     assert profile_layer.kernel_category(
         "void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda"
         "(at::TensorIteratorBase&)::{lambda(float)#1}>") == "copies and casts"
+
+
+def test_weights_a_hair_above_the_tie_are_sent_to_minus_eight():
+    weight_ties = _load("weight_ties")
+    scale = torch.tensor([[0.5], [2.0]])
+    # levels: row 0 -7.49999 (rounds to -7), -7.5 (exact tie: -8), -3, 7.5; row 1 none
+    weight = torch.tensor([[-3.749995, -3.75, -1.5, 3.75], [4.0, -2.0, 15.0, 0.0]])
+    mask = weight_ties.tied_low(weight, scale)
+    assert mask.tolist() == [[True, False, False, False], [False] * 4]
+    assert weight_ties.at_tie(weight, scale).tolist() == [True, False]
+    assert torch.round(weight / scale)[0, 0] == -7
+    weight_ties.send_to_minus_eight(weight, scale, mask)
+    assert torch.round(weight / scale)[0].tolist() == [-8.0, -8.0, -3.0, 8.0]
+    assert weight[1].tolist() == [4.0, -2.0, 15.0, 0.0]
+    row = {"recipe": "r.yaml", "rows": 10, "rows_at_tie": 8, "rows_rounded_to_minus_7": 1,
+           "weights_rounded_to_minus_7": 3, "ppl_as_saved": 29.7, "ppl_ties_at_minus_8": 29.6}
+    assert "| r.yaml | 10 | 8 | 1 / 3 | 29.700 | 29.600 |" in weight_ties.table(row)
