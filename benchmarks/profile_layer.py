@@ -115,13 +115,16 @@ def step_kernel_table(shorter: dict, longer: dict, steps: int, rows: int = 25) -
     without the evaluation passes and graph captures both runs have. By category, then
     the ``rows`` largest kernels.
     """
-    delta = {k: (t - shorter.get(k, (0.0, 0))[0], n - shorter.get(k, (0.0, 0))[1])
-             for k, (t, n) in longer.items()}
+    delta = {}
+    for name, (t, n) in longer.items():
+        t0, n0 = shorter.get(name, (0.0, 0))
+        delta[name] = (t - t0, n - n0)
     total = sum(t for t, _ in delta.values())
     per_step = lambda us: us / max(steps, 1) / 1000  # noqa: E731  (ms)
     categories: dict[str, float] = {}
     for name, (t, _) in delta.items():
-        categories[kernel_category(name)] = categories.get(kernel_category(name), 0.0) + t
+        category = kernel_category(name)
+        categories[category] = categories.get(category, 0.0) + t
     lines = [f"GPU kernel time per step: {per_step(total):.2f} ms", "",
              "| kernels | ms per step | share |", "|---|---|---|"]
     for cat, t in sorted(categories.items(), key=lambda kv: -kv[1]):

@@ -24,10 +24,10 @@ from llmcompressor.recipe import Recipe
 
 import flatquant_modifier  # noqa: F401  registers FlatQuantModifier for YAML recipes
 from flatquant_modifier import FlatQuantModifier
-from flatquant_modifier.options import cpu_has_native_bfloat16
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # examples.common, wherever this script is run from
+from examples.common.autocast import bfloat16_on_native_cpus  # noqa: E402
 from examples.common.data import CALIBRATION_TEXT, TEST_TEXT, text_windows_dataset  # noqa: E402
 from examples.common.perplexity import perplexity  # noqa: E402
 from examples.common.smollm2 import load_smollm2  # noqa: E402
@@ -72,10 +72,9 @@ def main():
     model, tokenizer = load_smollm2(args.model_cache)
     model.to(device)
     recipe = Recipe.create_instance(str(args.recipe))
-    for modifier in recipe.modifiers:  # as the example: bfloat16 on CPUs that have it
-        if (isinstance(modifier, FlatQuantModifier) and device.type == "cpu"
-                and modifier.autocast_dtype == "auto" and cpu_has_native_bfloat16()):
-            modifier.autocast_dtype = torch.bfloat16
+    for modifier in recipe.modifiers:  # as the example
+        if isinstance(modifier, FlatQuantModifier):
+            bfloat16_on_native_cpus(modifier, device)
     dataset = text_windows_dataset(tokenizer, CALIBRATION_TEXT, args.num_samples,
                                    args.seq_len, seed=args.seed)
     start = time.perf_counter()

@@ -37,7 +37,6 @@ import flatquant_modifier  # noqa: F401  registers FlatQuantModifier for YAML re
 from flatquant_modifier import FlatQuantModifier, load_flatquant_model
 from flatquant_modifier.ascend import load_ascend_model, save_ascend_checkpoint
 from flatquant_modifier.compat import shard_dataset
-from flatquant_modifier.options import cpu_has_native_bfloat16
 from flatquant_modifier.distributed import (
     barrier,
     get_rank,
@@ -47,6 +46,7 @@ from flatquant_modifier.distributed import (
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # examples.common, wherever this script is run from
+from examples.common.autocast import bfloat16_on_native_cpus  # noqa: E402
 from examples.common.data import CALIBRATION_TEXT, TEST_TEXT, text_windows_dataset  # noqa: E402
 from examples.common.evaluation import exact_fake_quant  # noqa: E402
 from examples.common.perplexity import perplexity  # noqa: E402
@@ -154,9 +154,8 @@ def main():
             modifier.autocast_dtype = (
                 None if args.autocast == "float32" else getattr(torch, args.autocast)
             )
-        elif (modifier.autocast_dtype == "auto" and args.device == "cpu"
-              and cpu_has_native_bfloat16()):
-            modifier.autocast_dtype = torch.bfloat16
+        else:
+            bfloat16_on_native_cpus(modifier, args.device)
         result["autocast"] = str(modifier.autocast_dtype).replace("torch.", "")
         if args.no_cuda_graphs:
             modifier.cuda_graphs = False
