@@ -48,6 +48,7 @@ VARIANTS = {  # changes from the defaults (dense, random init, smoothing, both c
     "weight-decay-0.01": {"weight_decay": 0.01},
     "relative-loss": {"loss": "relative"},
     "lr-2e-2-last-layer-logits": {"lr": 2e-2, "clip_lr": 2e-1, "last_layer_loss": "logits"},
+    "lr-2e-2-model-targets": {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model"},
     "dense-identity-init": {"transform_init": "identity"},
     "no-smooth": {"smooth": False},
     "no-clip": {"learn_weight_clip": False, "learn_activation_clip": False},
@@ -75,6 +76,12 @@ GPTQ_VARIANTS = {
                                   {"observer": "memoryless-mse"}),
     "lr-2e-2-last-layer-logits-gptq-mse": (
         {"lr": 2e-2, "clip_lr": 2e-1, "last_layer_loss": "logits"},
+        {"observer": "memoryless-mse"}),
+    "lr-2e-2-model-targets-gptq-mse": (
+        {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model"},
+        {"observer": "memoryless-mse"}),
+    "lr-2e-2-model-targets-logits-gptq-mse": (
+        {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model", "last_layer_loss": "logits"},
         {"observer": "memoryless-mse"}),
 }
 

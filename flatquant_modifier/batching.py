@@ -29,6 +29,7 @@ __all__ = [
     "call_keys",
     "assign_steps",
     "plan_steps",
+    "layer_input",
 ]
 
 _MISMATCH = object()
@@ -92,7 +93,7 @@ def call_keys(calls: list[dict[str, Any]]) -> torch.Tensor:
     """
     keys = []
     for call in calls:
-        hidden = next(v for v in call.values() if isinstance(v, torch.Tensor))
+        _, hidden = layer_input(call)
         flat = hidden.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
         keys.append(float(flat @ torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64)))
     return torch.tensor(keys, dtype=torch.float64)
@@ -169,9 +170,15 @@ def _merge(calls: list[dict[str, Any]]) -> dict[str, Any] | object:
     return merged
 
 
+def layer_input(call: dict[str, Any]) -> tuple[str, torch.Tensor]:
+    """The layer input of a cached call and its argument name: its first tensor
+    argument (``hidden_states`` of a decoder layer)."""
+    return next((k, v) for k, v in call.items() if isinstance(v, torch.Tensor))
+
+
 def _samples(call: dict[str, Any]) -> int:
-    """Samples in a cached call: the batch size of its first tensor (the layer input)."""
-    return next(v for v in call.values() if isinstance(v, torch.Tensor)).shape[0]
+    """Samples in a cached call: the batch size of its layer input."""
+    return layer_input(call)[1].shape[0]
 
 
 def _merge_values(values: list[Any], batch: int) -> Any:

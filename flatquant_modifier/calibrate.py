@@ -4,8 +4,10 @@ cached to the applied result:
 
 1. the cached calls split into samples, the samples into optimisation steps
    (:mod:`flatquant_modifier.batching`; the same steps for any oneshot batch size);
-2. the layer's full-precision outputs (the targets) and per-channel input maxima (routed
-   MoE experts, unquantized until after training, as grouped GEMMs on CUDA:
+2. the layer's full-precision outputs (the targets: on its cached inputs, or with
+   ``target_outputs="model"`` on the full-precision model's hidden states, which the
+   caller carries from layer to layer) and per-channel input maxima (routed MoE
+   experts, unquantized until after training, as grouped GEMMs on CUDA:
    :mod:`flatquant_modifier.experts`);
 3. the initial learnable state (:func:`flatquant_modifier.modules.build_group_params`);
 4. training (:func:`flatquant_modifier.train.train_layer`; the last decoder layer
@@ -30,7 +32,13 @@ from tqdm import tqdm
 
 from flatquant_modifier.absorb import PendingWrites, absorb_group
 from flatquant_modifier.attention import training_attention
-from flatquant_modifier.batching import assign_steps, call_keys, plan_steps, split_calls
+from flatquant_modifier.batching import (
+    assign_steps,
+    call_keys,
+    layer_input,
+    plan_steps,
+    split_calls,
+)
 from flatquant_modifier.compat import routed_experts_only
 from flatquant_modifier.distributed import all_reduce_, write_parameters
 from flatquant_modifier.emulation import layer_output
@@ -58,6 +66,7 @@ __all__ = [
     "LayerResult",
     "calibrate_layer",
     "full_precision_pass",
+    "with_hidden_states",
     "apply_layer",
     "attach_int8_quantizers",
     "check_finite_parameters",
@@ -74,6 +83,9 @@ class LayerResult:
     transformed: list[str]  # names of the linears given an online transform
     step_plan: StepPlan
     int8: list[str]  # names of the linears given an int8 input quantizer
+    # the full-precision outputs per step and sub-batch (target_outputs="model": the
+    # next layer's full-precision hidden states), else None
+    outputs: list[list[torch.Tensor]] | None = None
 
 
 def calibrate_layer(
@@ -90,6 +102,7 @@ def calibrate_layer(
     smoothing: SmoothingCheck | None = None,
     int8_linears: list[str] = (),
     logits: bool = False,
+    hidden_states: list[list[torch.Tensor]] | None = None,
 ) -> LayerResult:
     """
     Train and apply FlatQuant on one decoder layer (see the module docstring).
@@ -105,6 +118,10 @@ def calibrate_layer(
         training they get per-token int8 input quantizers (NPU formula)
     :param logits: train on the MSE of the logits the layer's outputs give
         (:mod:`flatquant_modifier.logits_loss`; the model's last decoder layer)
+    :param hidden_states: ``target_outputs="model"``: the full-precision model's inputs
+        of this layer per step and sub-batch (the previous layer's ``outputs``); the
+        targets are the layer's outputs on them. None: on the cached inputs (the first
+        layer, whose inputs are the embeddings)
     :raises NonFiniteLossError: weights, targets or loss are NaN/Inf; the layer is
         left unchanged
     """
@@ -130,7 +147,14 @@ def calibrate_layer(
             training_attention(model, layer, steps, attn_implementation)
         )
         with grouped_experts(layer):  # unquantized routed experts, fast
-            targets, act_max = full_precision_pass(layer, steps, groups, device)
+            # the input maxima are those of the inputs the transforms will see
+            targets, act_max = full_precision_pass(
+                layer, steps, groups, device, outputs=hidden_states is None
+            )
+            if hidden_states is not None:
+                fp_steps = with_hidden_states(name, steps, hidden_states)
+                targets, _ = full_precision_pass(layer, fp_steps, groups, device)
+                del fp_steps
             check_finite_targets(name, targets)
             generator = torch.Generator().manual_seed(seed)
             params = build_group_params(
@@ -144,7 +168,33 @@ def calibrate_layer(
         transformed = apply_layer(model, groups, params, options, precision.dtype)
         int8 = attach_int8_quantizers(model, list(int8_linears), options)
     log_report(report)
-    return LayerResult(report, transformed, step_plan, int8)
+    outputs = targets if options.target_outputs == "model" else None
+    return LayerResult(report, transformed, step_plan, int8, outputs)
+
+
+def with_hidden_states(
+    name: str, steps: list[list[dict]], hidden_states: list[list[torch.Tensor]]
+) -> list[list[dict]]:
+    """
+    ``steps`` with each sub-batch's layer input
+    (:func:`~flatquant_modifier.batching.layer_input`) replaced by ``hidden_states``,
+    the full-precision model's, of the same step plan.
+
+    :raises ValueError: if they do not have the sub-batches' shapes
+    """
+    shapes = [[tuple(h.shape) for h in step] for step in hidden_states]
+    if shapes != [[tuple(layer_input(kwargs)[1].shape) for kwargs in step] for step in steps]:
+        raise ValueError(
+            f"FlatQuant: the full-precision hidden states carried to layer {name} do "
+            "not match its cached inputs (another step plan or sample set); "
+            "target_outputs='model' needs every decoder layer calibrated in order on "
+            "the same samples"
+        )
+    out = []
+    for step, step_hidden in zip(steps, hidden_states):
+        out.append([{**kwargs, layer_input(kwargs)[0]: hidden}
+                    for kwargs, hidden in zip(step, step_hidden)])
+    return out
 
 
 @torch.no_grad()
@@ -247,10 +297,12 @@ def full_precision_pass(
     steps: list[list[dict]],
     groups: list[ResolvedGroup],
     device: torch.device,
+    outputs: bool = True,
 ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
     """
-    Full-precision outputs of ``layer`` for every sub-batch of every step, and the
-    per-channel max|input| of each group (MAX-reduced over ranks).
+    Full-precision outputs of ``layer`` for every sub-batch of every step (empty
+    lists unless ``outputs``), and the per-channel max|input| of each group
+    (MAX-reduced over ranks).
     """
     act_max = [torch.zeros(group.in_features, device=device) for group in groups]
 
@@ -270,7 +322,9 @@ def full_precision_pass(
         for batches in tqdm(steps, desc="FlatQuant targets", leave=False):
             step_targets = []
             for kwargs in batches:
-                step_targets.append(layer_output(layer(**kwargs)).detach())
+                output = layer_output(layer(**kwargs)).detach()
+                if outputs:
+                    step_targets.append(output)
             targets.append(step_targets)
     finally:
         for handle in handles:

@@ -114,7 +114,7 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
 
     The training options (bits, clipping, smoothing, parametrization, epochs,
     batch_size, learning rates, autocast, CUDA graphs, determinism, seed,
-    quant_format, propagate_activation_quant) are documented in
+    quant_format, propagate_activation_quant, target_outputs) are documented in
     :class:`~flatquant_modifier.options.FlatQuantOptions`. The modifier adds:
 
     :param mappings: which linears share a transform and where smoothing folds, see
@@ -175,6 +175,9 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
     _smoothing: SmoothingCheck | None = PrivateAttr(default=None)
     # the model's attention implementation before calibration forced eager
     _attn_implementation: str | None = PrivateAttr(default=None)
+    # target_outputs="model": the index of the next decoder layer and its inputs in
+    # the full-precision model (per step and sub-batch)
+    _hidden_states: tuple[int, list] | None = PrivateAttr(default=None)
 
     @field_validator("ignore", "sequential_targets", "sibling_patterns", "w8a8_dynamic",
                      mode="before")
@@ -278,6 +281,7 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
                 continue
             calls = [cache.fetch(i) for i in range(len(cache))]
             del self._calls[plan.module], cache
+            hidden_states = self._take_hidden_states(index)
             try:
                 result = calibrate_layer(
                     state.model, plan.name, plan.module, plan.groups, calls, self,
@@ -288,6 +292,7 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
                     int8_linears=int8,
                     logits=(self.last_layer_loss == "logits"
                             and index == len(self._layers) - 1),
+                    hidden_states=hidden_states,
                 )
             except NonFiniteLossError as error:
                 if self.on_nonfinite == "raise":
@@ -297,6 +302,8 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
                 self._int8 += attach_int8_quantizers(state.model, int8, self)
                 continue
             self._step_plan = result.step_plan
+            if result.outputs is not None:
+                self._hidden_states = (index + 1, result.outputs)
             self._transformed += result.transformed
             self._int8 += result.int8
             self._reports.append(result.report)
@@ -305,6 +312,7 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
         self.on_sequential_epoch_end(state, event, **kwargs)
         self.remove_hooks()
         self._calls.clear()
+        self._hidden_states = None
         self._record_transform_config(state.model)
 
     def on_finalize(self, state: State, **kwargs) -> bool:
@@ -326,6 +334,23 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
         return True
 
     # ------------------------------------------------------------------ helpers
+
+    def _take_hidden_states(self, index: int) -> list | None:
+        """target_outputs="model": layer ``index``'s inputs in the full-precision
+        model, if the layer before it was trained here (else its targets are taken on
+        its own inputs, with a warning); None for the first layer."""
+        carried, self._hidden_states = self._hidden_states, None
+        if self.target_outputs != "model" or index == 0:
+            return None
+        if carried is not None and carried[0] == index:
+            return carried[1]
+        logger.warning(
+            f"FlatQuant: target_outputs='model', but {self._layers[index - 1].name} was "
+            f"not trained by FlatQuant (no transform group, or skipped), so the "
+            f"full-precision hidden states stop there: {self._layers[index].name} "
+            "reproduces the full-precision layer on its own inputs"
+        )
+        return None
 
     def _cache_call(self, module: Module, args: tuple, kwargs: dict):
         arguments = inspect.signature(module.forward).bind(*args, **kwargs).arguments

@@ -96,6 +96,14 @@ class FlatQuantOptions(BaseModel):
         its activations quantized (its weights stay unquantized until the weight
         quantizer runs), in the spirit of llm-compressor's ``propagate_error``; False
         trains every layer on full-precision inputs, as the paper's code does
+    :param target_outputs: what a layer's outputs are trained to reproduce. ``"layer"``: the
+        full-precision layer's outputs on the inputs the calibrated layers before it
+        pass on (each layer on its own error). ``"model"``: the full-precision model's
+        outputs of that layer, carried in a full-precision stream of hidden states
+        beside the calibrated one, so a layer also makes up for the error of the layers
+        before it (GPTAQ's asymmetric calibration, Li et al., ICML 2025); one more
+        forward per layer and one more copy of the calibration hidden states, kept on
+        the layer's execution device
     """
 
     w_bits: int | None = Field(default=4, ge=2, le=8)
@@ -123,6 +131,7 @@ class FlatQuantOptions(BaseModel):
     quant_format: Literal["int", "nvfp4", "mxfp4"] = "int"
     max_supported_tp: int | None = Field(default=None, ge=1)
     propagate_activation_quant: bool = True
+    target_outputs: Literal["layer", "model"] = "layer"
 
     # llm-compressor writes a recipe without its None values (recipe.yaml of a saved
     # checkpoint), which would turn these back into their defaults: None is "none" there

@@ -4,7 +4,7 @@ import pytest
 import torch
 from compressed_tensors.quantization import disable_quantization
 
-from flatquant_modifier.calibrate import calibrate_layer
+from flatquant_modifier.calibrate import calibrate_layer, with_hidden_states
 from flatquant_modifier.mappings import infer_mappings_from_model, resolve_layer
 from flatquant_modifier.options import FlatQuantOptions
 from flatquant_modifier.smoothing import SmoothingCheck
@@ -49,3 +49,17 @@ def test_absorbed_transforms_leave_the_unquantized_layer_unchanged(smooth):
         for call, expected in zip(calls, reference):
             torch.testing.assert_close(layer(**call)[0], expected, atol=1e-10, rtol=1e-10)
 
+
+
+def test_with_hidden_states_replaces_the_layer_input_and_checks_shapes():
+    position = torch.zeros(1, 3)
+    steps = [[{"hidden_states": torch.zeros(2, 3, 4), "position": position}],
+             [{"hidden_states": torch.zeros(1, 3, 4), "position": position}]]
+    hidden = [[torch.ones(2, 3, 4)], [torch.full((1, 3, 4), 2.0)]]
+    out = with_hidden_states("model.layers.3", steps, hidden)
+    assert out[0][0]["hidden_states"] is hidden[0][0]
+    assert out[1][0]["hidden_states"] is hidden[1][0]
+    assert out[1][0]["position"] is position
+    assert steps[0][0]["hidden_states"].sum() == 0  # the steps themselves unchanged
+    with pytest.raises(ValueError, match="carried to layer model.layers.3 do not match"):
+        with_hidden_states("model.layers.3", steps, [[torch.ones(2, 3, 4)], []])

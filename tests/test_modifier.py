@@ -14,7 +14,7 @@ from flatquant_modifier import FlatQuantModifier
 from flatquant_modifier.kronecker import kronecker_matmul
 from flatquant_modifier.quantize import fake_quantize_activation
 from flatquant_modifier.transform import get_flatquant_transform
-from tests.conftest import load_tiny
+from tests.conftest import load_tiny, random_token_dataset
 from tests.helpers import WEIGHTS_W4, logits, run, weight_quantizer
 
 def test_transforms_preserve_the_unquantized_model(tiny_llama_dir):
@@ -169,3 +169,58 @@ def test_oneshot_batch_size_does_not_change_the_steps(tiny_llama_dir):
         assert runs[oneshot_batch]._step_plan == runs[1]._step_plan
         for ours, plain in zip(runs[oneshot_batch].reports, runs[1].reports):
             assert ours.loss_final == pytest.approx(plain.loss_final, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["layer", "model"])
+def test_target_outputs_are_the_full_precision_models_with_model(tiny_llama_dir, monkeypatch,
+                                                                 kind):
+    import flatquant_modifier.calibrate as calibrate
+
+    seen = {}
+    train_layer = calibrate.train_layer
+
+    def spy(name, layer, groups, params, steps, targets, *args, **kwargs):
+        seen[name] = torch.cat([t.reshape(-1, t.shape[-1]) for s in targets for t in s])
+        return train_layer(name, layer, groups, params, steps, targets, *args, **kwargs)
+
+    monkeypatch.setattr(calibrate, "train_layer", spy)
+    model, tok = load_tiny(tiny_llama_dir)
+    reference, _ = load_tiny(tiny_llama_dir)  # the full-precision model's layer outputs
+    outputs = {}
+    for i, layer in enumerate(reference.model.layers):
+        layer.register_forward_hook(
+            lambda m, a, out, i=i: outputs.setdefault(f"model.layers.{i}", []).append(
+                (out[0] if isinstance(out, tuple) else out).reshape(-1, 64)))
+    with torch.no_grad():
+        reference(torch.tensor(random_token_dataset(8, 32)["input_ids"]))
+    run(model, tok, [FlatQuantModifier(epochs=1, target_outputs=kind)])
+
+    def sorted_rows(rows):  # the steps order samples by content: compare as sets
+        return rows[torch.argsort(rows[:, 0])]
+
+    expected = {name: sorted_rows(torch.cat(out)) for name, out in outputs.items()}
+    got = {name: sorted_rows(rows) for name, rows in seen.items()}
+    # the first layer's inputs are the embeddings either way
+    torch.testing.assert_close(got["model.layers.0"], expected["model.layers.0"])
+    error = (got["model.layers.1"] - expected["model.layers.1"]).abs().max()
+    scale = expected["model.layers.1"].abs().max()
+    if kind == "model":  # the second, the full-precision model's hidden states
+        assert error <= 1e-5 * scale
+    else:  # the full-precision layer on the quantized first layer's outputs
+        assert error > 1e-2 * scale
+
+
+def test_model_targets_stop_with_a_warning_after_an_untrained_layer(tiny_llama_dir, caplog):
+    from loguru import logger
+
+    model, tok = load_tiny(tiny_llama_dir)
+    messages = []
+    handler = logger.add(lambda m: messages.append(str(m)), level="WARNING")
+    try:
+        run(model, tok, [FlatQuantModifier(
+            epochs=1, target_outputs="model", ignore=["lm_head", "re:model.layers.0.*"])])
+    finally:
+        logger.remove(handler)
+    assert any("target_outputs='model', but model.layers.0 was not trained" in m
+               and "model.layers.1 reproduces the full-precision layer on its own inputs"
+               in m for m in messages)
