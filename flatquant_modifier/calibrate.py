@@ -151,9 +151,9 @@ def calibrate_layer(
             targets, act_max = full_precision_pass(
                 layer, steps, groups, device, outputs=hidden_states is None
             )
-            if hidden_states is not None:
+            if hidden_states is not None:  # no groups: the maxima are taken above
                 fp_steps = with_hidden_states(name, steps, hidden_states)
-                targets, _ = full_precision_pass(layer, fp_steps, groups, device)
+                targets, _ = full_precision_pass(layer, fp_steps, [], device)
                 del fp_steps
             check_finite_targets(name, targets)
             generator = torch.Generator().manual_seed(seed)

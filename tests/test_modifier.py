@@ -186,11 +186,11 @@ def test_target_outputs_are_the_full_precision_models_with_model(tiny_llama_dir,
     monkeypatch.setattr(calibrate, "train_layer", spy)
     model, tok = load_tiny(tiny_llama_dir)
     reference, _ = load_tiny(tiny_llama_dir)  # the full-precision model's layer outputs
-    outputs = {}
+    outputs, hidden = {}, reference.config.hidden_size
     for i, layer in enumerate(reference.model.layers):
         layer.register_forward_hook(
             lambda m, a, out, i=i: outputs.setdefault(f"model.layers.{i}", []).append(
-                (out[0] if isinstance(out, tuple) else out).reshape(-1, 64)))
+                (out[0] if isinstance(out, tuple) else out).reshape(-1, hidden)))
     with torch.no_grad():
         reference(torch.tensor(random_token_dataset(8, 32)["input_ids"]))
     run(model, tok, [FlatQuantModifier(epochs=1, target_outputs=kind)])
@@ -210,12 +210,12 @@ def test_target_outputs_are_the_full_precision_models_with_model(tiny_llama_dir,
         assert error > 1e-2 * scale
 
 
-def test_model_targets_stop_with_a_warning_after_an_untrained_layer(tiny_llama_dir, caplog):
+def test_model_targets_stop_with_a_warning_after_an_untrained_layer(tiny_llama_dir):
     from loguru import logger
 
     model, tok = load_tiny(tiny_llama_dir)
     messages = []
-    handler = logger.add(lambda m: messages.append(str(m)), level="WARNING")
+    handler = logger.add(messages.append, level="WARNING")
     try:
         run(model, tok, [FlatQuantModifier(
             epochs=1, target_outputs="model", ignore=["lm_head", "re:model.layers.0.*"])])
