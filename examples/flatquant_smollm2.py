@@ -72,9 +72,10 @@ def parse_args():
     parser.add_argument("--deterministic", action="store_true",
                         help="override the recipe: deterministic algorithms while training "
                         "(two GPU runs give the same model; slower)")
-    parser.add_argument("--calib-batch-size", type=int, default=1,
+    parser.add_argument("--calib-batch-size", type=int, default=None,
                         help="oneshot's batch_size: samples per layer call of llm-compressor's "
-                        "calibration and propagation passes (FlatQuant's steps stay the same)")
+                        "calibration and propagation passes (FlatQuant's steps stay the same); "
+                        "default 8 on a GPU (fewer, larger layer calls), 1 on the CPU")
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="override the recipe: run the training steps eagerly")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -165,6 +166,9 @@ def main():
     dataset = shard_dataset(text_windows_dataset(
         tokenizer, args.calib_data, args.num_samples, args.seq_len, seed=args.seed
     ))
+    result["calib_batch_size"] = args.calib_batch_size or (
+        8 if args.device.startswith("cuda") else 1
+    )
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -175,7 +179,7 @@ def main():
         recipe=recipe,
         num_calibration_samples=len(dataset),
         max_seq_length=args.seq_len,
-        batch_size=args.calib_batch_size,
+        batch_size=result["calib_batch_size"],
         # with the model on the GPU, the layer inputs of all samples stay there too (0.6
         # GB at 128 x 2048 here) instead of going to the CPU and back for every layer
         sequential_offload_device=(
