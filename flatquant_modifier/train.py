@@ -52,7 +52,8 @@ class LayerReport:
     layer: ``options.last_layer_loss``; over all ranks) of the layer output
     against full precision: ``loss_rtn`` with identity transforms, no smoothing and no
     clipping (plain round-to-nearest), ``loss_init`` at the initial transforms,
-    ``loss_final`` after training.
+    ``loss_final`` of the state applied: the trained one, or the initial one
+    (``kept_initial``) when training ended above ``loss_init``.
     """
 
     name: str
@@ -63,6 +64,7 @@ class LayerReport:
     epoch_seconds: list[float] = field(default_factory=list)  # each epoch's steps
     seconds: float = 0.0
     cuda_graphs: int = 0  # CUDA graphs captured for the layer (0: eager steps)
+    kept_initial: bool = False  # training raised the loss: the initial state was kept
 
 
 @contextlib.contextmanager
@@ -235,6 +237,7 @@ def train_layer(
         else:
             scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
         grad_buffer, grad_views = _flat_gradients(flat_params, device)
+        initial = [p.detach().clone() for p in flat_params]
         epoch_losses, epoch_seconds = [], []
         bar = tqdm(range(options.epochs), desc=f"FlatQuant {name}", leave=False)
         for epoch in bar:
@@ -266,13 +269,25 @@ def train_layer(
         loss_final = _mean_loss(
             layer, patched, steps, targets, weights, autocast, graphs, loss_fn
         )
+        # (the same decision on every rank: the losses are reduced over ranks)
+        kept_initial = loss_final > loss_init
+        if kept_initial:
+            logger.warning(
+                f"FlatQuant: training raised the loss of layer {name} from {loss_init:.4g} "
+                f"to {loss_final:.4g}; its initial transforms and clip factors are kept. "
+                "A lower lr / clip_lr trains it."
+            )
+            with torch.no_grad():
+                torch._foreach_copy_(flat_params, initial)
+            loss_final = loss_init
+        del initial
         num_graphs = graphs.num_graphs
         graphs.close()
         for p in flat_params:
             p.grad = None
     return LayerReport(
         name, loss_rtn, loss_init, loss_final, epoch_losses, epoch_seconds,
-        time.perf_counter() - start, num_graphs,
+        time.perf_counter() - start, num_graphs, kept_initial,
     )
 
 

@@ -40,8 +40,46 @@ def test_training_lowers_the_loss_and_leaves_the_layer_untouched(options):
     assert len(report.epoch_losses) == 4
     assert len(report.epoch_seconds) == 4 and min(report.epoch_seconds) > 0
     assert report.loss_final < report.loss_init and report.loss_final < report.loss_rtn
+    assert not report.kept_initial
     for key, value in layer.state_dict().items():  # absorbing is calibrate's job
         assert torch.equal(value, before[key]), key
+
+
+def test_training_that_raises_the_loss_keeps_the_initial_state():
+    """At a learning rate far too high the loss ends above its initial value: the
+    initial transforms, smoothing and clip factors stay, their loss is the final one,
+    and a warning names the layer."""
+    from loguru import logger
+
+    model = build_tiny_llama()
+    layer = model.model.layers[0]
+    name = "model.layers.0"
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    calls = layer_calls(model, layer, ids)
+    groups = resolve_layer(name, layer, infer_mappings_from_model(model), ["lm_head"])
+    steps = plan_steps(calls, *assign_steps(call_keys(calls), 2))
+    device = torch.device("cpu")
+    targets, act_max = full_precision_pass(layer, steps, groups, device)
+    options = FlatQuantOptions(epochs=4, lr=0.3, clip_lr=0.3)
+    params = build_group_params(groups, act_max, options, torch.float32, device,
+                                torch.Generator().manual_seed(0))
+    initial = [p.detach().clone() for g in params for group in g.param_groups(options)
+               for p in group["params"]]
+    messages = []
+    handle = logger.add(messages.append, level="WARNING")
+    try:
+        report = train_layer(name, layer, groups, params, steps, targets, options,
+                             Precision(torch.float32, None), device)
+    finally:
+        logger.remove(handle)
+    assert report.kept_initial
+    assert max(report.epoch_losses) > 100 * report.loss_init
+    assert report.loss_final == report.loss_init
+    trained = [p for g in params for group in g.param_groups(options) for p in group["params"]]
+    assert len(trained) == len(initial) > 0
+    for before, after in zip(initial, trained):
+        assert torch.equal(before, after)
+    assert any(f"training raised the loss of layer {name}" in str(m) for m in messages)
 
 
 def test_constant_schedule_differs_from_cosine():
