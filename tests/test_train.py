@@ -14,7 +14,8 @@ from tests.conftest import build_tiny_llama, load_tiny
 from tests.helpers import layer_calls, run
 
 
-def _train_first_layer(**options):
+def _first_layer(**options):
+    """The tiny model's first layer, its steps and targets, and initial parameters."""
     model = build_tiny_llama()
     layer = model.model.layers[0]
     name = "model.layers.0"
@@ -24,13 +25,17 @@ def _train_first_layer(**options):
     steps = plan_steps(calls, *assign_steps(call_keys(calls), 2))
     device = torch.device("cpu")
     targets, act_max = full_precision_pass(layer, steps, groups, device)
-    before = {k: v.clone() for k, v in layer.state_dict().items()}
     options = FlatQuantOptions(epochs=4, **options)
-    precision = Precision(torch.float32, None)
-    params = build_group_params(groups, act_max, options, precision.dtype, device,
+    params = build_group_params(groups, act_max, options, torch.float32, device,
                                 torch.Generator().manual_seed(0))
-    report = train_layer(name, layer, groups, params, steps, targets, options, precision,
-                         device)
+    return name, layer, groups, params, steps, targets, options
+
+
+def _train_first_layer(**options):
+    name, layer, groups, params, steps, targets, options = _first_layer(**options)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    report = train_layer(name, layer, groups, params, steps, targets, options,
+                         Precision(torch.float32, None), torch.device("cpu"))
     return report, layer, before
 
 
@@ -51,25 +56,14 @@ def test_training_that_raises_the_loss_keeps_the_initial_state():
     and a warning names the layer."""
     from loguru import logger
 
-    model = build_tiny_llama()
-    layer = model.model.layers[0]
-    name = "model.layers.0"
-    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
-    calls = layer_calls(model, layer, ids)
-    groups = resolve_layer(name, layer, infer_mappings_from_model(model), ["lm_head"])
-    steps = plan_steps(calls, *assign_steps(call_keys(calls), 2))
-    device = torch.device("cpu")
-    targets, act_max = full_precision_pass(layer, steps, groups, device)
-    options = FlatQuantOptions(epochs=4, lr=0.3, clip_lr=0.3)
-    params = build_group_params(groups, act_max, options, torch.float32, device,
-                                torch.Generator().manual_seed(0))
+    name, layer, groups, params, steps, targets, options = _first_layer(lr=0.3, clip_lr=0.3)
     initial = [p.detach().clone() for g in params for group in g.param_groups(options)
                for p in group["params"]]
     messages = []
     handle = logger.add(messages.append, level="WARNING")
     try:
         report = train_layer(name, layer, groups, params, steps, targets, options,
-                             Precision(torch.float32, None), device)
+                             Precision(torch.float32, None), torch.device("cpu"))
     finally:
         logger.remove(handle)
     assert report.kept_initial
