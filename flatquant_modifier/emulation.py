@@ -1,7 +1,8 @@
 """
 A decoder layer run with its target linears replaced by transformed, fake-quantized
 ones whose parameters are the learnable :class:`~flatquant_modifier.modules.GroupParams`:
-the forward FlatQuant trains and evaluates (:mod:`flatquant_modifier.train`).
+the forward FlatQuant trains and evaluates (:mod:`flatquant_modifier.train`), compiled
+as one graph (the layer, its quantizers and the loss) for large layers on a GPU.
 """
 
 import contextlib
@@ -11,6 +12,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from compressed_tensors.utils import patch_attr
+from loguru import logger
 
 from flatquant_modifier.kronecker import (
     kronecker_matmul,
@@ -30,6 +32,7 @@ from flatquant_modifier.quantize import (
 
 __all__ = [
     "FakeQuantizedLayer",
+    "compile_step",
     "layer_output",
     "quantized_weights",
     "quantized_input",
@@ -48,6 +51,8 @@ class FakeQuantizedLayer:
     fake-quantized ones whose parameters are the :class:`GroupParams`.
     Matrices are computed once per step; the transformed input of linears that
     share an input (q/k/v, gate/up) is computed once per forward.
+    :meth:`loss_function` gives a sub-batch's loss, compiled when
+    :func:`use_torch_compile` says so.
     """
 
     def __init__(
@@ -64,7 +69,7 @@ class FakeQuantizedLayer:
         self.dtype = precision.dtype
         self.device_type = torch.device(device).type
         num_weights = sum(linear.weight.numel() for g in groups for _, linear in g.linears)
-        compiled = use_torch_compile(options, device, num_weights)
+        self.compiled = compiled = use_torch_compile(options, device, num_weights)
         # the linears of a group stacked by rows, factor-major ([M, rows, N]: both
         # Kronecker factors are plain matrix products), transformed and quantized in one
         # go; compiled, kept in the model's dtype (bfloat16: half the memory) and cast
@@ -90,9 +95,6 @@ class FakeQuantizedLayer:
             ]
             for group in groups
         ]
-        self._compiled = (
-            (_compile(quantized_weights), _compile(quantized_input)) if compiled else None
-        )
         self._step: dict[int, tuple] = {}
         self._quantized: dict[int, tuple[torch.Tensor, ...]] = {}
         self._inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -102,12 +104,52 @@ class FakeQuantizedLayer:
         self._quantized.clear()
         self._inputs.clear()
 
-    def _functions(self) -> tuple[Callable, Callable]:
-        """The weight and input functions: compiled for training steps; the few
-        evaluation passes (no gradients) run eagerly, sparing their compilations."""
-        if self._compiled is not None and torch.is_grad_enabled():
-            return self._compiled
-        return quantized_weights, quantized_input
+    def loss_function(
+        self,
+        layer: torch.nn.Module,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        autocast: Callable[[], contextlib.AbstractContextManager],
+        name: str = "",
+    ) -> Callable[[dict[str, Any], torch.Tensor], torch.Tensor]:
+        """
+        ``(kwargs, target) -> loss`` of one sub-batch: ``layer`` (inside
+        :meth:`patched`) run on ``kwargs`` under ``autocast()``, its output and
+        ``target`` compared by ``loss_fn`` in the training dtype; each call is a step
+        of its own (matrices and quantized weights computed afresh). Compiled
+        (:attr:`compiled`), the calls with gradients run as one inductor graph, so
+        that the layer's own operators (norms, rotary embedding, SiLU, residual adds)
+        fuse with the quantizers, forward and backward; the few evaluation passes (no
+        gradients) run eagerly, sparing their compilations. If compiling or running the
+        compiled graph fails, a warning naming the layer ``name`` says so and the
+        function runs eagerly from then on (the same values).
+        """
+
+        def forward_loss(kwargs: dict[str, Any], target: torch.Tensor) -> torch.Tensor:
+            with autocast():
+                out = layer_output(layer(**kwargs))
+            return loss_fn(out.to(self.dtype), target.to(self.dtype))
+
+        compiled = [compile_step(forward_loss)] if self.compiled else []
+
+        def step_loss(kwargs: dict[str, Any], target: torch.Tensor) -> torch.Tensor:
+            self.new_step()
+            try:
+                if compiled and torch.is_grad_enabled():
+                    try:
+                        return compiled[0](kwargs, target)
+                    except Exception as error:  # compiling is an optimisation
+                        compiled.clear()
+                        self.new_step()
+                        logger.warning(
+                            f"FlatQuant: the compiled training forward of layer {name} "
+                            f"failed ({type(error).__name__}: {error}); it trains eagerly "
+                            "(torch_compile=False avoids the attempt)"
+                        )
+                return forward_loss(kwargs, target)
+            finally:
+                self.new_step()  # no step's tensors kept
+
+        return step_loss
 
     def _matrices(self, gi: int):
         """``(P1, P1^-T, P2, P2^-T, act_clip, smooth)`` of group ``gi``; all groups'
@@ -129,7 +171,7 @@ class FakeQuantizedLayer:
             _, p1_inv_t, _, p2_inv_t, _, smooth = self._matrices(gi)
             cfg = self.options
             rows = self.out_features[gi]
-            weight = self._functions()[0](
+            weight = quantized_weights(
                 self.weights[gi], smooth, p1_inv_t, p2_inv_t,
                 self.params[gi].weight_clip(), cfg.quant_format, cfg.w_bits, self.dtype,
                 rows if cfg.quant_format == "nvfp4" else None,
@@ -148,7 +190,7 @@ class FakeQuantizedLayer:
             # an input several linears share stays in ``self.dtype``: autocast casts
             # it per linear, so that their gradients add up in that precision
             shared = len(self.groups[gi].linears) > 1
-            h = self._functions()[1](
+            h = quantized_input(
                 x, smooth, p1, p2, act_clip, cfg.quant_format, cfg.a_bits, self.dtype,
                 None if shared else _autocast_dtype(self.device_type),
             )
@@ -183,9 +225,10 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 COMPILE_BACKEND = "inductor"  # tests trace with "aot_eager" (no code generation)
 
 
-def _compile(fn: Callable) -> Callable:
-    # dynamo specialises on the groups' shapes (smoothing vectors and dense matrices are
-    # parameters, whose shapes stay static): a few graphs, shared by all layers
+def compile_step(fn: Callable) -> Callable:
+    """``fn`` compiled by ``torch.compile`` (inductor). Dynamo specialises on the
+    layer's shapes, not on the layer (its parameters are graph inputs): layers of one
+    shape share one graph."""
     return torch.compile(fn, backend=COMPILE_BACKEND)
 
 
@@ -196,16 +239,16 @@ def _storage_dtype(weight_dtype: torch.dtype, dtype: torch.dtype) -> torch.dtype
 
 
 # "auto" compiles layers with at least this many transformed weights: one H200 trains a
-# Llama-3-8B layer (218 M) 1.9x faster compiled, while SmolLM2-135M (3.5 M per layer)
-# calibrated slower compiled (compilation: about 35 s)
+# Llama-3-8B layer (218 M) 2.6x faster compiled; smaller layers gain only at large
+# budgets (SmolLM2-135M, 3.5 M per layer, at 128 x 2048 and 15 epochs: 102.5 s of
+# calibration against 126.0 s, about 30 s of it compilation)
 AUTO_COMPILE_MIN_WEIGHTS = 50_000_000
 
 
 def use_torch_compile(options: FlatQuantOptions, device: torch.device,
                       num_weights: int) -> bool:
-    """Whether the fake-quantized weights and inputs of a layer with ``num_weights``
-    transformed weights run through ``torch.compile``
-    (:attr:`FlatQuantOptions.torch_compile`)."""
+    """Whether the training forward of a layer with ``num_weights`` transformed
+    weights runs compiled (:attr:`FlatQuantOptions.torch_compile`)."""
     if options.torch_compile != "auto":
         return options.torch_compile
     return (torch.device(device).type == "cuda" and options.quant_format == "int"

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from flatquant_modifier.cuda_graphs import StepGraphs
 from flatquant_modifier.distributed import all_reduce_
-from flatquant_modifier.emulation import FakeQuantizedLayer, layer_output
+from flatquant_modifier.emulation import FakeQuantizedLayer
 from flatquant_modifier.mappings import ResolvedGroup
 from flatquant_modifier.modules import GroupParams, identity_params
 from flatquant_modifier.options import FlatQuantOptions, Precision
@@ -116,16 +116,11 @@ def layer_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tens
 def _mean_loss(layer, patched, steps, targets, weights, autocast, graphs, loss_fn) -> float:
     """Mean over steps of the step loss (over all ranks)."""
     total = torch.zeros((), dtype=torch.float64, device=_device_of(targets))
+    step_loss = patched.loss_function(layer, loss_fn, autocast)
 
     def evaluate(kwargs, target):
         with torch.no_grad():
-            patched.new_step()
-            with autocast():
-                out = layer_output(layer(**kwargs))
-            dtype = patched.dtype
-            loss = loss_fn(out.to(dtype), target.to(dtype))
-            patched.new_step()
-        return loss
+            return step_loss(kwargs, target)
 
     with patched.patched():
         for batches, step_targets, step_weights in zip(steps, targets, weights):
@@ -203,13 +198,11 @@ def train_layer(
     total_steps = options.epochs * len(steps)
     graphs = StepGraphs(device, enabled=options.cuda_graphs)
 
+    step_loss = patched.loss_function(layer, loss_fn, autocast, name)
+
     def loss_and_grads(kwargs, target):
-        patched.new_step()
-        with autocast():
-            out = layer_output(layer(**kwargs))
-        loss = loss_fn(out.to(precision.dtype), target.to(precision.dtype))
+        loss = step_loss(kwargs, target)
         grads = torch.autograd.grad(loss, flat_params, allow_unused=True)
-        patched.new_step()
         return loss.detach(), [
             torch.zeros_like(p) if g is None else g for p, g in zip(flat_params, grads)
         ]

@@ -78,11 +78,11 @@ def _one_step_gradients(quant_format: str, device: torch.device, torch_compile: 
         targets = [layer_output(layer(**call)) for call in calls]
     emulated = FakeQuantizedLayer(groups, params, options, Precision(torch.float32, None),
                                   device)
-    with emulated.patched(), torch.autocast(device.type, dtype=autocast,
-                                            enabled=autocast is not None):
-        emulated.new_step()
-        loss = sum(F.mse_loss(layer_output(layer(**call)).float(), target)
-                   for call, target in zip(calls, targets))
+    step_loss = emulated.loss_function(
+        layer, F.mse_loss,
+        lambda: torch.autocast(device.type, dtype=autocast, enabled=autocast is not None))
+    with emulated.patched():
+        loss = sum(step_loss(call, target) for call, target in zip(calls, targets))
         grads = torch.autograd.grad(loss, learnable)
     return loss.detach(), grads
 
@@ -120,8 +120,9 @@ _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA G
     pytest.param("cuda", "mxfp4", marks=_CUDA),
 ])
 def test_compiled_quantizers_have_the_eager_loss_and_gradients(device, quant_format):
-    """``torch_compile=True`` (inductor's fused kernels) computes the training step's
-    loss and gradients of the eager quantizers, up to float32 rounding."""
+    """``torch_compile=True`` (inductor's fused kernels of the layer, its quantizers and
+    the loss) computes the training step's loss and gradients of the eager forward, up
+    to float32 rounding."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()

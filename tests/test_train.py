@@ -14,11 +14,12 @@ from tests.conftest import build_tiny_llama, load_tiny
 from tests.helpers import layer_calls, run
 
 
-def _first_layer(**options):
-    """The tiny model's first layer, its steps and targets, and initial parameters."""
+def _first_layer(layer_index: int = 0, **options):
+    """The tiny model's first layer (or another one), its steps and targets, and
+    initial parameters."""
     model = build_tiny_llama()
-    layer = model.model.layers[0]
-    name = "model.layers.0"
+    layer = model.model.layers[layer_index]
+    name = f"model.layers.{layer_index}"
     ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
     calls = layer_calls(model, layer, ids)
     groups = resolve_layer(name, layer, infer_mappings_from_model(model), ["lm_head"])
@@ -115,12 +116,13 @@ def test_deterministic_option_restores_the_global_mode(tiny_llama_dir):
 
 
 @pytest.mark.parametrize("quant_format", ["int", "nvfp4"])
-def test_compiled_quantizers_train_as_the_eager_ones(monkeypatch, quant_format):
+def test_compiled_training_forward_is_one_graph_shared_by_layers(monkeypatch, quant_format):
     """
-    ``torch_compile=True`` traces the weight and input quantizers once per group
-    (training steps only; the evaluation passes stay eager), within dynamo's
-    recompilation limit. Traced without code generation ("aot_eager") the training
-    is the eager one exactly; inductor's fused kernels: tests/test_cuda_graphs.py.
+    ``torch_compile=True`` traces a layer's training forward (the layer, its weight
+    and input quantizers, the loss) as one graph, without graph breaks, and the next
+    layer of the same shape reuses it (training steps only; the evaluation passes stay
+    eager). Traced without code generation ("aot_eager") the training is the eager one
+    exactly; inductor's fused kernels: tests/test_emulation.py, tests/test_cuda_graphs.py.
     """
     from torch._dynamo.utils import counters
 
@@ -132,13 +134,45 @@ def test_compiled_quantizers_train_as_the_eager_ones(monkeypatch, quant_format):
     eager, _, _ = _train_first_layer(quant_format=quant_format, torch_compile=False)
     assert counters["stats"]["unique_graphs"] == 0
     traced, _, _ = _train_first_layer(quant_format=quant_format, torch_compile=True)
-    # 4 groups (q/k/v, o, gate/up, down) x (weights, inputs)
-    assert counters["stats"]["unique_graphs"] == 8
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
     assert not counters["unimplemented"]  # no recompile limit, no graph break
     assert traced.epoch_losses == eager.epoch_losses
     assert (traced.loss_rtn, traced.loss_init, traced.loss_final) == (
         eager.loss_rtn, eager.loss_init, eager.loss_final)
+    # the second layer: a new module and new parameters, the same graph
+    name, layer, groups, params, steps, targets, options = _first_layer(
+        quant_format=quant_format, torch_compile=True, layer_index=1)
+    train_layer(name, layer, groups, params, steps, targets, options,
+                Precision(torch.float32, None), torch.device("cpu"))
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["recompiles"]
     torch._dynamo.reset()
+
+
+def test_a_failing_compilation_trains_eagerly_with_a_warning(monkeypatch):
+    from loguru import logger
+
+    from flatquant_modifier import emulation
+
+    def broken(fn):
+        def compiled(*args):
+            raise RuntimeError("no backend")
+        return compiled
+
+    monkeypatch.setattr(emulation, "compile_step", broken)
+    eager, _, _ = _train_first_layer(torch_compile=False)
+    messages = []
+    handle = logger.add(messages.append, level="WARNING")
+    try:
+        fallback, _, _ = _train_first_layer(torch_compile=True)
+    finally:
+        logger.remove(handle)
+    assert fallback.epoch_losses == eager.epoch_losses
+    assert fallback.loss_final == eager.loss_final
+    warnings = [str(m) for m in messages if "compiled training forward" in str(m)]
+    assert len(warnings) == 1  # once: the layer then trains eagerly
+    assert "layer model.layers.0 failed (RuntimeError: no backend)" in warnings[0]
 
 
 def test_torch_compile_auto_is_for_large_int_layers_on_cuda():
