@@ -89,6 +89,13 @@ GPTQ_VARIANTS = {
     "epochs-25-lr-2e-2-model-targets-gptq-mse": (
         {"epochs": 25, "lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model"},
         {"observer": "memoryless-mse"}),
+    # flatquant_w4a4_gptq.yaml with GPTQ's dampening or activation order changed
+    "lr-2e-2-model-targets-gptq-mse-damp-0.1": (
+        {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model"},
+        {"observer": "memoryless-mse", "dampening_frac": 0.1}),
+    "lr-2e-2-model-targets-gptq-mse-no-actorder": (
+        {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model"},
+        {"observer": "memoryless-mse", "actorder": None}),
 }
 
 W4_CHANNEL = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel",
