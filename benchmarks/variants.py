@@ -16,6 +16,7 @@ computes without FlatQuant).
 
 import argparse
 import json
+import os
 import sys
 import resource
 import time
@@ -145,6 +146,8 @@ def run_variant(name, args, seed, tokenizer, dataset, device):
         kwargs = {"epochs": args.epochs, "seed": seed, **kwargs}
         if args.scheme == "nvfp4":
             kwargs["quant_format"] = "nvfp4"
+    if kwargs is not None and args.deterministic:
+        kwargs["deterministic"] = True
     recipe = [quantizer(args.scheme, kwargs is not None, gptq)]
     if kwargs is not None:
         recipe.insert(0, FlatQuantModifier(**kwargs))
@@ -199,12 +202,18 @@ def main():
     parser.add_argument("--max-supported-tp", type=int, default=1,
                         help="mxfp4: FlatQuant's max_supported_tp (SmolLM2's 576 inputs "
                         "of o_proj split into 64-multiples at 1 only)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="FlatQuant trains with deterministic algorithms "
+                        "(FlatQuantModifier's deterministic): variants on the same seed "
+                        "then differ by their change, not by GPU run-to-run noise")
     parser.add_argument("--eval-windows", default="8",
                         help="comma-separated numbers of test windows, 0: all (e.g. 8,0)")
     parser.add_argument("--model-cache", default=str(ROOT / "outputs" / "smollm2-hf"))
     parser.add_argument("--out", default=str(ROOT / "outputs" / "variants.json"))
     args = parser.parse_args()
     args.eval_windows = [int(w) for w in args.eval_windows.split(",")]
+    if args.deterministic:  # before cuBLAS starts, for runs equal across processes
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.calib_batch_size is None:
         args.calib_batch_size = 8 if device.type == "cuda" else 1
