@@ -129,16 +129,17 @@ class FakeQuantizedLayer:
                 out = layer_output(layer(**kwargs))
             return loss_fn(out.to(self.dtype), target.to(self.dtype))
 
-        compiled = [compile_step(forward_loss)] if self.compiled else []
+        compiled = compile_step(forward_loss) if self.compiled else None
 
         def step_loss(kwargs: dict[str, Any], target: torch.Tensor) -> torch.Tensor:
+            nonlocal compiled
             self.new_step()
             try:
-                if compiled and torch.is_grad_enabled():
+                if compiled is not None and torch.is_grad_enabled():
                     try:
-                        return compiled[0](kwargs, target)
+                        return compiled(kwargs, target)
                     except Exception as error:  # compiling is an optimisation
-                        compiled.clear()
+                        compiled = None
                         self.new_step()
                         logger.warning(
                             f"FlatQuant: the compiled training forward of layer {name} "
