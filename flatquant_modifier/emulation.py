@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from compressed_tensors.offload import unwrap_offload_forward
 from compressed_tensors.utils import patch_attr
 from loguru import logger
 
@@ -34,6 +35,7 @@ __all__ = [
     "FakeQuantizedLayer",
     "compile_step",
     "layer_output",
+    "plain_forwards",
     "quantized_weights",
     "quantized_input",
     "use_torch_compile",
@@ -221,6 +223,41 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     if not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
+
+
+@contextlib.contextmanager
+def plain_forwards(layer: torch.nn.Module):
+    """
+    Within the context, the modules of ``layer`` run their own forwards: without
+    compressed-tensors' offloading wrapper (it moves the inputs, already on the
+    execution device while the layer trains) and without llm-compressor's hooks, which
+    ``HooksMixin.disable_hooks`` has made no-ops. Dynamo cannot trace either (a data
+    pointer comparison, a hook handle from another frame) and would break the compiled
+    training forward into pieces at every module.
+    """
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+
+    drop = HooksMixin._HOOKS_DISABLED and not HooksMixin._HOOKS_KEEP_ENABLED
+    with contextlib.ExitStack() as stack:
+        for module in layer.modules():
+            stack.enter_context(unwrap_offload_forward(module))
+            if not drop:
+                continue
+            for attr in ("_forward_pre_hooks", "_forward_hooks"):
+                hooks = getattr(module, attr)
+                kept = type(hooks)(
+                    (key, hook) for key, hook in hooks.items()
+                    if not _is_llmcompressor_hook(hook))
+                if len(kept) < len(hooks):
+                    stack.enter_context(patch_attr(module, attr, kept))
+        yield
+
+
+def _is_llmcompressor_hook(hook: Callable) -> bool:
+    # the wrapper HooksMixin.register_hook puts around every hook (``functools.wraps``
+    # gives it the hook's names; its code keeps its own)
+    code = getattr(hook, "__code__", None)
+    return getattr(code, "co_qualname", "").startswith("HooksMixin.register_hook.")
 
 
 COMPILE_BACKEND = "inductor"  # tests trace with "aot_eager" (no code generation)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from flatquant_modifier.cuda_graphs import StepGraphs
 from flatquant_modifier.distributed import all_reduce_
-from flatquant_modifier.emulation import FakeQuantizedLayer
+from flatquant_modifier.emulation import FakeQuantizedLayer, plain_forwards
 from flatquant_modifier.mappings import ResolvedGroup
 from flatquant_modifier.modules import GroupParams, identity_params
 from flatquant_modifier.options import FlatQuantOptions, Precision
@@ -211,7 +211,8 @@ def train_layer(
         groups, identity_params(groups, options, precision.dtype, device), options,
         precision, device,
     )
-    with _frozen(layer), torch.enable_grad(), _cuda_linalg(device):
+    traceable = plain_forwards(layer) if patched.compiled else contextlib.nullcontext()
+    with _frozen(layer), torch.enable_grad(), _cuda_linalg(device), traceable:
         loss_rtn = _mean_loss(layer, rtn, steps, targets, weights, autocast, graphs,
                               loss_fn)
         del rtn
