@@ -11,7 +11,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from compressed_tensors.offload import unwrap_offload_forward
 from compressed_tensors.utils import patch_attr
 from loguru import logger
 
@@ -240,7 +239,11 @@ def plain_forwards(layer: torch.nn.Module):
     drop = HooksMixin._HOOKS_DISABLED and not HooksMixin._HOOKS_KEEP_ENABLED
     with contextlib.ExitStack() as stack:
         for module in layer.modules():
-            stack.enter_context(unwrap_offload_forward(module))
+            # compressed-tensors' ``unwrap_offload_forward`` does the same, but does not
+            # restore the wrapper when the block raises (a layer skipped for NaN/Inf)
+            original = getattr(module, "_original_forward_func", None)
+            if original is not None:
+                stack.enter_context(patch_attr(module, "forward", original.__get__(module)))
             if not drop:
                 continue
             for attr in ("_forward_pre_hooks", "_forward_hooks"):

@@ -136,3 +136,38 @@ def test_compiled_quantizers_have_the_eager_loss_and_gradients(device, quant_for
     torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=0)
     for grad, compiled in zip(grads, compiled_grads):
         assert (compiled - grad).norm() <= 1e-4 * grad.norm() + 1e-12
+
+
+def test_plain_forwards_set_aside_offloading_and_disabled_hooks_and_restore_them():
+    """While a layer trains compiled, its modules run without compressed-tensors'
+    offloading wrapper and without llm-compressor's (disabled) hooks, whatever the
+    training raises; other hooks stay."""
+    from compressed_tensors.offload import offload_module
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+
+    from flatquant_modifier.emulation import plain_forwards
+
+    class Hooks(HooksMixin):
+        pass
+
+    linear = torch.nn.Linear(4, 4)
+    layer = torch.nn.Sequential(linear)
+    offload_module(linear, "cpu", "cpu")
+    wrapper = linear.forward
+    calls = []
+    handle = Hooks().register_hook(linear, lambda *args: calls.append("llmcompressor"),
+                                   "forward")
+    linear.register_forward_hook(lambda *args: calls.append("other"))
+    x = torch.randn(2, 4)
+    with pytest.raises(RuntimeError), HooksMixin.disable_hooks():
+        with plain_forwards(layer):
+            assert linear.forward.__func__ is linear._original_forward_func
+            assert len(linear._forward_hooks) == 1
+            linear(x)
+            raise RuntimeError("a layer skipped for NaN/Inf")
+    assert calls == ["other"]
+    assert linear.forward == wrapper and len(linear._forward_hooks) == 2
+    with HooksMixin.disable_hooks(keep={handle}), plain_forwards(layer):
+        assert len(linear._forward_hooks) == 2  # a hook kept enabled stays
+    linear(x)
+    assert calls == ["other", "llmcompressor", "other"]
