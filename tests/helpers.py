@@ -1,10 +1,12 @@
 """Helpers shared by the tests: a oneshot run on the tiny model, its W4 weight
 quantizer, logits on fixed tokens, and the check that an Ascend checkpoint computes
-the fake-quantized model's function."""
+the fake-quantized model's function, the log lines of a block."""
 
+import contextlib
 import json
 
 import torch
+from loguru import logger
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 
@@ -19,6 +21,18 @@ WEIGHTS_W4 = {
 
 
 WEIGHTS_W8 = {**WEIGHTS_W4, "num_bits": 8}
+
+
+@contextlib.contextmanager
+def log_messages(level: str = "WARNING"):
+    """The loguru messages of at least ``level`` logged within the block (a list,
+    filled as they come)."""
+    messages = []
+    handle = logger.add(messages.append, level=level)
+    try:
+        yield messages
+    finally:
+        logger.remove(handle)
 
 
 def mixed_weight_quantizer(int8: list[str], **kwargs):

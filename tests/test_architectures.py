@@ -34,6 +34,7 @@ from tests.conftest import TINY_QWEN3_MOE, byte_tokenizer, load_tiny
 from tests.helpers import (
     assert_round_trips,
     description_of_layer0,
+    log_messages,
     logits,
     mixed_weight_quantizer,
     run,
@@ -256,7 +257,6 @@ def test_shared_experts_vllm_ascend_cannot_serve_beside_int8_experts_are_refused
             run(model, tok, [FlatQuantModifier(epochs=1, w8a8_dynamic=[routed, shared])])
 
 
-
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_the_compiled_training_forward_trains_as_the_eager_one(name, tmp_path, monkeypatch):
     """``torch_compile=True`` on every architecture, traced without code generation
@@ -265,27 +265,25 @@ def test_the_compiled_training_forward_trains_as_the_eager_one(name, tmp_path, m
     GEMMs), and the training of the eager forward. Not bit for bit: the traced
     backward of some layers (Llama 3's rotary scaling, MLA, the routers) sums in
     another order, and the quantizers' rounding steps amplify that over the epochs."""
-    from loguru import logger
     from torch._dynamo.utils import counters
 
     from flatquant_modifier import emulation
 
     monkeypatch.setattr(emulation, "COMPILE_BACKEND", "aot_eager")
-    reports, messages = [], []
-    handle = logger.add(messages.append, level="WARNING")
+    reports = []
     try:
-        for torch_compile in (False, True):
-            model, tok = _tiny(name, tmp_path / f"{name}-{torch_compile}")
-            torch._dynamo.reset()
-            counters.clear()
-            modifier = FlatQuantModifier(epochs=2, learn_weight_clip=False,
-                                         torch_compile=torch_compile)
-            run(model, tok, [modifier])
-            reports.append(modifier.reports)
+        with log_messages() as messages:
+            for torch_compile in (False, True):
+                model, tok = _tiny(name, tmp_path / f"{name}-{torch_compile}")
+                torch._dynamo.reset()
+                counters.clear()
+                modifier = FlatQuantModifier(epochs=2, learn_weight_clip=False,
+                                             torch_compile=torch_compile)
+                run(model, tok, [modifier])
+                reports.append(modifier.reports)
         graph_breaks = dict(counters["graph_break"])
         graphs = counters["stats"]["unique_graphs"]
     finally:
-        logger.remove(handle)
         torch._dynamo.reset()
     eager, traced = reports
     assert graphs >= 1

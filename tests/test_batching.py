@@ -82,18 +82,13 @@ def test_steps_split_by_shape_and_may_be_empty():
 
 
 def test_samples_shared_by_ranks_are_reported(capsys):
-    from loguru import logger
-
     from flatquant_modifier.batching import _warn_on_shared_samples
+    from tests.helpers import log_messages
 
-    messages = []
-    handle = logger.add(messages.append, level="WARNING")
-    try:
+    with log_messages() as messages:
         _warn_on_shared_samples([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])])
         assert not messages
         _warn_on_shared_samples([torch.tensor([1.0, 2.0]), torch.tensor([2.0, 4.0])])
-    finally:
-        logger.remove(handle)
     assert len(messages) == 1 and "shard_dataset" in messages[0]
 
 

@@ -15,7 +15,7 @@ from flatquant_modifier.kronecker import kronecker_matmul
 from flatquant_modifier.quantize import fake_quantize_activation
 from flatquant_modifier.transform import get_flatquant_transform
 from tests.conftest import load_tiny, random_token_dataset
-from tests.helpers import WEIGHTS_W4, logits, run, weight_quantizer
+from tests.helpers import WEIGHTS_W4, log_messages, logits, run, weight_quantizer
 
 def test_transforms_preserve_the_unquantized_model(tiny_llama_dir):
     model, tok = load_tiny(tiny_llama_dir)
@@ -211,16 +211,10 @@ def test_target_outputs_are_the_full_precision_models_with_model(tiny_llama_dir,
 
 
 def test_model_targets_stop_with_a_warning_after_an_untrained_layer(tiny_llama_dir):
-    from loguru import logger
-
     model, tok = load_tiny(tiny_llama_dir)
-    messages = []
-    handler = logger.add(messages.append, level="WARNING")
-    try:
+    with log_messages() as messages:
         run(model, tok, [FlatQuantModifier(
             epochs=1, target_outputs="model", ignore=["lm_head", "re:model.layers.0.*"])])
-    finally:
-        logger.remove(handler)
     assert any("target_outputs='model', but model.layers.0 was not trained" in m
                and "model.layers.1 reproduces the full-precision layer on its own inputs"
                in m for m in messages)

@@ -8,11 +8,11 @@ from compressed_tensors.quantization import (
     apply_quantization_config,
     preset_name_to_scheme,
 )
-from loguru import logger
 
 from flatquant_modifier.mappings import LLAMA_MAPPINGS
 from flatquant_modifier.plan import check_weight_schemes, plan_layers
 from tests.conftest import build_tiny_llama
+from tests.helpers import log_messages
 
 # intermediate 144 = 12 x 12 (get_decompose_dim): a second factor that is not a
 # multiple of 8, as Qwen2.5-7B's down_proj (18944 = 128 x 148)
@@ -35,12 +35,8 @@ def _short(plan):
 
 def test_undecomposable_down_proj_falls_back_to_w8a8_dynamic_with_one_line_per_layer():
     model = build_tiny_llama(**UNDECOMPOSABLE)
-    messages = []
-    handle = logger.add(messages.append, level="INFO")
-    try:
+    with log_messages("INFO") as messages:
         plans = _plan(model)
-    finally:
-        logger.remove(handle)
     assert [_short(p) for p in plans] == [(["qkv", "o", "gate_up"], ["down_proj"], [])] * 2
     lines = [m for m in messages if "not transformed" in m]
     assert len(lines) == 2 and "model.layers.1: ['mlp.down_proj'] not transformed " \
@@ -120,12 +116,8 @@ def test_two_groups_never_fold_smoothing_into_one_producer():
     ]
     model = build_tiny_llama()
     layers = [("model.layers.0", model.model.layers[0])]
-    messages = []
-    handle = logger.add(messages.append, level="WARNING")
-    try:
+    with log_messages() as messages:
         [plan] = plan_layers(layers, shared, [], [], "w8a8_dynamic", ascend=True, nvfp4=False)
-    finally:
-        logger.remove(handle)
     assert plan.groups[0].smooth is not None and plan.groups[1].smooth is None
     assert any("already takes another group's smoothing" in m for m in messages)
 
@@ -133,12 +125,8 @@ def test_two_groups_never_fold_smoothing_into_one_producer():
 def test_w8a8_linears_without_a_scheme_warn_and_output_quantization_is_refused():
     model = build_tiny_llama(**UNDECOMPOSABLE)
     plans = _plan(model)
-    messages = []
-    handle = logger.add(messages.append, level="WARNING")
-    try:  # weights to be quantized by a later oneshot
+    with log_messages() as messages:  # weights to be quantized by a later oneshot
         check_weight_schemes(plans, quantizes_activations=True)
-    finally:
-        logger.remove(handle)
     # one line for all of them (MoE models have thousands of expert linears)
     warned = [m for m in messages if "served as W8A8_DYNAMIC have no weight scheme" in m]
     assert len(warned) == 1 and "2 linears" in warned[0] and "down_proj" in warned[0]

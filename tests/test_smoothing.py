@@ -8,7 +8,7 @@ from flatquant_modifier import FlatQuantModifier
 from flatquant_modifier.mappings import LLAMA_MAPPINGS, resolve_layer
 from flatquant_modifier.smoothing import SmoothingCheck, unfoldable_smoothing
 from tests.conftest import build_tiny_llama, load_tiny
-from tests.helpers import layer_calls, logits, run
+from tests.helpers import layer_calls, log_messages, logits, run
 
 
 def test_llama_smoothing_folds_exactly_and_a_wrong_producer_does_not():
@@ -54,19 +54,13 @@ def test_smoothing_that_does_not_fold_exactly_is_turned_off_or_refused(tmp_path)
     changes the layer (logit error 1.16 with quantization off, measured). FlatQuant
     finds it on the first layer and turns that smoothing off; its own Gemma mappings
     fold into pre_feedforward_layernorm, exactly."""
-    from loguru import logger
-
     from flatquant_modifier.mappings import LLAMA_MAPPINGS
 
     def transforms_only_error(**options):
         model, tok = _tiny_gemma2(tmp_path / "gemma2")
         reference = logits(model)
-        messages = []
-        handle = logger.add(messages.append, level="WARNING")
-        try:
+        with log_messages() as messages:
             run(model, tok, [FlatQuantModifier(epochs=1, learn_weight_clip=False, **options)])
-        finally:
-            logger.remove(handle)
         model.apply(disable_quantization)
         out = logits(model)
         return ((out - reference).norm() / reference.norm()).item(), messages

@@ -11,7 +11,7 @@ from flatquant_modifier.modules import build_group_params
 from flatquant_modifier.options import FlatQuantOptions, Precision
 from flatquant_modifier.train import deterministic_algorithms, layer_loss, train_layer
 from tests.conftest import build_tiny_llama, load_tiny
-from tests.helpers import layer_calls, run
+from tests.helpers import layer_calls, log_messages, run
 
 
 def _first_layer(layer_index: int = 0, **options):
@@ -55,18 +55,12 @@ def test_training_that_raises_the_loss_keeps_the_initial_state():
     """At a learning rate far too high the loss ends above its initial value: the
     initial transforms, smoothing and clip factors stay, their loss is the final one,
     and a warning names the layer."""
-    from loguru import logger
-
     name, layer, groups, params, steps, targets, options = _first_layer(lr=0.3, clip_lr=0.3)
     initial = [p.detach().clone() for g in params for group in g.param_groups(options)
                for p in group["params"]]
-    messages = []
-    handle = logger.add(messages.append, level="WARNING")
-    try:
+    with log_messages() as messages:
         report = train_layer(name, layer, groups, params, steps, targets, options,
                              Precision(torch.float32, None), torch.device("cpu"))
-    finally:
-        logger.remove(handle)
     assert report.kept_initial
     assert max(report.epoch_losses) > 100 * report.loss_init
     assert report.loss_final == report.loss_init
@@ -151,8 +145,6 @@ def test_compiled_training_forward_is_one_graph_shared_by_layers(monkeypatch, qu
 
 
 def test_a_failing_compilation_trains_eagerly_with_a_warning(monkeypatch):
-    from loguru import logger
-
     from flatquant_modifier import emulation
 
     def broken(fn):
@@ -162,12 +154,8 @@ def test_a_failing_compilation_trains_eagerly_with_a_warning(monkeypatch):
 
     monkeypatch.setattr(emulation, "compile_step", broken)
     eager, _, _ = _train_first_layer(torch_compile=False)
-    messages = []
-    handle = logger.add(messages.append, level="WARNING")
-    try:
+    with log_messages() as messages:
         fallback, _, _ = _train_first_layer(torch_compile=True)
-    finally:
-        logger.remove(handle)
     assert fallback.epoch_losses == eager.epoch_losses
     assert fallback.loss_final == eager.loss_final
     warnings = [str(m) for m in messages if "compiled training forward" in str(m)]

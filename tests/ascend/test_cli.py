@@ -3,7 +3,9 @@ bad paths and interrupted runs."""
 
 from flatquant_modifier import FlatQuantModifier
 from tests.conftest import load_tiny
-from tests.helpers import assert_same_function, exact_logits, run, weight_quantizer
+from tests.helpers import (
+    assert_same_function, exact_logits, log_messages, run, weight_quantizer,
+)
 from tests.test_loading import _saved
 
 
@@ -53,8 +55,6 @@ def test_the_export_cli_never_overwrites_its_source(tiny_llama_dir, tmp_path, ca
 def test_the_export_cleans_up_after_killed_runs_and_uses_the_umask(tiny_llama_dir, tmp_path):
     import os
 
-    from loguru import logger
-
     from flatquant_modifier.ascend import save_ascend_checkpoint
 
     model, tok = load_tiny(tiny_llama_dir)
@@ -65,12 +65,8 @@ def test_the_export_cleans_up_after_killed_runs_and_uses_the_umask(tiny_llama_di
     (tmp_path / f".ascend.old-{dead}").write_text("a file the killed run moved aside")
     (tmp_path / f".ascend.tmp-{os.getpid()}-live").mkdir()  # a running export: kept
     (tmp_path / ".ascend.tmp-k3j2x").mkdir()  # owner unknown: kept and reported
-    messages = []
-    handle = logger.add(messages.append, level="INFO")
-    try:
+    with log_messages("INFO") as messages:
         out = save_ascend_checkpoint(model, tmp_path / "ascend", tok)
-    finally:
-        logger.remove(handle)
     left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".ascend."))
     assert left == [f".ascend.tmp-{os.getpid()}-live", ".ascend.tmp-k3j2x"]
     assert any("owner unknown" in m for m in messages)
