@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from compressed_tensors.offload import OffloadCache
 from compressed_tensors.utils import patch_attr
 from loguru import logger
 
@@ -233,12 +234,21 @@ def plain_forwards(layer: torch.nn.Module):
     ``HooksMixin.disable_hooks`` has made no-ops. Dynamo cannot trace either (a data
     pointer comparison, a hook handle from another frame) and would break the compiled
     training forward into pieces at every module.
+
+    The modules' offloaded parameters and buffers are read from plain dicts of their
+    onloaded tensors: compressed-tensors' ``OffloadCache`` looks each one up in a
+    class-wide dict keyed by tensors, on which Dynamo guards, so that every layer would
+    compile its own graph (and past ``recompile_limit`` run eagerly). A tensor assigned
+    within the context goes back through the cache on exit.
     """
     from llmcompressor.modifiers.utils.hooks import HooksMixin
 
     drop = HooksMixin._HOOKS_DISABLED and not HooksMixin._HOOKS_KEEP_ENABLED
     with contextlib.ExitStack() as stack:
         for module in layer.modules():
+            for attr in ("_parameters", "_buffers"):
+                if isinstance(getattr(module, attr), OffloadCache):
+                    stack.enter_context(_onloaded_dict(module, attr))
             # compressed-tensors' ``unwrap_offload_forward`` does the same, but does not
             # restore the wrapper when the block raises (a layer skipped for NaN/Inf)
             original = getattr(module, "_original_forward_func", None)
@@ -254,6 +264,23 @@ def plain_forwards(layer: torch.nn.Module):
                 if len(kept) < len(hooks):
                     stack.enter_context(patch_attr(module, attr, kept))
         yield
+
+
+@contextlib.contextmanager
+def _onloaded_dict(module: torch.nn.Module, attr: str):
+    cache = getattr(module, attr)
+    onloaded = dict(cache.items())
+    snapshot = dict(onloaded)
+    setattr(module, attr, onloaded)
+    try:
+        yield
+    finally:
+        setattr(module, attr, cache)
+        for key, value in onloaded.items():
+            if key not in snapshot or snapshot[key] is not value:
+                cache[key] = value
+        for key in snapshot.keys() - onloaded.keys():
+            del cache[key]
 
 
 def _is_llmcompressor_hook(hook: Callable) -> bool:

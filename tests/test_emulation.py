@@ -171,3 +171,25 @@ def test_plain_forwards_set_aside_offloading_and_disabled_hooks_and_restore_them
         assert len(linear._forward_hooks) == 2  # a hook kept enabled stays
     linear(x)
     assert calls == ["other", "llmcompressor", "other"]
+
+
+def test_plain_forwards_read_offloaded_tensors_from_plain_dicts_and_write_back():
+    """Dynamo guards on compressed-tensors' class-wide dict of onloaded tensors (a
+    recompilation per layer): within the context the modules read plain dicts of the
+    onloaded tensors; a tensor assigned there goes back through the cache on exit."""
+    from compressed_tensors.offload import OffloadCache, offload_module
+
+    from flatquant_modifier.emulation import plain_forwards
+
+    linear = torch.nn.Linear(4, 4)
+    layer = torch.nn.Sequential(linear)
+    offload_module(linear, "cpu", "cpu")
+    cache = linear._parameters
+    weight = linear.weight.detach().clone()
+    with plain_forwards(layer):
+        assert type(linear._parameters) is dict
+        assert torch.equal(linear.weight, weight)
+        linear.bias = torch.nn.Parameter(torch.ones(4))
+    assert linear._parameters is cache and isinstance(cache, OffloadCache)
+    assert torch.equal(linear.weight, weight)
+    assert torch.equal(linear.bias, torch.ones(4))
