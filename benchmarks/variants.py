@@ -148,6 +148,9 @@ def run_variant(name, args, seed, tokenizer, dataset, device):
             kwargs["quant_format"] = "nvfp4"
     if kwargs is not None and args.deterministic:
         kwargs["deterministic"] = True
+    if kwargs is not None and args.torch_compile != "variant":
+        choice = {"auto": "auto", "on": True, "off": False}[args.torch_compile]
+        kwargs["torch_compile"] = choice
     recipe = [quantizer(args.scheme, kwargs is not None, gptq)]
     if kwargs is not None:
         recipe.insert(0, FlatQuantModifier(**kwargs))
@@ -176,6 +179,9 @@ def run_variant(name, args, seed, tokenizer, dataset, device):
     if kwargs is not None and recipe[0].reports:
         reports = recipe[0].reports
         row["mean_final_layer_loss"] = sum(r.loss_final for r in reports) / len(reports)
+        row["flatquant_seconds"] = round(sum(r.seconds for r in reports), 1)
+        row["training_epochs_seconds"] = round(
+            sum(sum(r.epoch_seconds) for r in reports), 1)
     if device.type == "cuda":
         row["peak_gpu_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     row["peak_rss_GiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
@@ -206,6 +212,10 @@ def main():
                         help="FlatQuant trains with deterministic algorithms "
                         "(FlatQuantModifier's deterministic): variants on the same seed "
                         "then differ by their change, not by GPU run-to-run noise")
+    parser.add_argument("--torch-compile", choices=["variant", "auto", "on", "off"],
+                        default="variant",
+                        help="FlatQuant's torch_compile for every variant (default: the "
+                        "variant's own, else \"auto\")")
     parser.add_argument("--eval-windows", default="8",
                         help="comma-separated numbers of test windows, 0: all (e.g. 8,0)")
     parser.add_argument("--model-cache", default=str(ROOT / "outputs" / "smollm2-hf"))
