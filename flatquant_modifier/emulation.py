@@ -64,6 +64,7 @@ class FakeQuantizedLayer:
         options: FlatQuantOptions,
         precision: Precision,
         device: torch.device,
+        training_tokens: int = 0,
     ):
         self.groups = groups
         self.params = params
@@ -71,7 +72,8 @@ class FakeQuantizedLayer:
         self.dtype = precision.dtype
         self.device_type = torch.device(device).type
         num_weights = sum(linear.weight.numel() for g in groups for _, linear in g.linears)
-        self.compiled = compiled = use_torch_compile(options, device, num_weights)
+        self.compiled = compiled = use_torch_compile(
+            options, device, num_weights, training_tokens)
         # the linears of a group stacked by rows, factor-major ([M, rows, N]: both
         # Kronecker factors are plain matrix products), transformed and quantized in one
         # go; compiled, kept in the model's dtype (bfloat16: half the memory) and cast
@@ -306,21 +308,24 @@ def _storage_dtype(weight_dtype: torch.dtype, dtype: torch.dtype) -> torch.dtype
     return weight_dtype if narrower else dtype
 
 
-# "auto" compiles layers with at least this many transformed weights: one H200 trains a
-# Llama-3-8B layer (218 M) 2.6x faster compiled; smaller layers gain only at large
-# budgets (SmolLM2-135M, 3.5 M per layer, at 128 x 2048 and 15 epochs: 102.5 s of
-# calibration against 126.0 s, about 30 s of it compilation)
-AUTO_COMPILE_MIN_WEIGHTS = 50_000_000
+# "auto" compiles a layer whose training repays a compilation (about 30 s, once per
+# layer shape): its transformed weights times the tokens it trains on (all epochs,
+# all ranks) at least this. One H200: SmolLM2-135M at 128 x 2048 and 15 epochs (3.5 M
+# x 3.9 M = 1.4e13) calibrates in 101.1 s compiled against 126.0 s eager, which puts
+# the break-even near 8 epochs; a Llama-3-8B layer (218 M weights) passes at one epoch
+# of 128 x 2048, a step of it taking 27.4 against 72.6 ms
+AUTO_COMPILE_MIN_WORK = 1e13
 
 
 def use_torch_compile(options: FlatQuantOptions, device: torch.device,
-                      num_weights: int) -> bool:
+                      num_weights: int, training_tokens: int = 0) -> bool:
     """Whether the training forward of a layer with ``num_weights`` transformed
-    weights runs compiled (:attr:`FlatQuantOptions.torch_compile`)."""
+    weights, trained on ``training_tokens`` tokens over all epochs and ranks, runs
+    compiled (:attr:`FlatQuantOptions.torch_compile`)."""
     if options.torch_compile != "auto":
         return options.torch_compile
     return (torch.device(device).type == "cuda" and options.quant_format == "int"
-            and num_weights >= AUTO_COMPILE_MIN_WEIGHTS
+            and num_weights * training_tokens >= AUTO_COMPILE_MIN_WORK
             and importlib.util.find_spec("triton") is not None)
 
 

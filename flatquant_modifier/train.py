@@ -23,6 +23,7 @@ from loguru import logger
 from torch import nn
 from tqdm import tqdm
 
+from flatquant_modifier.batching import layer_input
 from flatquant_modifier.cuda_graphs import StepGraphs
 from flatquant_modifier.distributed import all_reduce_
 from flatquant_modifier.emulation import FakeQuantizedLayer, plain_forwards
@@ -182,7 +183,13 @@ def train_layer(
     start = time.perf_counter()
     if loss_fn is None:
         loss_fn = functools.partial(layer_loss, kind=options.loss)
-    patched = FakeQuantizedLayer(groups, params, options, precision, device)
+    # the tokens trained on (all epochs and ranks): "auto" compiles long trainings
+    tokens = torch.tensor(
+        [sum(layer_input(kwargs)[1].shape[:-1].numel()
+             for batches in steps for kwargs in batches)], dtype=torch.float64)
+    training_tokens = options.epochs * int(all_reduce_(tokens).item())
+    patched = FakeQuantizedLayer(groups, params, options, precision, device,
+                                 training_tokens)
     if precision.autocast is not None:
         def autocast():
             # no cast cache: it would hold tensors across graph replays
@@ -209,7 +216,7 @@ def train_layer(
 
     rtn = FakeQuantizedLayer(
         groups, identity_params(groups, options, precision.dtype, device), options,
-        precision, device,
+        precision, device, training_tokens,
     )
     traceable = plain_forwards(layer) if patched.compiled else contextlib.nullcontext()
     with _frozen(layer), torch.enable_grad(), _cuda_linalg(device), traceable:

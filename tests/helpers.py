@@ -102,8 +102,9 @@ def layer_calls(model, layer, ids):
     calls = []
 
     def capture(_module, args, kwargs):
-        call = dict(kwargs)
-        call["hidden_states"] = args[0] if args else kwargs["hidden_states"]
+        # hidden_states first, as the modifier binds a call to the forward's signature
+        call = {"hidden_states": args[0] if args else kwargs["hidden_states"]}
+        call.update((k, v) for k, v in kwargs.items() if k != "hidden_states")
         call.pop("past_key_values", None)
         calls.append({k: v.detach() if isinstance(v, torch.Tensor) else v
                       for k, v in call.items()})

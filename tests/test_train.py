@@ -163,20 +163,48 @@ def test_a_failing_compilation_trains_eagerly_with_a_warning(monkeypatch):
     assert "layer model.layers.0 failed (RuntimeError: no backend)" in warnings[0]
 
 
-def test_torch_compile_auto_is_for_large_int_layers_on_cuda():
-    from flatquant_modifier.emulation import AUTO_COMPILE_MIN_WEIGHTS, use_torch_compile
+def test_torch_compile_auto_is_for_long_int_trainings_on_cuda():
+    from flatquant_modifier.emulation import AUTO_COMPILE_MIN_WORK, use_torch_compile
 
-    cuda, cpu, large = torch.device("cuda"), torch.device("cpu"), AUTO_COMPILE_MIN_WEIGHTS
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
     auto = FlatQuantOptions()
-    assert not use_torch_compile(auto, cpu, large)
-    assert not use_torch_compile(auto, cuda, large - 1)
-    assert not use_torch_compile(FlatQuantOptions(quant_format="nvfp4"), cuda, large)
+    smollm2 = 3_538_944  # SmolLM2-135M's transformed weights per layer
+    paper_budget = 15 * 128 * 2048  # tokens: 15 epochs of 128 x 2048
+    llama3_8b = 218_103_808
+    assert smollm2 * paper_budget >= AUTO_COMPILE_MIN_WORK
+    assert smollm2 * 2 * 32 * 512 < AUTO_COMPILE_MIN_WORK  # the CPU main job's budget
+    assert llama3_8b * 128 * 2048 >= AUTO_COMPILE_MIN_WORK  # one epoch
+    assert not use_torch_compile(auto, cpu, smollm2, paper_budget)
+    assert not use_torch_compile(auto, cuda, smollm2, 2 * 32 * 512)
+    assert not use_torch_compile(auto, cuda, llama3_8b)  # no tokens given: eager
+    assert not use_torch_compile(FlatQuantOptions(quant_format="nvfp4"), cuda, smollm2,
+                                 paper_budget)
     assert use_torch_compile(FlatQuantOptions(torch_compile=True), cpu, 1)
-    assert not use_torch_compile(FlatQuantOptions(torch_compile=False), cuda, large)
-    # with Triton, large int layers on CUDA compile
+    assert not use_torch_compile(FlatQuantOptions(torch_compile=False), cuda, llama3_8b,
+                                 paper_budget)
+    # with Triton, long int trainings on CUDA compile
     import importlib.util
-    assert use_torch_compile(auto, cuda, large) == (
+    assert use_torch_compile(auto, cuda, smollm2, paper_budget) == (
         importlib.util.find_spec("triton") is not None)
+
+
+def test_train_layer_counts_the_tokens_of_all_epochs_for_auto(monkeypatch):
+    from flatquant_modifier import emulation
+
+    seen = []
+
+    def record(options, device, num_weights, training_tokens=0):
+        seen.append((num_weights, training_tokens))
+        return False
+
+    monkeypatch.setattr(emulation, "use_torch_compile", record)
+    name, layer, groups, params, steps, targets, options = _first_layer()
+    train_layer(name, layer, groups, params, steps, targets, options,
+                Precision(torch.float32, None), torch.device("cpu"))
+    tokens = sum(kwargs["hidden_states"].shape[:-1].numel()
+                 for batches in steps for kwargs in batches)
+    weights = sum(linear.weight.numel() for g in groups for _, linear in g.linears)
+    assert seen and set(seen) == {(weights, options.epochs * tokens)}
 
 
 def test_compiled_layers_keep_bfloat16_weights_and_cast_them_exactly():
