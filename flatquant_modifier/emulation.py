@@ -241,7 +241,7 @@ def plain_forwards(layer: torch.nn.Module):
     onloaded tensors: compressed-tensors' ``OffloadCache`` looks each one up in a
     class-wide dict keyed by tensors, on which Dynamo guards, so that every layer would
     compile its own graph (and past ``recompile_limit`` run eagerly). A tensor assigned
-    within the context goes back through the cache on exit.
+    or changed in place within the context goes back through the cache on exit.
     """
     from llmcompressor.modifiers.utils.hooks import HooksMixin
 
@@ -272,17 +272,26 @@ def plain_forwards(layer: torch.nn.Module):
 def _onloaded_dict(module: torch.nn.Module, attr: str):
     cache = getattr(module, attr)
     onloaded = dict(cache.items())
-    snapshot = dict(onloaded)
+    # each tensor and its version counter, which in-place writes advance
+    before = {key: (value, _version(value)) for key, value in onloaded.items()}
     setattr(module, attr, onloaded)
     try:
         yield
     finally:
         setattr(module, attr, cache)
         for key, value in onloaded.items():
-            if key not in snapshot or snapshot[key] is not value:
+            tensor, version = before.get(key, (None, None))
+            if key not in before or tensor is not value or version != _version(value):
                 cache[key] = value
-        for key in snapshot.keys() - onloaded.keys():
+        for key in before.keys() - onloaded.keys():
             del cache[key]
+
+
+def _version(tensor: torch.Tensor | None) -> int | None:
+    try:
+        return tensor._version
+    except (AttributeError, RuntimeError):  # None; inference tensors have no counter
+        return None
 
 
 def _is_llmcompressor_hook(hook: Callable) -> bool:
@@ -309,18 +318,19 @@ def _storage_dtype(weight_dtype: torch.dtype, dtype: torch.dtype) -> torch.dtype
 
 
 # "auto" compiles a layer whose training repays a compilation (about 30 s, once per
-# layer shape): its transformed weights times the tokens it trains on (all epochs,
-# all ranks) at least this. One H200: SmolLM2-135M at 128 x 2048 and 15 epochs (3.5 M
+# layer shape and rank): its transformed weights times the tokens a rank trains it on
+# (all epochs) at least this. One H200: SmolLM2-135M at 128 x 2048 and 15 epochs (3.5 M
 # x 3.9 M = 1.4e13) calibrates in 101.1 s compiled against 126.0 s eager, which puts
-# the break-even near 8 epochs; a Llama-3-8B layer (218 M weights) passes at one epoch
-# of 128 x 2048, a step of it taking 27.4 against 72.6 ms
+# the break-even of its 30 layers near 8 epochs; 1e13 is its 11 epochs, on the safe
+# side. A Llama-3-8B layer (218 M weights) passes at one epoch of 128 x 2048, a step of
+# it taking 27.4 against 72.6 ms
 AUTO_COMPILE_MIN_WORK = 1e13
 
 
 def use_torch_compile(options: FlatQuantOptions, device: torch.device,
                       num_weights: int, training_tokens: int = 0) -> bool:
     """Whether the training forward of a layer with ``num_weights`` transformed
-    weights, trained on ``training_tokens`` tokens over all epochs and ranks, runs
+    weights, trained on ``training_tokens`` tokens by a rank over all epochs, runs
     compiled (:attr:`FlatQuantOptions.torch_compile`)."""
     if options.torch_compile != "auto":
         return options.torch_compile

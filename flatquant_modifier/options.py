@@ -74,9 +74,10 @@ class FlatQuantOptions(BaseModel):
         the memory, after a one-time compilation of about 30 s that layers of one
         shape share; a compilation that fails warns and trains eagerly).
         ``"auto"``: for ``quant_format="int"`` on CUDA (with Triton) when a layer's
-        transformed weights times the tokens it trains on (all epochs) reach 1e13, where
-        the training repays the compilation (Llama-3-8B: from one epoch of 128 x 2048;
-        SmolLM2-135M: at 15 epochs of 128 x 2048, not at 2 of 32 x 512); eager elsewhere
+        transformed weights times the tokens a rank trains it on (all epochs) reach
+        1e13, where the training repays the compilation (Llama-3-8B: from one epoch of
+        128 x 2048; SmolLM2-135M: at 15 epochs of 128 x 2048, not at 2 of 32 x 512);
+        eager elsewhere
     :param deterministic: train with ``torch.use_deterministic_algorithms(True)``, so
         that two runs on the same GPU give the same model
     :param seed: seed of the random initialisations

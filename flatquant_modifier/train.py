@@ -183,11 +183,13 @@ def train_layer(
     start = time.perf_counter()
     if loss_fn is None:
         loss_fn = functools.partial(layer_loss, kind=options.loss)
-    # the tokens trained on (all epochs and ranks): "auto" compiles long trainings
+    # the tokens a rank trains on (all epochs; the largest share of any rank, so that
+    # all ranks decide alike): "auto" compiles long trainings, each rank its own graph
     tokens = torch.tensor(
         [sum(layer_input(kwargs)[1].shape[:-1].numel()
              for batches in steps for kwargs in batches)], dtype=torch.float64)
-    training_tokens = options.epochs * int(all_reduce_(tokens).item())
+    tokens = all_reduce_(tokens, op=torch.distributed.ReduceOp.MAX)
+    training_tokens = options.epochs * int(tokens.item())
     patched = FakeQuantizedLayer(groups, params, options, precision, device,
                                  training_tokens)
     if precision.autocast is not None:

@@ -173,23 +173,33 @@ def test_plain_forwards_set_aside_offloading_and_disabled_hooks_and_restore_them
     assert calls == ["other", "llmcompressor", "other"]
 
 
-def test_plain_forwards_read_offloaded_tensors_from_plain_dicts_and_write_back():
+def test_plain_forwards_read_offloaded_tensors_from_plain_dicts_and_write_back(tmp_path):
     """Dynamo guards on compressed-tensors' class-wide dict of onloaded tensors (a
     recompilation per layer): within the context the modules read plain dicts of the
-    onloaded tensors; a tensor assigned there goes back through the cache on exit."""
-    from compressed_tensors.offload import OffloadCache, offload_module
+    onloaded tensors; a tensor assigned there or changed in place goes back to the
+    offloaded storage on exit (here: on disk, onloaded while offloading is disabled,
+    as in llm-compressor's pipeline), and the unchanged ones stay as they are."""
+    from compressed_tensors.offload import OffloadCache, disable_offloading, offload_module
+    from compressed_tensors.utils import update_offload_parameter
 
     from flatquant_modifier.emulation import plain_forwards
 
-    linear = torch.nn.Linear(4, 4)
-    layer = torch.nn.Sequential(linear)
-    offload_module(linear, "cpu", "cpu")
-    cache = linear._parameters
-    weight = linear.weight.detach().clone()
-    with plain_forwards(layer):
-        assert type(linear._parameters) is dict
-        assert torch.equal(linear.weight, weight)
-        linear.bias = torch.nn.Parameter(torch.ones(4))
-    assert linear._parameters is cache and isinstance(cache, OffloadCache)
+    layer = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    linear, norm = layer
+    for module in layer:
+        offload_module(module, "cpu", "disk", offload_dir=str(tmp_path))
+    caches = [module._parameters for module in layer]
+    weight, norm_bias = linear.weight.detach().clone(), norm.bias.detach().clone()
+    with disable_offloading():
+        with plain_forwards(layer):
+            assert all(type(module._parameters) is dict for module in layer)
+            assert torch.equal(linear.weight, weight)
+            linear.bias = torch.nn.Parameter(torch.ones(4))  # assigned
+            update_offload_parameter(norm, "weight", torch.full((4,), 2.0))  # in place
+        assert [module._parameters for module in layer] == caches
+        assert all(isinstance(cache, OffloadCache) for cache in caches)
+    # read back from disk
     assert torch.equal(linear.weight, weight)
     assert torch.equal(linear.bias, torch.ones(4))
+    assert torch.equal(norm.weight, torch.full((4,), 2.0))
+    assert torch.equal(norm.bias, norm_bias)
