@@ -97,6 +97,16 @@ GPTQ_VARIANTS = {
     "lr-2e-2-model-targets-gptq-mse-no-actorder": (
         {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model"},
         {"observer": "memoryless-mse", "actorder": None}),
+    # the same without the learned weight clipping (absorbed as a clamp of the weights,
+    # which GPTQ cannot undo), or trained without weight quantization at all
+    "lr-2e-2-model-targets-no-weight-clip-gptq-mse": (
+        {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model",
+         "learn_weight_clip": False},
+        {"observer": "memoryless-mse"}),
+    "lr-2e-2-model-targets-no-weight-quant-gptq-mse": (
+        {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model", "w_bits": None,
+         "learn_weight_clip": False},
+        {"observer": "memoryless-mse"}),
 }
 
 W4_CHANNEL = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel",
