@@ -51,6 +51,8 @@ VARIANTS = {  # changes from the defaults (dense, random init, smoothing, both c
     "lr-2e-2-last-layer-logits": {"lr": 2e-2, "clip_lr": 2e-1, "last_layer_loss": "logits"},
     "lr-2e-2-model-targets": {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model"},
     "dense-identity-init": {"transform_init": "identity"},
+    "hadamard-init": {"transform_init": "hadamard"},
+    "lr-2e-2-hadamard-init": {"lr": 2e-2, "clip_lr": 2e-1, "transform_init": "hadamard"},
     "no-smooth": {"smooth": False},
     "no-clip": {"learn_weight_clip": False, "learn_activation_clip": False},
     "bf16-autocast": {"autocast_dtype": "bfloat16"},
@@ -102,6 +104,11 @@ GPTQ_VARIANTS = {
     "lr-2e-2-model-targets-no-weight-clip-gptq-mse": (
         {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model",
          "learn_weight_clip": False},
+        {"observer": "memoryless-mse"}),
+    # flatquant_w4a4_gptq.yaml with random Hadamard transform factors to start from
+    "lr-2e-2-model-targets-hadamard-init-gptq-mse": (
+        {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model",
+         "transform_init": "hadamard"},
         {"observer": "memoryless-mse"}),
     "lr-2e-2-model-targets-no-weight-quant-gptq-mse": (
         {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model", "w_bits": None,

@@ -24,6 +24,7 @@ __all__ = [
     "kronecker_dense",
     "absorb_inverse_into_weight",
     "random_orthogonal",
+    "random_hadamard",
 ]
 
 
@@ -177,3 +178,20 @@ def random_orthogonal(
     q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
     # LAPACK returns Q column-major; a row-major parameter is what collectives take
     return q.to(dtype).contiguous()
+
+
+def random_hadamard(
+    size: int, generator: torch.Generator | None = None, dtype=torch.float64
+) -> torch.Tensor | None:
+    """
+    A random orthonormal Hadamard matrix ``H diag(±1) / sqrt(size)`` (compressed-tensors'
+    construction, as QuaRot and SpinQuant rotate), or None where no Hadamard matrix of
+    ``size`` is known (sizes ``k * 2^j`` for the orders compressed-tensors ships).
+    """
+    from compressed_tensors.transform.utils.hadamard import random_hadamard_matrix
+
+    try:
+        h = random_hadamard_matrix(size, torch.float64, gen=generator)
+    except ValueError:  # no known Hadamard matrix of this order
+        return None
+    return (h / math.sqrt(size)).to(dtype).contiguous()

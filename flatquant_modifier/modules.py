@@ -4,12 +4,14 @@ Kronecker transforms, clip factors and the smoothing vector, gathered per transf
 input in :class:`GroupParams`.
 """
 
+import functools
 from typing import TYPE_CHECKING, Literal
 
 import torch
+from loguru import logger
 from torch import nn
 
-from flatquant_modifier.kronecker import random_orthogonal
+from flatquant_modifier.kronecker import random_hadamard, random_orthogonal
 from flatquant_modifier.mappings import ResolvedGroup
 
 if TYPE_CHECKING:
@@ -18,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Parametrization",
     "TransformInit",
+    "initial_matrix",
     "LearnableMatrix",
     "LearnableKronecker",
     "ClipFactor",
@@ -29,7 +32,35 @@ __all__ = [
 ]
 
 Parametrization = Literal["orthogonal", "dense"]
-TransformInit = Literal["identity", "random"]
+TransformInit = Literal["identity", "random", "hadamard"]
+
+
+def initial_matrix(
+    size: int, init: TransformInit, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """
+    The float32 matrix a transform factor starts at: the identity, a Haar-random
+    orthogonal matrix (``"random"``) or a random Hadamard matrix (``"hadamard"``; a
+    random orthogonal one, logged once per size, where no Hadamard matrix of ``size``
+    is known).
+    """
+    if init == "identity":
+        return torch.eye(size)
+    if init == "hadamard":
+        hadamard = random_hadamard(size, generator, torch.float32)
+        if hadamard is not None:
+            return hadamard
+        _no_hadamard(size)
+    return random_orthogonal(size, generator, torch.float32)
+
+
+@functools.cache
+def _no_hadamard(size: int):
+    # cached: one line per size, not one per layer
+    logger.info(
+        f"FlatQuant: no Hadamard matrix of order {size} is known; transform factors "
+        f"of size {size} start at a random orthogonal matrix instead"
+    )
 
 
 class LearnableMatrix(nn.Module):
@@ -44,7 +75,7 @@ class LearnableMatrix(nn.Module):
     * ``"dense"``: ``P`` is a free matrix and ``P^-T`` comes from ``torch.linalg.inv_ex``
       (a singular ``P`` shows up as a non-finite loss).
 
-    Both start at ``P = Q`` with ``Q`` the identity or a random orthogonal matrix.
+    Both start at ``P = Q``, ``Q`` from :func:`initial_matrix`.
     With ``blocks > 1``, ``P`` is block diagonal: ``blocks`` such matrices of size
     ``size / blocks`` on its diagonal, zeros elsewhere (learned as a batch).
     """
@@ -63,12 +94,7 @@ class LearnableMatrix(nn.Module):
         self.size, self.blocks = size, blocks
         self.parametrization = parametrization
         block = size // blocks
-        bases = [
-            random_orthogonal(block, generator, torch.float32)
-            if init == "random"
-            else torch.eye(block)
-            for _ in range(blocks)
-        ]
+        bases = [initial_matrix(block, init, generator) for _ in range(blocks)]
         # one block keeps the 2-D layout (and the random draws) of a dense matrix
         base = bases[0] if blocks == 1 else torch.stack(bases)
         if parametrization == "orthogonal":

@@ -39,7 +39,9 @@ class FlatQuantOptions(BaseModel):
         ``torch.linalg.inv``, float64 when absorbed) or ``"orthogonal"``
         (``U diag(s) V^T``, inverse without inversion). Dense reaches a lower layer loss
         and perplexity on SmolLM2-135M in half the time (docs/RESULTS.md)
-    :param transform_init: ``"random"`` (random orthogonal factors) or ``"identity"``
+    :param transform_init: ``"random"`` (Haar-random orthogonal factors),
+        ``"hadamard"`` (random Hadamard factors, random orthogonal for sizes without a
+        known Hadamard matrix) or ``"identity"``
     :param epochs: training epochs per layer
     :param batch_size: calibration samples per optimisation step, independent of
         ``oneshot``'s ``batch_size`` (FlatQuant splits the pipeline's calls into

@@ -7,6 +7,7 @@ from flatquant_modifier.kronecker import (
     kronecker_dense,
     kronecker_matmul,
     kronecker_matmul_factor_major,
+    random_hadamard,
     random_orthogonal,
     to_factor_major,
 )
@@ -69,6 +70,15 @@ def test_absorbed_inverse_preserves_linear():
 def test_random_orthogonal():
     q = random_orthogonal(16, torch.Generator().manual_seed(0))
     torch.testing.assert_close(q @ q.T, torch.eye(16, dtype=torch.float64))
+
+
+def test_random_hadamard():
+    h = random_hadamard(20, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(h @ h.T, torch.eye(20, dtype=torch.float64))
+    torch.testing.assert_close(h.abs(), torch.full((20, 20), 20**-0.5, dtype=torch.float64))
+    # the signs are drawn from the generator
+    assert not torch.equal(h, random_hadamard(20, torch.Generator().manual_seed(1)))
+    assert random_hadamard(9) is None  # no Hadamard matrix of order 9 is known
 
 
 def test_kronecker_matmul_rejects_wrong_size():

@@ -10,7 +10,7 @@ from flatquant_modifier.modules import (
 
 
 @pytest.mark.parametrize("parametrization", ["orthogonal", "dense"])
-@pytest.mark.parametrize("init", ["identity", "random"])
+@pytest.mark.parametrize("init", ["identity", "random", "hadamard"])
 def test_inverse_transpose_is_exact(parametrization, init):
     g = torch.Generator().manual_seed(0)
     matrix = LearnableMatrix(12, parametrization, init, g)
@@ -29,6 +29,21 @@ def test_identity_init_is_identity_and_random_init_is_orthogonal():
     torch.testing.assert_close(p, torch.eye(8))
     p, _ = LearnableMatrix(8, "orthogonal", "random", torch.Generator().manual_seed(0))()
     torch.testing.assert_close(p @ p.T, torch.eye(8), atol=1e-5, rtol=0)
+
+
+def test_hadamard_init_is_an_orthonormal_hadamard_matrix_or_random_orthogonal():
+    g = torch.Generator().manual_seed(0)
+    p, _ = LearnableMatrix(24, "dense", "hadamard", g)()  # 24 = 12 x 2 (Paley)
+    torch.testing.assert_close(p @ p.T, torch.eye(24), atol=1e-6, rtol=0)
+    # every entry +-1/sqrt(24): all rows equally spread over the channels
+    torch.testing.assert_close(p.abs(), torch.full((24, 24), 24**-0.5))
+    blocks = LearnableMatrix(48, "dense", "hadamard", g, blocks=3)()[0]
+    torch.testing.assert_close(blocks[:16, :16].abs(), torch.full((16, 16), 0.25))
+    assert not blocks[:16, 16:].any()
+    # no Hadamard matrix of order 9 is known: a random orthogonal matrix instead
+    p, _ = LearnableMatrix(9, "dense", "hadamard", g)()
+    torch.testing.assert_close(p @ p.T, torch.eye(9), atol=1e-5, rtol=0)
+    assert p.abs().std() > 0.05
 
 
 def test_kronecker_has_both_factors_and_gradients():
