@@ -91,7 +91,8 @@ def measure(shape: str, args, device: torch.device) -> dict:
     targets, act_max = full_precision_pass(layer, steps, groups, device)
     options = FlatQuantOptions(epochs=args.epochs, batch_size=args.batch_size,
                                cuda_graphs=not args.no_cuda_graphs,
-                               torch_compile=COMPILE[args.torch_compile])
+                               torch_compile=COMPILE[args.torch_compile],
+                               quantized_matmul=args.quantized_matmul)
     precision = training_precision(options, layer, device)
 
     def run(epochs):
@@ -137,6 +138,7 @@ def measure(shape: str, args, device: torch.device) -> dict:
         "epochs_measured": [args.epochs, args.epochs + 1],
         "cuda_graphs": report.cuda_graphs,
         "torch_compile": args.torch_compile,
+        "quantized_matmul": args.quantized_matmul,
         "first_layer_seconds": round(first, 2),  # 1 epoch, with compilation and capture
         "ms_per_step": round(ms_per_step, 2),
         "layer_seconds_measured": round(seconds, 2),
@@ -176,6 +178,9 @@ def main():
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--torch-compile", choices=sorted(COMPILE), default="auto",
                         help="FlatQuantOptions.torch_compile")
+    parser.add_argument("--quantized-matmul", action="store_true",
+                        help="FlatQuantOptions.quantized_matmul: the linears' forward as "
+                        "FP8 (GPU) or int8 GEMMs of the quantized levels")
     parser.add_argument("--profile", action="store_true",
                         help="print the GPU kernel time per step of one epoch of "
                         "training steps (a 2-epoch run's profile minus a 1-epoch run's), "

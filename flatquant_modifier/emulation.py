@@ -71,6 +71,8 @@ class FakeQuantizedLayer:
         self.options = options
         self.dtype = precision.dtype
         self.device_type = torch.device(device).type
+        self.levels_dtype = (
+            levels_dtype(options, device, groups) if options.quantized_matmul else None)
         num_weights = sum(linear.weight.numel() for g in groups for _, linear in g.linears)
         self.compiled = compiled = use_torch_compile(
             options, device, num_weights, training_tokens)
@@ -180,9 +182,13 @@ class FakeQuantizedLayer:
                 self.weights[gi], smooth, p1_inv_t, p2_inv_t,
                 self.params[gi].weight_clip(), cfg.quant_format, cfg.w_bits, self.dtype,
                 rows if cfg.quant_format == "nvfp4" else None,
-                _autocast_dtype(self.device_type),
+                _autocast_dtype(self.device_type), self.levels_dtype,
             )
-            self._quantized[gi] = weight if isinstance(weight, tuple) else weight.split(rows)
+            if self.levels_dtype is not None:  # (weights, levels, scales), per linear
+                self._quantized[gi] = tuple(zip(*(t.split(rows) for t in weight)))
+            else:
+                self._quantized[gi] = (
+                    weight if isinstance(weight, tuple) else weight.split(rows))
         return self._quantized[gi]
 
     def _forward(self, gi: int, li: int, x: torch.Tensor) -> torch.Tensor:
@@ -197,10 +203,14 @@ class FakeQuantizedLayer:
             shared = len(self.groups[gi].linears) > 1
             h = quantized_input(
                 x, smooth, p1, p2, act_clip, cfg.quant_format, cfg.a_bits, self.dtype,
-                None if shared else _autocast_dtype(self.device_type),
+                None if shared else _autocast_dtype(self.device_type), self.levels_dtype,
             )
             self._inputs[gi] = (x, h)
         weight = self._group_weights(gi)[li]
+        if self.levels_dtype is not None:
+            out = _LevelsLinear.apply(h[0], weight[0], h[1], h[2], weight[1], weight[2])
+            bias = self.biases[gi][li]
+            return (out if bias is None else out + bias.to(out.dtype)).to(x.dtype)
         return F.linear(h, weight, self.biases[gi][li]).to(x.dtype)
 
     @contextlib.contextmanager
@@ -215,6 +225,98 @@ class FakeQuantizedLayer:
 
     def _make_forward(self, gi: int, li: int) -> Callable:
         return lambda x: self._forward(gi, li, x)
+
+
+def levels_dtype(options: FlatQuantOptions, device: torch.device,
+                 groups: list[ResolvedGroup]) -> torch.dtype:
+    """
+    The dtype of the integer levels multiplied by ``quantized_matmul``: FP8 e4m3 on
+    NVIDIA GPUs with FP8 tensor cores (compute capability 8.9 and up) for levels of up
+    to 4 bits (e4m3 holds the integers up to 16; the products, at most 64, and their
+    partial sums stay exact in the tensor cores' accumulators), else int8.
+
+    :raises ValueError: a linear's features are not multiples of 16 (the FP8 and int8
+        GEMMs' alignment), or the device is neither a CPU nor a CUDA GPU
+    """
+    for group in groups:
+        for name, linear in group.linears:
+            if linear.in_features % 16 or linear.out_features % 16:
+                raise ValueError(
+                    f"FlatQuant: quantized_matmul needs in and out features that are "
+                    f"multiples of 16; {name} is {linear.in_features} -> "
+                    f"{linear.out_features}. Set quantized_matmul=False."
+                )
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(
+            f"FlatQuant: quantized_matmul runs on CPUs and CUDA GPUs, not on "
+            f"{device.type}. Set quantized_matmul=False."
+        )
+    fp8 = (device.type == "cuda" and torch.version.hip is None
+           and max(options.w_bits, options.a_bits) <= 4
+           and torch.cuda.get_device_capability(device) >= (8, 9))
+    return torch.float8_e4m3fn if fp8 else torch.int8
+
+
+def levels_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor,
+                  b_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """
+    ``(a @ b.T) * a_scale * b_scale.T`` of integer levels ``a [M, K]`` and ``b [N, K]``
+    (int8 or float8_e4m3fn) with per-row scales ``[M, 1]`` and ``[N, 1]``: int8 GEMM
+    with int32 sums (``torch._int_mm``, which needs more than 16 rows: fewer multiply
+    in float32) or FP8 GEMM with float32 sums (``torch._scaled_mm``; its row-wise
+    scales where the result is bfloat16, which every FP8 GPU supports; else unit
+    scales and the scaling after). The sums are exact (float32 holds integers up to
+    2^24); the result is rounded once, to ``out_dtype``.
+    """
+    a_scale, b_scale = a_scale.float(), b_scale.float().t()
+    if a.dtype == torch.int8:
+        if a.shape[0] > 16:
+            acc = torch._int_mm(a, b.t()).float()
+        else:
+            acc = a.float() @ b.float().t()
+        return (acc * a_scale * b_scale).to(out_dtype)
+    if out_dtype == torch.bfloat16:
+        return torch._scaled_mm(a, b.t(), scale_a=a_scale, scale_b=b_scale,
+                                out_dtype=out_dtype)
+    one = torch.ones((), device=a.device)
+    acc = torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    return (acc * a_scale * b_scale).to(out_dtype)
+
+
+class _LevelsLinear(torch.autograd.Function):
+    """
+    ``F.linear(h, weight)`` of a fake-quantized input and weight, computed from their
+    integer levels (:func:`levels_matmul`: exact sums, scaled per token and per output
+    channel, as the NPU's W4A4 matmul). The backward is ``F.linear``'s, in the
+    operands' dtype under autocast (its GEMMs take arbitrary gradients, which no
+    integer format holds).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, h_levels, h_scale, w_levels, w_scale):
+        device_type = h.device.type
+        dtype = (torch.get_autocast_dtype(device_type)
+                 if torch.is_autocast_enabled(device_type) else h.dtype)
+        ctx.dtypes = (h.dtype, weight.dtype, dtype)
+        ctx.save_for_backward(h, weight)
+        k = h.shape[-1]
+        out = levels_matmul(h_levels.reshape(-1, k).contiguous(), w_levels.contiguous(),
+                            h_scale.reshape(-1, 1), w_scale.reshape(-1, 1), dtype)
+        return out.reshape(*h.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        h_dtype, w_dtype, dtype = ctx.dtypes
+        grad = grad.to(dtype)
+        grad_h = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_h = (grad @ weight.to(dtype)).to(h_dtype)
+        if ctx.needs_input_grad[1]:
+            flat = grad.reshape(-1, grad.shape[-1])
+            grad_w = (flat.t() @ h.reshape(-1, h.shape[-1]).to(dtype)).to(w_dtype)
+        return grad_h, grad_w, None, None, None, None
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -350,13 +452,15 @@ def quantized_weights(
     dtype: torch.dtype,
     nvfp4_rows: list[int] | None = None,
     out_dtype: torch.dtype | None = None,
+    levels_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """
     A group's weights (its linears stacked by rows, stored factor-major: ``[M, rows, N]``,
     :func:`~flatquant_modifier.kronecker.to_factor_major`) scaled by the smoothing
     vector, transformed by ``kron(P1, P2)^-T`` and fake-quantized, computed in ``dtype``
     and returned as ``[rows, M * N]`` in ``out_dtype`` (None: ``dtype``); NVFP4: one
-    tensor per linear (``nvfp4_rows`` rows each), each with its own global scale. A pure
+    tensor per linear (``nvfp4_rows`` rows each), each with its own global scale;
+    ``levels_dtype`` (int weights): with their levels in it and per-row scales. A pure
     function of its arguments, so that ``torch.compile`` can fuse it.
     """
     m, _, n = weight.shape
@@ -370,6 +474,9 @@ def quantized_weights(
     if w_bits is not None:
         if quant_format == "mxfp4":
             weight = fake_quantize_mxfp4_weight(weight, clip)
+        elif levels_dtype is not None:
+            weight, levels, scale = fake_quantize_weight(weight, clip, w_bits, levels_dtype)
+            return _to(weight, out_dtype), levels, scale
         else:
             weight = fake_quantize_weight(weight, clip, w_bits)
     return _to(weight, out_dtype)
@@ -385,12 +492,14 @@ def quantized_input(
     a_bits: int | None,
     dtype: torch.dtype,
     out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+    levels_dtype: torch.dtype | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     A linear's input divided by the smoothing vector, transformed by ``kron(P1, P2)``
     and fake-quantized as the online transform does (NVFP4: as the linear's scheme),
-    computed in ``dtype`` and returned in ``out_dtype`` (None: as computed). A pure
-    function of its arguments, so that ``torch.compile`` can fuse it.
+    computed in ``dtype`` and returned in ``out_dtype`` (None: as computed);
+    ``levels_dtype`` (int activations): with their levels in it and per-token scales. A
+    pure function of its arguments, so that ``torch.compile`` can fuse it.
     """
     h = x.to(dtype)
     if smooth is not None:
@@ -400,6 +509,10 @@ def quantized_input(
         h = fake_quantize_nvfp4(h.to(dtype))
     elif quant_format == "mxfp4":
         h = fake_quantize_mxfp4(h.to(dtype))
+    elif levels_dtype is not None:
+        h, levels, scale = fake_quantize_activation(h.to(dtype), act_clip, a_bits,
+                                                    levels_dtype)
+        return _to(h, out_dtype), levels, scale
     elif a_bits is not None:
         h = fake_quantize_activation(h.to(dtype), act_clip, a_bits)
     return _to(h, out_dtype)

@@ -80,6 +80,13 @@ class FlatQuantOptions(BaseModel):
         1e13, where the training repays the compilation (Llama-3-8B: from one epoch of
         128 x 2048; SmolLM2-135M: at 15 epochs of 128 x 2048, not at 2 of 32 x 512);
         eager elsewhere
+    :param quantized_matmul: the training forward's linears multiply the integer
+        levels of their quantized inputs and weights and scale the exact sums per token
+        and per output channel, as the NPU's W4A4 matmul does: FP8 GEMMs on NVIDIA GPUs
+        with FP8 tensor cores for 4-bit levels (exact in e4m3; about 1.6x the bfloat16
+        GEMM rate on one H200), int8 GEMMs elsewhere; the backward stays in the
+        training dtype. Needs ``quant_format="int"``, ``w_bits`` and ``a_bits``,
+        features that are multiples of 16, and a CPU or CUDA device
     :param deterministic: train with ``torch.use_deterministic_algorithms(True)``, so
         that two runs on the same GPU give the same model
     :param seed: seed of the random initialisations
@@ -133,6 +140,7 @@ class FlatQuantOptions(BaseModel):
     autocast_dtype: Literal["auto"] | TorchDtype | None = "auto"
     cuda_graphs: bool = True
     torch_compile: bool | Literal["auto"] = "auto"
+    quantized_matmul: bool = False
     deterministic: bool = False
     seed: int = 0
     quant_format: Literal["int", "nvfp4", "mxfp4"] = "int"
@@ -210,6 +218,10 @@ class FlatQuantOptions(BaseModel):
                 "quant_format='mxfp4' (vllm-ascend's W4A4_MXFP4_FLATQUANT) splits "
                 "row-parallel transforms by tensor-parallel rank. Remove it."
             )
+        self._not_chosen("quantized_matmul", False, "quantized matmuls need integer "
+                         "weights and activations (quant_format='int', w_bits and a_bits)",
+                         when=self.quant_format != "int" or self.w_bits is None
+                         or self.a_bits is None)
         self._not_chosen("learn_weight_clip", False, "w_bits=None leaves the weights "
                          "unquantized in training", when=self.w_bits is None)
         self._not_chosen("learn_activation_clip", False, "a_bits=None leaves activation "

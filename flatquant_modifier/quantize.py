@@ -93,13 +93,19 @@ def quantize_activation(
 
 
 def fake_quantize_activation(
-    y: torch.Tensor, clip_ratio: torch.Tensor | float, num_bits: int = 4
-) -> torch.Tensor:
-    """Quantize-dequantize with the NPU formula; differentiable (STE) in ``y`` and clip."""
+    y: torch.Tensor, clip_ratio: torch.Tensor | float, num_bits: int = 4,
+    levels_dtype: torch.dtype | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize-dequantize with the NPU formula; differentiable (STE) in ``y`` and clip.
+    ``levels_dtype``: also the integer levels in that dtype (no gradient) and the
+    per-token scales ``[..., 1]`` (no gradient) whose product is the result."""
     qmin, qmax = int_range(num_bits)
     scale = activation_scale(y, clip_ratio, num_bits)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.clamp(round_ste(y / safe), qmin, qmax) * scale
+    levels = torch.clamp(round_ste(y / safe), qmin, qmax)
+    if levels_dtype is not None:
+        return levels * scale, levels.detach().to(levels_dtype), scale.detach()
+    return levels * scale
 
 
 def weight_scale(
@@ -114,13 +120,19 @@ def weight_scale(
 
 
 def fake_quantize_weight(
-    weight: torch.Tensor, clip: torch.Tensor | float = 1.0, num_bits: int = 4
-) -> torch.Tensor:
-    """Per-channel symmetric quantize-dequantize (compressed-tensors formula), STE."""
+    weight: torch.Tensor, clip: torch.Tensor | float = 1.0, num_bits: int = 4,
+    levels_dtype: torch.dtype | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel symmetric quantize-dequantize (compressed-tensors formula), STE.
+    ``levels_dtype``: also the integer levels in that dtype (no gradient) and the
+    per-channel scales ``[out, 1]`` (no gradient) whose product is the result."""
     qmin, qmax = int_range(num_bits)
     scale = weight_scale(weight, clip, num_bits)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.clamp(round_ste(weight / safe), qmin, qmax) * scale
+    levels = torch.clamp(round_ste(weight / safe), qmin, qmax)
+    if levels_dtype is not None:
+        return levels * scale, levels.detach().to(levels_dtype), scale.detach()
+    return levels * scale
 
 
 def _round_fp4_ste(x: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,8 @@ def test_identity_transforms_quantize_like_the_fake_quantizers():
 
 
 def _one_step_gradients(quant_format: str, device: torch.device, torch_compile: bool,
-                        autocast: torch.dtype | None = None, num_calls: int | None = None):
+                        autocast: torch.dtype | None = None, num_calls: int | None = None,
+                        **extra):
     """Loss and gradients of every learnable parameter for one step of layer 0 (the
     first ``num_calls`` calls; None: all)."""
     model = build_tiny_llama(**(TINY_MXFP4 if quant_format == "mxfp4" else {})).to(device)
@@ -65,7 +66,7 @@ def _one_step_gradients(quant_format: str, device: torch.device, torch_compile: 
     calls = layer_calls(model, layer, ids.to(device))[:num_calls]
     clips = {"learn_weight_clip": True} if quant_format == "mxfp4" else {}
     options = FlatQuantOptions(quant_format=quant_format, torch_compile=torch_compile,
-                               **clips)
+                               **clips, **extra)
     groups = resolve_layer("model.layers.0", layer, infer_mappings_from_model(model),
                            ["lm_head"], max_supported_tp=options.max_supported_tp)
     act_max = [torch.rand(g.in_features, generator=torch.Generator().manual_seed(i)) + 0.5
@@ -203,3 +204,122 @@ def test_plain_forwards_read_offloaded_tensors_from_plain_dicts_and_write_back(t
     assert torch.equal(linear.bias, torch.ones(4))
     assert torch.equal(norm.weight, torch.full((4,), 2.0))
     assert torch.equal(norm.bias, norm_bias)
+
+
+@pytest.mark.parametrize("levels", ["int8", "float8"])
+@pytest.mark.parametrize("device, torch_compile", [
+    ("cpu", False),
+    pytest.param("cuda", False, marks=_CUDA),
+    pytest.param("cuda", True, marks=_CUDA),
+])
+def test_quantized_matmuls_give_the_step_of_the_float_ones(device, torch_compile, levels,
+                                                           monkeypatch):
+    """``quantized_matmul``: the linears' forward from the integer levels (exact sums,
+    then scaled) gives the float32 GEMM's loss and gradients, up to its rounding; int8
+    or FP8 levels alike."""
+    from flatquant_modifier import emulation
+
+    dtype = {"int8": torch.int8, "float8": torch.float8_e4m3fn}[levels]
+    choose = emulation.levels_dtype
+    monkeypatch.setattr(emulation, "levels_dtype",
+                        lambda *args: (choose(*args), dtype)[1])
+    device = torch.device(device)
+    loss, grads = _one_step_gradients("int", device, torch_compile)
+    int_loss, int_grads = _one_step_gradients("int", device, torch_compile,
+                                              quantized_matmul=True)
+    torch.testing.assert_close(int_loss, loss, rtol=1e-5, atol=0)
+    for grad, int_grad in zip(grads, int_grads):
+        assert (int_grad - grad).norm() <= 1e-4 * grad.norm() + 1e-12
+
+
+@pytest.mark.parametrize("rows", [40, 8])  # torch._int_mm takes more than 16 rows
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=_CUDA)])
+def test_levels_matmul_sums_exactly_and_scales_per_row(dtype, device, rows):
+    from flatquant_modifier.emulation import levels_matmul
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-8, 8, (rows, 4096), generator=generator)
+    b = torch.randint(-8, 8, (48, 4096), generator=generator)
+    a[0] = -8  # the largest sum of 4-bit levels at Llama-3-8B's down_proj width
+    b[0] = -8
+    a_scale = torch.rand(rows, 1, generator=generator) + 0.5
+    b_scale = torch.rand(48, 1, generator=generator) + 0.5
+    exact = a @ b.t()
+    big_a, big_b = torch.full((32, 14336), -8), torch.full((16, 14336), -8)
+
+    def levels(x):
+        return x.to(device=device, dtype=dtype)
+
+    for x, y, product in ((a, b, exact), (big_a, big_b, big_a @ big_b.t())):
+        ones = torch.ones(x.shape[0], 1, device=device), torch.ones(y.shape[0], 1,
+                                                                  device=device)
+        unscaled = levels_matmul(levels(x), levels(y), *ones, torch.float32)
+        assert torch.equal(unscaled.cpu().long(), product)  # integer sums, exact
+    reference = exact.double() * a_scale.double() * b_scale.double().t()
+    for out_dtype, rtol in ((torch.float32, 1e-6), (torch.bfloat16, 2**-8)):
+        out = levels_matmul(levels(a), levels(b), a_scale.to(device), b_scale.to(device),
+                            out_dtype)
+        assert out.dtype == out_dtype
+        torch.testing.assert_close(out.cpu().double(), reference, rtol=rtol, atol=1e-6)
+
+
+def test_levels_are_fp8_on_gpus_with_fp8_tensor_cores_else_int8(monkeypatch):
+    from flatquant_modifier.emulation import levels_dtype
+
+    model = build_tiny_llama()
+    groups = resolve_layer("model.layers.0", model.model.layers[0],
+                           infer_mappings_from_model(model), ["lm_head"])
+    options = FlatQuantOptions(quantized_matmul=True)
+    assert levels_dtype(options, torch.device("cpu"), groups) == torch.int8
+    for capability, expected in (((8, 0), torch.int8), ((8, 9), torch.float8_e4m3fn),
+                                 ((9, 0), torch.float8_e4m3fn)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: capability)
+        assert levels_dtype(options, torch.device("cuda"), groups) == expected
+    # FP8 for 4-bit levels only (e4m3 holds integers up to 16)
+    assert levels_dtype(FlatQuantOptions(quantized_matmul=True, w_bits=5),
+                        torch.device("cuda"), groups) == torch.int8
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm's FP8 is another e4m3
+    assert levels_dtype(options, torch.device("cuda"), groups) == torch.int8
+    with pytest.raises(ValueError, match="CPUs and CUDA GPUs, not on xpu"):
+        levels_dtype(options, torch.device("xpu"), groups)
+    odd = build_tiny_llama(intermediate_size=136)
+    odd_groups = resolve_layer("model.layers.0", odd.model.layers[0],
+                               infer_mappings_from_model(odd), ["lm_head"])
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj is 64 -> 136"):
+        levels_dtype(options, torch.device("cpu"), odd_groups)
+
+
+def test_quantized_linear_under_autocast_rounds_the_exact_product_once():
+    """Under bfloat16 autocast the quantized forward is the exact product rounded to
+    bfloat16 once (the float GEMM rounds its operands too); the backward is the
+    autocast ``F.linear``'s."""
+    from flatquant_modifier.emulation import _LevelsLinear
+    from flatquant_modifier.quantize import fake_quantize_activation, fake_quantize_weight
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 24, 64, generator=generator, requires_grad=True)
+    w = torch.randn(48, 64, generator=generator, requires_grad=True)
+    h, h_levels, h_scale = fake_quantize_activation(x, 0.9, 4, levels_dtype=torch.int8)
+    wq, w_levels, w_scale = fake_quantize_weight(w, 0.95, 4, levels_dtype=torch.int8)
+    exact = (h_levels.double() @ w_levels.double().t() * h_scale.double()
+             * w_scale.double().t())
+    upstream = torch.randn(2, 24, 48, generator=generator).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _LevelsLinear.apply(h, wq, h_levels, h_scale, w_levels, w_scale)
+        reference = F.linear(h, wq)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), exact, rtol=2**-8, atol=0)
+    assert (out.double() - exact).abs().max() < (reference.double() - exact).abs().max()
+    grads = torch.autograd.grad(out, (x, w), upstream, retain_graph=True)
+    reference_grads = torch.autograd.grad(reference, (x, w), upstream)
+    for grad, reference_grad in zip(grads, reference_grads):
+        torch.testing.assert_close(grad, reference_grad, rtol=1e-6, atol=1e-6)
+
+
+def test_quantized_matmul_needs_integer_weights_and_activations():
+    with pytest.raises(ValueError, match="quantized_matmul"):
+        FlatQuantOptions(quantized_matmul=True, quant_format="nvfp4")
+    with pytest.raises(ValueError, match="quantized_matmul"):
+        FlatQuantOptions(quantized_matmul=True, w_bits=None)
+    assert FlatQuantOptions(quantized_matmul=True).quantized_matmul
