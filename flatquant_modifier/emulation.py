@@ -265,8 +265,8 @@ def levels_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor,
     (int8 or float8_e4m3fn) with per-row scales ``[M, 1]`` and ``[N, 1]``: int8 GEMM
     with int32 sums (``torch._int_mm``, which needs more than 16 rows: fewer multiply
     in float32) or FP8 GEMM with float32 sums (``torch._scaled_mm``; its row-wise
-    scales where the result is bfloat16, which every FP8 GPU supports; else unit
-    scales and the scaling after). The sums are exact (float32 holds integers up to
+    scales where the result is bfloat16 on a GPU, which every FP8 GPU supports; else
+    unit scales and the scaling after). The sums are exact (float32 holds integers up to
     2^24); the result is rounded once, to ``out_dtype``.
     """
     a_scale, b_scale = a_scale.float(), b_scale.float().t()
@@ -276,7 +276,7 @@ def levels_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor,
         else:
             acc = a.float() @ b.float().t()
         return (acc * a_scale * b_scale).to(out_dtype)
-    if out_dtype == torch.bfloat16:
+    if out_dtype == torch.bfloat16 and a.is_cuda:  # (the CPU's takes per-tensor scales)
         return torch._scaled_mm(a, b.t(), scale_a=a_scale, scale_b=b_scale,
                                 out_dtype=out_dtype)
     one = torch.ones((), device=a.device)

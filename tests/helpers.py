@@ -6,6 +6,7 @@ import contextlib
 import json
 
 import torch
+from compressed_tensors.utils import get_execution_device
 from loguru import logger
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -74,9 +75,11 @@ def run(model, tok, recipe, num_samples=8, seq_len=32, **kwargs):
 
 
 def logits(model, seed=1):
+    """Logits of fixed random tokens, on the CPU (from any placement of ``model``)."""
     ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(seed))
+    device = get_execution_device(model.get_input_embeddings())
     with torch.no_grad():
-        return model(ids.to(next(model.parameters()).device)).logits
+        return model(ids.to(device)).logits.cpu()
 
 
 def exact_logits(model):

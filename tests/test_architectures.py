@@ -41,6 +41,14 @@ from tests.helpers import (
     weight_quantizer,
 )
 
+@pytest.fixture(autouse=True)
+def calibrate_on_the_cpu(monkeypatch):
+    """These are the CPU path's tests on any host: llm-compressor would otherwise
+    calibrate on an available GPU and move the model there (the GPU placements are
+    tests/test_modifier_gpu.py's and tests/test_experts.py's)."""
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+
+
 SHAPE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
              tie_word_embeddings=False)

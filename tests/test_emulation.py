@@ -57,10 +57,18 @@ def test_identity_transforms_quantize_like_the_fake_quantizers():
 
 def _one_step_gradients(quant_format: str, device: torch.device, torch_compile: bool,
                         autocast: torch.dtype | None = None, num_calls: int | None = None,
-                        **extra):
+                        bias: bool = False, **extra):
     """Loss and gradients of every learnable parameter for one step of layer 0 (the
-    first ``num_calls`` calls; None: all)."""
-    model = build_tiny_llama(**(TINY_MXFP4 if quant_format == "mxfp4" else {})).to(device)
+    first ``num_calls`` calls; None: all); ``bias``: every linear with a random bias."""
+    shape = TINY_MXFP4 if quant_format == "mxfp4" else {}
+    model = build_tiny_llama(**shape, attention_bias=bias, mlp_bias=bias)
+    if bias:
+        generator = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                    module.bias.copy_(torch.randn(module.bias.shape, generator=generator))
+    model = model.to(device)
     layer = model.model.layers[0]
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     calls = layer_calls(model, layer, ids.to(device))[:num_calls]
@@ -206,6 +214,7 @@ def test_plain_forwards_read_offloaded_tensors_from_plain_dicts_and_write_back(t
     assert torch.equal(norm.bias, norm_bias)
 
 
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("levels", ["int8", "float8"])
 @pytest.mark.parametrize("device, torch_compile", [
     ("cpu", False),
@@ -213,10 +222,10 @@ def test_plain_forwards_read_offloaded_tensors_from_plain_dicts_and_write_back(t
     pytest.param("cuda", True, marks=_CUDA),
 ])
 def test_quantized_matmuls_give_the_step_of_the_float_ones(device, torch_compile, levels,
-                                                           monkeypatch):
+                                                           bias, monkeypatch):
     """``quantized_matmul``: the linears' forward from the integer levels (exact sums,
     then scaled) gives the float32 GEMM's loss and gradients, up to its rounding; int8
-    or FP8 levels alike."""
+    or FP8 levels alike, with biases (Qwen2's q/k/v) too."""
     from flatquant_modifier import emulation
 
     dtype = {"int8": torch.int8, "float8": torch.float8_e4m3fn}[levels]
@@ -224,8 +233,8 @@ def test_quantized_matmuls_give_the_step_of_the_float_ones(device, torch_compile
     monkeypatch.setattr(emulation, "levels_dtype",
                         lambda *args: (choose(*args), dtype)[1])
     device = torch.device(device)
-    loss, grads = _one_step_gradients("int", device, torch_compile)
-    int_loss, int_grads = _one_step_gradients("int", device, torch_compile,
+    loss, grads = _one_step_gradients("int", device, torch_compile, bias=bias)
+    int_loss, int_grads = _one_step_gradients("int", device, torch_compile, bias=bias,
                                               quantized_matmul=True)
     torch.testing.assert_close(int_loss, loss, rtol=1e-5, atol=0)
     for grad, int_grad in zip(grads, int_grads):
