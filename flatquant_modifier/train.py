@@ -52,13 +52,14 @@ class LayerReport:
     Mean per-step training loss (``options.loss``, or the logits' MSE at the last
     layer: ``options.last_layer_loss``; over all ranks) of the layer output
     against full precision: ``loss_rtn`` with identity transforms, no smoothing and no
-    clipping (plain round-to-nearest), ``loss_init`` at the initial transforms,
+    clipping (plain round-to-nearest; None unless ``options.report_rtn_loss``),
+    ``loss_init`` at the initial transforms,
     ``loss_final`` of the state applied: the trained one, or the initial one
     (``kept_initial``) when training ended above ``loss_init``.
     """
 
     name: str
-    loss_rtn: float
+    loss_rtn: float | None
     loss_init: float
     loss_final: float
     epoch_losses: list[float] = field(default_factory=list)
@@ -216,15 +217,17 @@ def train_layer(
             torch.zeros_like(p) if g is None else g for p, g in zip(flat_params, grads)
         ]
 
-    rtn = FakeQuantizedLayer(
-        groups, identity_params(groups, options, precision.dtype, device), options,
-        precision, device, training_tokens,
-    )
     traceable = plain_forwards(layer) if patched.compiled else contextlib.nullcontext()
     with _frozen(layer), torch.enable_grad(), _cuda_linalg(device), traceable:
-        loss_rtn = _mean_loss(layer, rtn, steps, targets, weights, autocast, graphs,
-                              loss_fn)
-        del rtn
+        loss_rtn = None
+        if options.report_rtn_loss:
+            rtn = FakeQuantizedLayer(
+                groups, identity_params(groups, options, precision.dtype, device),
+                options, precision, device, training_tokens,
+            )
+            loss_rtn = _mean_loss(layer, rtn, steps, targets, weights, autocast,
+                                  graphs, loss_fn)
+            del rtn
         loss_init = _mean_loss(
             layer, patched, steps, targets, weights, autocast, graphs, loss_fn
         )
@@ -335,8 +338,8 @@ def _cuda_linalg(device: torch.device):
 
 
 def log_report(report: LayerReport):
+    rtn = "" if report.loss_rtn is None else f"round-to-nearest {report.loss_rtn:.4g}, "
     logger.info(
         f"FlatQuant {report.name}: loss {report.loss_init:.4g} -> "
-        f"{report.loss_final:.4g} (round-to-nearest {report.loss_rtn:.4g}, "
-        f"{report.seconds:.1f}s)"
+        f"{report.loss_final:.4g} ({rtn}{report.seconds:.1f}s)"
     )

@@ -9,7 +9,12 @@ from flatquant_modifier.calibrate import full_precision_pass
 from flatquant_modifier.mappings import infer_mappings_from_model, resolve_layer
 from flatquant_modifier.modules import build_group_params
 from flatquant_modifier.options import FlatQuantOptions, Precision
-from flatquant_modifier.train import deterministic_algorithms, layer_loss, train_layer
+from flatquant_modifier.train import (
+    deterministic_algorithms,
+    layer_loss,
+    log_report,
+    train_layer,
+)
 from tests.conftest import build_tiny_llama, load_tiny
 from tests.helpers import layer_calls, log_messages, run
 
@@ -49,6 +54,18 @@ def test_training_lowers_the_loss_and_leaves_the_layer_untouched(options):
     assert not report.kept_initial
     for key, value in layer.state_dict().items():  # absorbing is calibrate's job
         assert torch.equal(value, before[key]), key
+
+
+def test_the_round_to_nearest_loss_is_a_report_only():
+    """``report_rtn_loss=False`` skips that evaluation and trains the same."""
+    reference, _, _ = _train_first_layer()
+    report, _, _ = _train_first_layer(report_rtn_loss=False)
+    assert reference.loss_rtn > reference.loss_init and report.loss_rtn is None
+    assert (report.loss_init, report.loss_final, report.epoch_losses) == (
+        reference.loss_init, reference.loss_final, reference.epoch_losses)
+    with log_messages("INFO") as messages:
+        log_report(report)
+    assert "round-to-nearest" not in messages[0] and "->" in messages[0]
 
 
 def test_training_that_raises_the_loss_keeps_the_initial_state():
