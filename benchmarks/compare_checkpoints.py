@@ -60,7 +60,7 @@ def main():
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     result = compare(args.first, args.second)
-    print(f"| tensor | max abs diff | max abs value |\n|---|---|---|")
+    print("| tensor | max abs diff | max abs value |\n|---|---|---|")
     for kind, entry in result.items():
         if "words" in entry:
             print(f"| {kind} | {entry['differing_words']} of {entry['words']} int32 words "
