@@ -60,6 +60,9 @@ VARIANTS = {  # changes from the defaults (dense, random init, smoothing, both c
     "torch-compile": {"torch_compile": True},
     "no-torch-compile": {"torch_compile": False},
     "propagate-act-quant": {"propagate_activation_quant": True},
+    # flatquant_w4a4.yaml with the training forward's GEMMs on the quantized levels
+    # (FP8 on GPUs with FP8 tensor cores): its quality against "lr-2e-2"
+    "lr-2e-2-quantized-matmul": {"lr": 2e-2, "clip_lr": 2e-1, "quantized_matmul": True},
     "orthogonal-random-init": {"parametrization": "orthogonal", "transform_init": "random"},
     "orthogonal-identity-init": {"parametrization": "orthogonal", "transform_init": "identity"},
 }
