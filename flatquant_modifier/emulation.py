@@ -295,9 +295,7 @@ class _LevelsLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, h_levels, h_scale, w_levels, w_scale):
-        device_type = h.device.type
-        dtype = (torch.get_autocast_dtype(device_type)
-                 if torch.is_autocast_enabled(device_type) else h.dtype)
+        dtype = _autocast_dtype(h.device.type) or h.dtype
         ctx.dtypes = (h.dtype, weight.dtype, dtype)
         ctx.save_for_backward(h, weight)
         k = h.shape[-1]

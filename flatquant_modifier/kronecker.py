@@ -13,6 +13,7 @@ and calls ``npu_kronecker_quant(X, left_trans.T, right_trans)`` = ``P1.T @ X @ P
 import math
 
 import torch
+from compressed_tensors.transform.utils.hadamard import random_hadamard_matrix
 
 __all__ = [
     "get_decompose_dim",
@@ -188,8 +189,6 @@ def random_hadamard(
     construction, as QuaRot and SpinQuant rotate), or None where no Hadamard matrix of
     ``size`` is known (sizes ``k * 2^j`` for the orders compressed-tensors ships).
     """
-    from compressed_tensors.transform.utils.hadamard import random_hadamard_matrix
-
     try:
         h = random_hadamard_matrix(size, torch.float64, gen=generator)
     except ValueError:  # no known Hadamard matrix of this order
