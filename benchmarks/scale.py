@@ -92,7 +92,7 @@ def measure(shape: str, args, device: torch.device) -> dict:
     options = FlatQuantOptions(epochs=args.epochs, batch_size=args.batch_size,
                                cuda_graphs=not args.no_cuda_graphs,
                                torch_compile=COMPILE[args.torch_compile],
-                               quantized_matmul=args.quantized_matmul)
+                               quantized_matmul=COMPILE[args.quantized_matmul])
     precision = training_precision(options, layer, device)
 
     def run(epochs):
@@ -178,7 +178,7 @@ def main():
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--torch-compile", choices=sorted(COMPILE), default="auto",
                         help="FlatQuantOptions.torch_compile")
-    parser.add_argument("--quantized-matmul", action="store_true",
+    parser.add_argument("--quantized-matmul", choices=sorted(COMPILE), default="auto",
                         help="FlatQuantOptions.quantized_matmul: the linears' forward as "
                         "FP8 (GPU) or int8 GEMMs of the quantized levels")
     parser.add_argument("--profile", action="store_true",

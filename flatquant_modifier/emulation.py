@@ -6,6 +6,7 @@ as one graph (the layer, its quantizers and the loss) for large layers on a GPU.
 """
 
 import contextlib
+import functools
 import importlib.util
 from typing import Any, Callable
 
@@ -71,11 +72,11 @@ class FakeQuantizedLayer:
         self.options = options
         self.dtype = precision.dtype
         self.device_type = torch.device(device).type
-        self.levels_dtype = (
-            levels_dtype(options, device, groups) if options.quantized_matmul else None)
         num_weights = sum(linear.weight.numel() for g in groups for _, linear in g.linears)
         self.compiled = compiled = use_torch_compile(
             options, device, num_weights, training_tokens)
+        self.levels_dtype = quantized_matmul_levels(options, device, groups, num_weights,
+                                                    compiled)
         # the linears of a group stacked by rows, factor-major ([M, rows, N]: both
         # Kronecker factors are plain matrix products), transformed and quantized in one
         # go; compiled, kept in the model's dtype (bfloat16: half the memory) and cast
@@ -225,6 +226,38 @@ class FakeQuantizedLayer:
 
     def _make_forward(self, gi: int, li: int) -> Callable:
         return lambda x: self._forward(gi, li, x)
+
+
+# "auto" multiplies FP8 levels in layers whose GEMMs repay the levels' quantization.
+# One H200, compiled: a Llama-3-8B layer (218 M transformed weights) steps in 25.1
+# against 26.9 ms; SmolLM2-135M's layers (3.5 M) train 13 % slower (50.0 against 44.1 s
+# of training epochs at 128 x 2048)
+AUTO_QUANTIZED_MATMUL_MIN_WEIGHTS = 50_000_000
+
+
+def quantized_matmul_levels(options: FlatQuantOptions, device: torch.device,
+                            groups: list[ResolvedGroup], num_weights: int,
+                            compiled: bool) -> torch.dtype | None:
+    """The dtype of the levels a layer's training forward multiplies
+    (:attr:`FlatQuantOptions.quantized_matmul`), None for the training dtype's GEMMs."""
+    if options.quantized_matmul != "auto":
+        return levels_dtype(options, device, groups) if options.quantized_matmul else None
+    aligned = all(linear.in_features % 16 == 0 and linear.out_features % 16 == 0
+                  for group in groups for _, linear in group.linears)
+    if not (compiled and aligned and num_weights >= AUTO_QUANTIZED_MATMUL_MIN_WEIGHTS
+            and torch.device(device).type == "cuda"):
+        return None
+    if levels_dtype(options, device, groups) != torch.float8_e4m3fn:
+        return None
+    _announce_fp8_levels()
+    return torch.float8_e4m3fn
+
+
+@functools.cache  # once per process, not per layer
+def _announce_fp8_levels():
+    logger.info("FlatQuant: the training forward multiplies FP8 levels "
+                "(quantized_matmul='auto': compiled layers of at least 50 M transformed "
+                "weights on FP8 tensor cores)")
 
 
 def levels_dtype(options: FlatQuantOptions, device: torch.device,

@@ -86,7 +86,11 @@ class FlatQuantOptions(BaseModel):
         with FP8 tensor cores for 4-bit levels (exact in e4m3; about 1.6x the bfloat16
         GEMM rate on one H200), int8 GEMMs elsewhere; the backward stays in the
         training dtype. Needs ``quant_format="int"``, ``w_bits`` and ``a_bits``,
-        features that are multiples of 16, and a CPU or CUDA device
+        features that are multiples of 16, and a CPU or CUDA device. ``"auto"``: FP8
+        GEMMs for compiled layers of at least 50 M transformed weights on GPUs with FP8
+        tensor cores (Llama-3-8B: 25.1 against 26.9 ms per step on one H200, the same
+        perplexity on SmolLM2; smaller GEMMs do not repay the levels' quantization),
+        the training dtype's GEMMs elsewhere
     :param report_rtn_loss: also evaluate each layer at round-to-nearest (identity
         transforms, no smoothing, no clipping) for the log and the layer reports: one
         forward pass over the layer's calibration data, a report only (at 2 epochs
@@ -144,7 +148,7 @@ class FlatQuantOptions(BaseModel):
     autocast_dtype: Literal["auto"] | TorchDtype | None = "auto"
     cuda_graphs: bool = True
     torch_compile: bool | Literal["auto"] = "auto"
-    quantized_matmul: bool = False
+    quantized_matmul: bool | Literal["auto"] = "auto"
     report_rtn_loss: bool = True
     deterministic: bool = False
     seed: int = 0
@@ -223,6 +227,9 @@ class FlatQuantOptions(BaseModel):
                 "quant_format='mxfp4' (vllm-ascend's W4A4_MXFP4_FLATQUANT) splits "
                 "row-parallel transforms by tensor-parallel rank. Remove it."
             )
+        integer = self.quant_format == "int" and None not in (self.w_bits, self.a_bits)
+        if self.quantized_matmul == "auto" and not integer:
+            object.__setattr__(self, "quantized_matmul", False)
         self._not_chosen("quantized_matmul", False, "quantized matmuls need integer "
                          "weights and activations (quant_format='int', w_bits and a_bits)",
                          when=self.quant_format != "int" or self.w_bits is None

@@ -299,6 +299,47 @@ def test_levels_are_fp8_on_gpus_with_fp8_tensor_cores_else_int8(monkeypatch):
         levels_dtype(options, torch.device("cpu"), odd_groups)
 
 
+def test_auto_quantized_matmul_is_fp8_for_large_compiled_layers_only(monkeypatch):
+    """``quantized_matmul="auto"`` (the default): FP8 levels where the FP8 GEMMs repay
+    the levels' quantization (compiled, at least 50 M transformed weights, FP8 tensor
+    cores), the training dtype's GEMMs elsewhere; never int8."""
+    from flatquant_modifier.emulation import (
+        AUTO_QUANTIZED_MATMUL_MIN_WEIGHTS as LARGE,
+        quantized_matmul_levels,
+    )
+
+    model = build_tiny_llama()
+    groups = resolve_layer("model.layers.0", model.model.layers[0],
+                           infer_mappings_from_model(model), ["lm_head"])
+    auto, cuda, cpu = FlatQuantOptions(), torch.device("cuda"), torch.device("cpu")
+    assert auto.quantized_matmul == "auto"
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))
+    assert quantized_matmul_levels(auto, cuda, groups, LARGE, True) == torch.float8_e4m3fn
+    assert quantized_matmul_levels(auto, cuda, groups, LARGE - 1, True) is None
+    assert quantized_matmul_levels(auto, cuda, groups, LARGE, False) is None
+    assert quantized_matmul_levels(auto, cpu, groups, LARGE, True) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (8, 0))
+    assert quantized_matmul_levels(auto, cuda, groups, LARGE, True) is None  # not int8
+    # chosen: as chosen, at any size
+    assert quantized_matmul_levels(FlatQuantOptions(quantized_matmul=True), cpu, groups, 1,
+                                   False) == torch.int8
+    assert quantized_matmul_levels(FlatQuantOptions(quantized_matmul=False), cuda, groups,
+                                   LARGE, True) is None
+    # features that are not multiples of 16: "auto" leaves them to the float GEMMs
+    odd = build_tiny_llama(intermediate_size=136)
+    odd_groups = resolve_layer("model.layers.0", odd.model.layers[0],
+                               infer_mappings_from_model(odd), ["lm_head"])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))
+    assert quantized_matmul_levels(auto, cuda, odd_groups, LARGE, True) is None
+    # formats without integer levels turn "auto" off, chosen or not
+    for fmt in ("nvfp4", "mxfp4"):
+        assert FlatQuantOptions(quant_format=fmt).quantized_matmul is False
+        assert FlatQuantOptions(quant_format=fmt, quantized_matmul="auto").quantized_matmul \
+            is False
+    assert FlatQuantOptions(w_bits=None).quantized_matmul is False
+
+
 def test_quantized_linear_under_autocast_rounds_the_exact_product_once():
     """Under bfloat16 autocast the quantized forward is the exact product rounded to
     bfloat16 once (the float GEMM rounds its operands too); the backward is the
