@@ -182,7 +182,8 @@ def run_variant(name, args, seed, tokenizer, dataset, device):
     # going to the CPU and back for every layer and pass (as in the example)
     oneshot(model=model, processor=tokenizer, dataset=dataset, recipe=recipe,
             num_calibration_samples=args.num_samples, max_seq_length=args.seq_len,
-            batch_size=args.calib_batch_size, sequential_offload_device=str(device))
+            batch_size=args.calib_batch_size, sequential_offload_device=str(device),
+            pipeline=args.pipeline)
     seconds = time.perf_counter() - start
     row = {
         "variant": name,
@@ -191,6 +192,7 @@ def run_variant(name, args, seed, tokenizer, dataset, device):
         "gptq": gptq,
         "calibration_seconds": round(seconds, 1),
         "calib_batch_size": args.calib_batch_size,
+        "pipeline": args.pipeline,
     }
     for windows in args.eval_windows:
         row[f"ppl_{windows or 'all'}"] = round(
@@ -218,6 +220,11 @@ def main():
                         help="oneshot's batch_size: samples per layer call of "
                         "llm-compressor's passes (FlatQuant's steps stay the same); "
                         "default 8 on a GPU, 1 on the CPU")
+    parser.add_argument("--pipeline", choices=["independent", "sequential"],
+                        default="independent",
+                        help="oneshot's pipeline: one pass per modifier (llm-compressor's "
+                        "default), or one pass shared by FlatQuant and a GPTQ after it "
+                        "(GPTQ's Hessians gathered after each layer's transforms)")
     parser.add_argument("--seeds", default="0",
                         help="comma-separated seeds of FlatQuant and of the calibration "
                         "windows; every variant runs once per seed")

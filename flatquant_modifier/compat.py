@@ -13,6 +13,8 @@ names the behaviour it works around. Remove one when the library it concerns fix
 * :func:`routed_experts_only`: llm-compressor 0.14 keeps oneshot's
   ``moe_calibrate_all_experts`` in a module global, with no public way to clear it for
   a scope.
+* :func:`regather_gptq_hessians`: llm-compressor 0.14's ``GPTQModifier`` keeps the
+  Hessians of a pass in private dicts, with no public way to reset a module's.
 """
 
 import contextlib
@@ -21,6 +23,7 @@ import torch
 import torch.distributed as dist
 from compressed_tensors.offload import OffloadCache, disable_offloading, unwrap_offload_forward
 from compressed_tensors.utils import align_modules, patch_attr, update_offload_parameter
+from llmcompressor.modifiers.utils.hooks import HooksMixin
 from loguru import logger
 from torch import nn
 
@@ -35,6 +38,7 @@ __all__ = [
     "update_fused_layer_weight_global_scales",
     "hold_weights_during_forward",
     "routed_experts_only",
+    "regather_gptq_hessians",
 ]
 
 
@@ -281,3 +285,40 @@ def fp4_weights_in_model_dtype(model: torch.nn.Module):
             handle.remove()
 
         handle = model.register_forward_pre_hook(after_decompression)
+
+
+@torch.no_grad()
+def regather_gptq_hessians(modifiers: list, layer: nn.Module, calls: list[dict]) -> int:
+    """
+    GPTQ modifiers sharing FlatQuant's calibration pass gathered ``layer``'s Hessians
+    in the pass's forward, on the inputs before FlatQuant transformed them. Drop those
+    and gather them again by running the calibrated layer on its cached ``calls``, only
+    GPTQ's accumulation live on the linears it had seen, and every quantizer of the
+    layer off, as in a pass of GPTQ's own (llm-compressor disables quantization for a
+    pipeline, FlatQuant's online quantizers included): transformed, unquantized inputs.
+
+    :return: the number of linears whose Hessians were gathered again
+    """
+    hooks = []
+    for gptq in modifiers:
+        for module in layer.modules():
+            if module in gptq._num_samples:  # private: see the module docstring
+                del gptq._num_samples[module], gptq._hessians[module]
+                hooks.append(module.register_forward_hook(gptq.calibrate_module))
+    # as compressed-tensors' disable_quantization, on every module; put back after
+    enabled = [(m, m.__dict__.get("quantization_enabled")) for m in layer.modules()]
+    try:
+        for module, _ in enabled:
+            module.quantization_enabled = False
+        with HooksMixin.disable_hooks():  # every modifier's own hooks, ours included
+            for call in calls:
+                layer(**call)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, state in enabled:
+            if state is None:
+                del module.quantization_enabled
+            else:
+                module.quantization_enabled = state
+    return len(hooks)

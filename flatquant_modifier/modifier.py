@@ -26,6 +26,7 @@ from flatquant_modifier.compat import (
     fp4_weights_in_model_dtype,
     hold_weights_during_forward,
     mark_weight_qparams_unset,
+    regather_gptq_hessians,
     sync_weight_qparams,
 )
 from flatquant_modifier.mappings import FlatQuantMapping, infer_mappings_from_model
@@ -178,6 +179,8 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
     # target_outputs="model": the index of the next decoder layer and its inputs in
     # the full-precision model (per step and sub-batch)
     _hidden_states: tuple[int, list] | None = PrivateAttr(default=None)
+    # GPTQ modifiers sharing the calibration pass (pipeline="sequential")
+    _shared_gptq: list = PrivateAttr(default_factory=list)
 
     @field_validator("ignore", "sequential_targets", "sibling_patterns", "w8a8_dynamic",
                      mode="before")
@@ -256,7 +259,10 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
         check_weight_schemes(self._layers, self.quantizes_activations,
                              mxfp4=self.quant_format == "mxfp4")
         modifiers = getattr(active_session().lifecycle.recipe, "modifiers", None) or []
-        check_shared_calibration(self, modifiers, self._layers)
+        self._shared_gptq = check_shared_calibration(self, modifiers, self._layers)
+        if self._shared_gptq:
+            logger.info("FlatQuant: GPTQ shares the calibration pass; its Hessians are "
+                        "gathered after each layer's transforms")
         # under torchrun: lets on_finalize find the rank that computed each weight qparam
         mark_weight_qparams_unset(state.model)
         offload = torch.device(self.offload_device) if self.offload_device else None
@@ -302,6 +308,8 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
                 self._int8 += attach_int8_quantizers(state.model, int8, self)
                 continue
             self._step_plan = result.step_plan
+            if self._shared_gptq:
+                regather_gptq_hessians(self._shared_gptq, plan.module, calls)
             if result.outputs is not None:
                 self._hidden_states = (index + 1, result.outputs)
             self._transformed += result.transformed

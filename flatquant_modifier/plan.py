@@ -308,22 +308,36 @@ DATA_DEPENDENT_MODIFIERS = ("GPTQModifier", "AWQModifier", "SmoothQuantModifier"
                             "SparseGPTModifier")
 
 
-def check_shared_calibration(flatquant, modifiers: list, plans: list[LayerPlan]):
+def check_shared_calibration(flatquant, modifiers: list, plans: list[LayerPlan]) -> list:
     """
     FlatQuant attaches a layer's transforms after the pipeline's calibration pass of
-    that layer. A modifier that learns from the linears' inputs in the same pass (GPTQ's
-    Hessians, the input observers of a static or NVFP4 activation scheme) would see
-    the untransformed inputs and quantize the transformed weights against them.
-    llm-compressor's default ``pipeline="independent"`` gives every modifier its own
-    pass (FlatQuant's first); an explicit shared pipeline is refused.
+    that layer. A modifier that learns from the linears' inputs in the same pass would
+    see the untransformed inputs and quantize the transformed weights against them.
+    A ``GPTQModifier`` listed after FlatQuant may share the pass (``oneshot(...,
+    pipeline="sequential")``): FlatQuant gathers its Hessians again on the transformed
+    inputs (:func:`flatquant_modifier.compat.regather_gptq_hessians`), and the next
+    layer trains on the outputs of this layer's GPTQ weights. Any other such modifier
+    (AWQ, SmoothQuant, SparseGPT, a GPTQ listed first, the input observers of a static
+    or NVFP4 activation scheme) is refused: llm-compressor's default
+    ``pipeline="independent"`` gives every modifier its own pass.
 
     :param modifiers: the modifiers of the current calibration pass
+    :return: the GPTQ modifiers whose Hessians FlatQuant gathers again
     """
     others = [m for m in modifiers if m is not flatquant]
     if not others:
-        return
+        return []
+    position = next((i for i, m in enumerate(modifiers) if m is flatquant), -1)
+    gptq = [m for m in others if type(m).__name__ == "GPTQModifier"]
+    first = [m for m in gptq if modifiers.index(m) < position]
+    if first:
+        raise ValueError(
+            "GPTQModifier comes before FlatQuantModifier in a calibration pass they "
+            "share, so it would quantize the weights before FlatQuant transforms them. "
+            "List FlatQuantModifier first in the recipe."
+        )
     learning = [type(m).__name__ for m in others
-                if type(m).__name__ in DATA_DEPENDENT_MODIFIERS]
+                if type(m).__name__ in DATA_DEPENDENT_MODIFIERS and m not in gptq]
     observed = [
         name for plan in plans for group in plan.groups for name, linear in group.linears
         if getattr(getattr(linear, "quantization_scheme", None), "input_activations", None)
@@ -335,5 +349,6 @@ def check_shared_calibration(flatquant, modifiers: list, plans: list[LayerPlan])
             f"FlatQuantModifier shares its calibration pass with {', '.join(what)}, "
             "which would learn from inputs before FlatQuant transforms them. Use "
             "oneshot's default pipeline='independent' (each modifier its own pass, "
-            "FlatQuant's first)."
+            "FlatQuant's first); only a GPTQModifier after FlatQuant may share it."
         )
+    return gptq

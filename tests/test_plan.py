@@ -3,6 +3,7 @@
 schemes checked against that plan."""
 
 import pytest
+import torch
 from compressed_tensors.quantization import (
     QuantizationConfig,
     apply_quantization_config,
@@ -137,21 +138,70 @@ def test_w8a8_linears_without_a_scheme_warn_and_output_quantization_is_refused()
         check_weight_schemes(plans, quantizes_activations=True)
 
 
-def test_a_calibration_pass_shared_with_gptq_is_refused(tiny_llama_dir):
+def _flatquant_then_gptq(first="flatquant"):
     from llmcompressor.modifiers.quantization import GPTQModifier
 
     from flatquant_modifier import FlatQuantModifier
+    from tests.helpers import WEIGHTS_W4
+
+    flatquant = FlatQuantModifier(epochs=1)
+    gptq = GPTQModifier(ignore=["lm_head"],
+                        config_groups={"g": {"targets": ["Linear"], "weights": WEIGHTS_W4}})
+    return [flatquant, gptq] if first == "flatquant" else [gptq, flatquant]
+
+
+def test_gptq_sharing_the_pass_quantizes_against_the_transformed_inputs(
+        tiny_llama_dir, monkeypatch):
+    """pipeline="sequential": GPTQ's Hessians of a layer are gathered again after
+    FlatQuant transformed it, so the first layer (the same inputs, the same training
+    in both pipelines) gets the Hessians and weights of llm-compressor's default of one
+    pass per modifier; the second trains on the first's GPTQ outputs."""
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
     from tests.conftest import load_tiny
-    from tests.helpers import WEIGHTS_W4, run
+    from tests.helpers import run
 
-    def recipe():
-        return [FlatQuantModifier(epochs=1),
-                GPTQModifier(ignore=["lm_head"],
-                             config_groups={"g": {"targets": ["Linear"], "weights": WEIGHTS_W4}})]
+    hessians, compress = {}, GPTQModifier.compress_module_list
+
+    def recording(self, modules):
+        for module in modules:
+            hessians[(pipeline, self._module_names[module])] = (
+                self._hessians[module].clone(), int(self._num_samples[module]))
+        return compress(self, modules)
+
+    monkeypatch.setattr(GPTQModifier, "compress_module_list", recording)
+    states = {}
+    for pipeline in ("independent", "sequential"):
+        model, tok = load_tiny(tiny_llama_dir)
+        with log_messages("INFO") as messages:
+            run(model, tok, _flatquant_then_gptq(), pipeline=pipeline)
+        shared = any("GPTQ shares the calibration pass" in m for m in messages)
+        assert shared == (pipeline == "sequential")
+        states[pipeline] = {k: v.clone() for k, v in model.state_dict().items()
+                            if k.startswith("model.layers.")}
+    layer0 = [name for p, name in hessians if p == "independent" and ".layers.0." in name]
+    assert len(layer0) == 7
+    for name in layer0:
+        (expected, n_expected), (got, n_got) = (hessians["independent", name],
+                                                hessians["sequential", name])
+        assert n_got == n_expected == 8
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max(),
+                                   msg=name)
+    independent, sequential = states["independent"], states["sequential"]
+    assert independent.keys() == sequential.keys()
+    for key in independent:
+        if key.startswith("model.layers.0.") and key.endswith("weight"):
+            # the same weights, but for a rounding GPTQ may flip on a float32 difference
+            assert (sequential[key] != independent[key]).float().mean() < 0.01, key
+    assert not torch.equal(sequential["model.layers.1.mlp.down_proj.weight"],
+                           independent["model.layers.1.mlp.down_proj.weight"])
+
+
+def test_a_shared_pass_with_gptq_first_is_refused(tiny_llama_dir):
+    from tests.conftest import load_tiny
+    from tests.helpers import run
 
     model, tok = load_tiny(tiny_llama_dir)
-    with pytest.raises(ValueError, match="shares its calibration pass with GPTQModifier.*"
-                       "pipeline='independent'"):
-        run(model, tok, recipe(), pipeline="sequential")
-    model, tok = load_tiny(tiny_llama_dir)
-    run(model, tok, recipe())  # the default: one pass per modifier, FlatQuant's first
+    with pytest.raises(ValueError, match="GPTQModifier comes before FlatQuantModifier.*"
+                       "List FlatQuantModifier first"):
+        run(model, tok, _flatquant_then_gptq(first="gptq"), pipeline="sequential")
