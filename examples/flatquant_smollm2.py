@@ -46,7 +46,7 @@ from flatquant_modifier.distributed import (
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # examples.common, wherever this script is run from
-from examples.common.autocast import bfloat16_on_native_cpus  # noqa: E402
+from examples.common.autocast import bfloat16_on_native_cpus, model_dtype  # noqa: E402
 from examples.common.data import CALIBRATION_TEXT, TEST_TEXT, text_windows_dataset  # noqa: E402
 from examples.common.evaluation import exact_fake_quant  # noqa: E402
 from examples.common.perplexity import perplexity  # noqa: E402
@@ -69,6 +69,13 @@ def parse_args():
                         help="override the recipe's autocast_dtype (float32: none); auto: "
                         "the recipe's, but bfloat16 on a CPU that computes it natively "
                         "(AVX512-BF16, AMX, Arm BF16) where the recipe leaves it to 'auto'")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="the model's dtype; auto: bfloat16 on a CPU that computes it "
+                        "natively (the same test as --autocast), float32 elsewhere")
+    parser.add_argument("--pipeline", choices=["independent", "sequential"],
+                        default="independent",
+                        help="oneshot's pipeline: one pass per modifier, or one pass "
+                        "shared by FlatQuant and a GPTQModifier after it")
     parser.add_argument("--deterministic", action="store_true",
                         help="override the recipe: deterministic algorithms while training "
                         "(two GPU runs give the same model; slower)")
@@ -125,7 +132,8 @@ def main():
     if is_source_process():  # converts the GGUF once; the other ranks wait for it
         load_smollm2(args.model_cache)
     barrier()
-    model, tokenizer = load_smollm2(args.model_cache)
+    dtype = model_dtype(args.dtype, args.device)
+    model, tokenizer = load_smollm2(args.model_cache, dtype=dtype)
     if not args.keep_model_on_cpu:
         model.to(args.device)
     windows = args.eval_windows or None
@@ -140,7 +148,8 @@ def main():
 
     result = {"model": "SmolLM2-135M-Instruct", "recipe": args.recipe,
               "calibration": f"{args.num_samples} x {args.seq_len}", "eval_windows": windows,
-              "world_size": torch.distributed.get_world_size() if distributed else 1}
+              "world_size": torch.distributed.get_world_size() if distributed else 1,
+              "dtype": str(dtype).replace("torch.", ""), "pipeline": args.pipeline}
     if not args.skip_fp_eval and is_source_process():
         result["ppl_fp"] = perplexity(model, tokenizer, args.test_data, 2048, windows)
     barrier()
@@ -186,6 +195,7 @@ def main():
             args.device if args.device.startswith("cuda") and not args.keep_model_on_cpu
             else "cpu"
         ),
+        pipeline=args.pipeline,
     )
     result["calibration_seconds"] = round(time.perf_counter() - start, 1)
     flatquant = [m for m in recipe.modifiers if isinstance(m, FlatQuantModifier)]
