@@ -113,6 +113,21 @@ GPTQ_VARIANTS = {
         {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model",
          "transform_init": "hadamard"},
         {"observer": "memoryless-mse"}),
+    # flatquant_w4a4_gptq.yaml with the smoothing's starting strength (SmoothQuant's
+    # alpha, 0.3), the clip factors' starting logit (4: sigmoid 0.98) or the steps'
+    # samples (4) changed
+    "lr-2e-2-model-targets-smooth-0.15-gptq-mse": (
+        {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model", "smooth_alpha": 0.15},
+        {"observer": "memoryless-mse"}),
+    "lr-2e-2-model-targets-smooth-0.5-gptq-mse": (
+        {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model", "smooth_alpha": 0.5},
+        {"observer": "memoryless-mse"}),
+    "lr-2e-2-model-targets-clip-init-2-gptq-mse": (
+        {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model", "clip_init_logit": 2.0},
+        {"observer": "memoryless-mse"}),
+    "lr-2e-2-model-targets-batch-2-gptq-mse": (
+        {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model", "batch_size": 2},
+        {"observer": "memoryless-mse"}),
     "lr-2e-2-model-targets-no-weight-quant-gptq-mse": (
         {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model", "w_bits": None,
          "learn_weight_clip": False},

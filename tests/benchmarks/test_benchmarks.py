@@ -92,6 +92,18 @@ def test_variant_table_over_seeds_and_gptq_options():
     assert gptq.config_groups["group_0"].weights.observer == "minmax"
 
 
+def test_every_variant_gives_valid_modifiers():
+    from flatquant_modifier import FlatQuantModifier
+
+    variants = _load("variants")
+    for name, kwargs in variants.VARIANTS.items():
+        if kwargs is not None:
+            FlatQuantModifier(**kwargs)
+    for name, (kwargs, gptq) in variants.GPTQ_VARIANTS.items():
+        FlatQuantModifier(**kwargs)
+        variants.quantizer("w4a4", True, gptq)
+
+
 def test_rounding_perturbation_moves_the_first_layer_input_by_its_size():
     from tests.conftest import build_tiny_llama
 
