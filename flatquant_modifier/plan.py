@@ -327,17 +327,16 @@ def check_shared_calibration(flatquant, modifiers: list, plans: list[LayerPlan])
     others = [m for m in modifiers if m is not flatquant]
     if not others:
         return []
-    position = next((i for i, m in enumerate(modifiers) if m is flatquant), -1)
-    gptq = [m for m in others if type(m).__name__ == "GPTQModifier"]
-    first = [m for m in gptq if modifiers.index(m) < position]
-    if first:
+    # by identity: pydantic modifiers with equal fields compare equal
+    position = next(i for i, m in enumerate(modifiers) if m is flatquant)
+    if any(_is_gptq(m) for m in modifiers[:position]):
         raise ValueError(
             "GPTQModifier comes before FlatQuantModifier in a calibration pass they "
             "share, so it would quantize the weights before FlatQuant transforms them. "
             "List FlatQuantModifier first in the recipe."
         )
     learning = [type(m).__name__ for m in others
-                if type(m).__name__ in DATA_DEPENDENT_MODIFIERS and m not in gptq]
+                if type(m).__name__ in DATA_DEPENDENT_MODIFIERS and not _is_gptq(m)]
     observed = [
         name for plan in plans for group in plan.groups for name, linear in group.linears
         if getattr(getattr(linear, "quantization_scheme", None), "input_activations", None)
@@ -351,4 +350,8 @@ def check_shared_calibration(flatquant, modifiers: list, plans: list[LayerPlan])
             "oneshot's default pipeline='independent' (each modifier its own pass, "
             "FlatQuant's first); only a GPTQModifier after FlatQuant may share it."
         )
-    return gptq
+    return [m for m in modifiers[position + 1:] if _is_gptq(m)]
+
+
+def _is_gptq(modifier) -> bool:
+    return type(modifier).__name__ == "GPTQModifier"
