@@ -242,9 +242,8 @@ def quantized_matmul_levels(options: FlatQuantOptions, device: torch.device,
     (:attr:`FlatQuantOptions.quantized_matmul`), None for the training dtype's GEMMs."""
     if options.quantized_matmul != "auto":
         return levels_dtype(options, device, groups) if options.quantized_matmul else None
-    aligned = all(linear.in_features % 16 == 0 and linear.out_features % 16 == 0
-                  for group in groups for _, linear in group.linears)
-    if not (compiled and aligned and num_weights >= AUTO_QUANTIZED_MATMUL_MIN_WEIGHTS
+    if not (compiled and _unaligned(groups) is None
+            and num_weights >= AUTO_QUANTIZED_MATMUL_MIN_WEIGHTS
             and torch.device(device).type == "cuda"):
         return None
     if levels_dtype(options, device, groups) != torch.float8_e4m3fn:
@@ -260,6 +259,16 @@ def _announce_fp8_levels():
                 "weights on FP8 tensor cores)")
 
 
+def _unaligned(groups: list[ResolvedGroup]) -> tuple[str, torch.nn.Linear] | None:
+    """The first linear whose features are not multiples of 16 (the FP8 and int8
+    GEMMs' alignment), None if there is none."""
+    for group in groups:
+        for name, linear in group.linears:
+            if linear.in_features % 16 or linear.out_features % 16:
+                return name, linear
+    return None
+
+
 def levels_dtype(options: FlatQuantOptions, device: torch.device,
                  groups: list[ResolvedGroup]) -> torch.dtype:
     """
@@ -271,14 +280,14 @@ def levels_dtype(options: FlatQuantOptions, device: torch.device,
     :raises ValueError: a linear's features are not multiples of 16 (the FP8 and int8
         GEMMs' alignment), or the device is neither a CPU nor a CUDA GPU
     """
-    for group in groups:
-        for name, linear in group.linears:
-            if linear.in_features % 16 or linear.out_features % 16:
-                raise ValueError(
-                    f"FlatQuant: quantized_matmul needs in and out features that are "
-                    f"multiples of 16; {name} is {linear.in_features} -> "
-                    f"{linear.out_features}. Set quantized_matmul=False."
-                )
+    unaligned = _unaligned(groups)
+    if unaligned is not None:
+        name, linear = unaligned
+        raise ValueError(
+            f"FlatQuant: quantized_matmul needs in and out features that are "
+            f"multiples of 16; {name} is {linear.in_features} -> "
+            f"{linear.out_features}. Set quantized_matmul=False."
+        )
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         raise ValueError(

@@ -232,8 +232,7 @@ class FlatQuantOptions(BaseModel):
             object.__setattr__(self, "quantized_matmul", False)
         self._not_chosen("quantized_matmul", False, "quantized matmuls need integer "
                          "weights and activations (quant_format='int', w_bits and a_bits)",
-                         when=self.quant_format != "int" or self.w_bits is None
-                         or self.a_bits is None)
+                         when=not integer)
         self._not_chosen("learn_weight_clip", False, "w_bits=None leaves the weights "
                          "unquantized in training", when=self.w_bits is None)
         self._not_chosen("learn_activation_clip", False, "a_bits=None leaves activation "
