@@ -12,8 +12,7 @@ def bfloat16_on_native_cpus(modifier, device: str | torch.device):
     it is faster than float32 at the same quality; elsewhere leave it as it is. The
     library's ``"auto"`` means bfloat16 on CUDA only.
     """
-    if (modifier.autocast_dtype == "auto" and torch.device(device).type == "cpu"
-            and cpu_has_native_bfloat16()):
+    if modifier.autocast_dtype == "auto" and _native_bfloat16_cpu(device):
         modifier.autocast_dtype = torch.bfloat16
 
 
@@ -27,6 +26,8 @@ def model_dtype(requested: str, device: str | torch.device) -> torch.dtype:
     """
     if requested != "auto":
         return getattr(torch, requested)
-    if torch.device(device).type == "cpu" and cpu_has_native_bfloat16():
-        return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if _native_bfloat16_cpu(device) else torch.float32
+
+
+def _native_bfloat16_cpu(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cpu" and cpu_has_native_bfloat16()
