@@ -70,6 +70,14 @@ VARIANTS = {  # changes from the defaults (dense, random init, smoothing, both c
 # GPTQ instead of round-to-nearest weights after FlatQuant: (changes of FlatQuant's
 # defaults, GPTQModifier options changed from llm-compressor's defaults: block 128,
 # dampening 0.01, static activation order; "observer": the weights' observer)
+def gptq_yaml(gptq: dict | None = None, **flatquant) -> tuple[dict, dict]:
+    """recipes/flatquant_w4a4_gptq.yaml (FlatQuant at lr 2e-2, clip_lr 2e-1,
+    target_outputs "model"; GPTQ with the memoryless-mse observer) with FlatQuant's
+    options ``flatquant`` and GPTQ's ``gptq`` changed, as a GPTQ_VARIANTS entry."""
+    return ({"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model", **flatquant},
+            {"observer": "memoryless-mse", **(gptq or {})})
+
+
 GPTQ_VARIANTS = {
     "gptq": ({}, {}),
     "gptq-no-actorder": ({}, {"actorder": None}),
@@ -83,55 +91,27 @@ GPTQ_VARIANTS = {
     "lr-2e-2-last-layer-logits-gptq-mse": (
         {"lr": 2e-2, "clip_lr": 2e-1, "last_layer_loss": "logits"},
         {"observer": "memoryless-mse"}),
-    "lr-2e-2-model-targets-gptq-mse": (
-        {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model"},
-        {"observer": "memoryless-mse"}),
-    "lr-2e-2-model-targets-logits-gptq-mse": (
-        {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model", "last_layer_loss": "logits"},
-        {"observer": "memoryless-mse"}),
-    "lr-3e-2-model-targets-gptq-mse": (
-        {"lr": 3e-2, "clip_lr": 3e-1, "target_outputs": "model"},
-        {"observer": "memoryless-mse"}),
-    "epochs-25-lr-2e-2-model-targets-gptq-mse": (
-        {"epochs": 25, "lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model"},
-        {"observer": "memoryless-mse"}),
+    "lr-2e-2-model-targets-gptq-mse": gptq_yaml(),
+    "lr-2e-2-model-targets-logits-gptq-mse": gptq_yaml(last_layer_loss="logits"),
+    "lr-3e-2-model-targets-gptq-mse": gptq_yaml(lr=3e-2, clip_lr=3e-1),
+    "epochs-25-lr-2e-2-model-targets-gptq-mse": gptq_yaml(epochs=25),
     # flatquant_w4a4_gptq.yaml with GPTQ's dampening or activation order changed
-    "lr-2e-2-model-targets-gptq-mse-damp-0.1": (
-        {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model"},
-        {"observer": "memoryless-mse", "dampening_frac": 0.1}),
-    "lr-2e-2-model-targets-gptq-mse-no-actorder": (
-        {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model"},
-        {"observer": "memoryless-mse", "actorder": None}),
+    "lr-2e-2-model-targets-gptq-mse-damp-0.1": gptq_yaml({"dampening_frac": 0.1}),
+    "lr-2e-2-model-targets-gptq-mse-no-actorder": gptq_yaml({"actorder": None}),
     # the same without the learned weight clipping (absorbed as a clamp of the weights,
     # which GPTQ cannot undo), or trained without weight quantization at all
-    "lr-2e-2-model-targets-no-weight-clip-gptq-mse": (
-        {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model",
-         "learn_weight_clip": False},
-        {"observer": "memoryless-mse"}),
+    "lr-2e-2-model-targets-no-weight-clip-gptq-mse": gptq_yaml(learn_weight_clip=False),
     # flatquant_w4a4_gptq.yaml with random Hadamard transform factors to start from
-    "lr-2e-2-model-targets-hadamard-init-gptq-mse": (
-        {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model",
-         "transform_init": "hadamard"},
-        {"observer": "memoryless-mse"}),
+    "lr-2e-2-model-targets-hadamard-init-gptq-mse": gptq_yaml(transform_init="hadamard"),
     # flatquant_w4a4_gptq.yaml with the smoothing's starting strength (SmoothQuant's
     # alpha, 0.3), the clip factors' starting logit (4: sigmoid 0.98) or the steps'
     # samples (4) changed
-    "lr-2e-2-model-targets-smooth-0.15-gptq-mse": (
-        {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model", "smooth_alpha": 0.15},
-        {"observer": "memoryless-mse"}),
-    "lr-2e-2-model-targets-smooth-0.5-gptq-mse": (
-        {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model", "smooth_alpha": 0.5},
-        {"observer": "memoryless-mse"}),
-    "lr-2e-2-model-targets-clip-init-2-gptq-mse": (
-        {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model", "clip_init_logit": 2.0},
-        {"observer": "memoryless-mse"}),
-    "lr-2e-2-model-targets-batch-2-gptq-mse": (
-        {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model", "batch_size": 2},
-        {"observer": "memoryless-mse"}),
-    "lr-2e-2-model-targets-no-weight-quant-gptq-mse": (
-        {"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model", "w_bits": None,
-         "learn_weight_clip": False},
-        {"observer": "memoryless-mse"}),
+    "lr-2e-2-model-targets-smooth-0.15-gptq-mse": gptq_yaml(smooth_alpha=0.15),
+    "lr-2e-2-model-targets-smooth-0.5-gptq-mse": gptq_yaml(smooth_alpha=0.5),
+    "lr-2e-2-model-targets-clip-init-2-gptq-mse": gptq_yaml(clip_init_logit=2.0),
+    "lr-2e-2-model-targets-batch-2-gptq-mse": gptq_yaml(batch_size=2),
+    "lr-2e-2-model-targets-no-weight-quant-gptq-mse": gptq_yaml(
+        w_bits=None, learn_weight_clip=False),
 }
 
 W4_CHANNEL = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel",
