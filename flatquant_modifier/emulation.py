@@ -134,7 +134,12 @@ class FakeQuantizedLayer:
         def forward_loss(kwargs: dict[str, Any], target: torch.Tensor) -> torch.Tensor:
             with autocast():
                 out = layer_output(layer(**kwargs))
-            return loss_fn(out.to(self.dtype), target.to(self.dtype))
+            loss = loss_fn(out.to(self.dtype), target.to(self.dtype))
+            # emptied inside the traced function: tensors left in the step caches would
+            # leave a compiled graph as extra outputs, each written to memory and given
+            # a zero-filled gradient in the backward
+            self.new_step()
+            return loss
 
         compiled = compile_step(forward_loss) if self.compiled else None
 

@@ -139,7 +139,14 @@ def test_compiled_training_forward_is_one_graph_shared_by_layers(monkeypatch, qu
 
     from flatquant_modifier import emulation
 
-    monkeypatch.setattr(emulation, "COMPILE_BACKEND", "aot_eager")
+    graph_outputs = []
+
+    def recording(graph_module, example_inputs):
+        (output,) = [n for n in graph_module.graph.nodes if n.op == "output"]
+        graph_outputs.append(len(output.args[0]))
+        return torch._dynamo.lookup_backend("aot_eager")(graph_module, example_inputs)
+
+    monkeypatch.setattr(emulation, "COMPILE_BACKEND", recording)
     torch._dynamo.reset()
     counters.clear()
     eager, _, _ = _train_first_layer(quant_format=quant_format, torch_compile=False)
@@ -148,6 +155,9 @@ def test_compiled_training_forward_is_one_graph_shared_by_layers(monkeypatch, qu
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
     assert not counters["unimplemented"]  # no recompile limit, no graph break
+    # the loss alone leaves the graph: a step's cached matrices, weights and inputs
+    # would each be an extra output, written out and given a zero-filled gradient
+    assert graph_outputs == [1]
     assert traced.epoch_losses == eager.epoch_losses
     assert (traced.loss_rtn, traced.loss_init, traced.loss_final) == (
         eager.loss_rtn, eager.loss_init, eager.loss_final)
