@@ -64,6 +64,13 @@ def main():
     parser.add_argument("--epochs", type=int, default=None,
                         help="FlatQuant epochs instead of the recipe's (a shorter run): "
                         "the projection scales the training time to the recipe's epochs")
+    parser.add_argument("--calib-batch-size", type=int, default=1,
+                        help="oneshot's batch_size: samples per layer call of llm-compressor's "
+                        "calibration and propagation passes")
+    parser.add_argument("--offload-device", default="cpu",
+                        help="oneshot's sequential_offload_device: where the layer inputs of "
+                        "all samples wait between layers (cuda: they stay on the GPU instead "
+                        "of going to CPU memory and back for every layer)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     recipe, recipe_epochs = with_epochs(args.recipe, args.epochs)
@@ -88,7 +95,8 @@ def main():
         start = time.perf_counter()
         oneshot(model=model, processor=byte_tokenizer(), dataset=dataset,
                 recipe=recipe, num_calibration_samples=len(dataset),
-                max_seq_length=args.seq_len)
+                max_seq_length=args.seq_len, batch_size=args.calib_batch_size,
+                sequential_offload_device=args.offload_device)
         seconds = time.perf_counter() - start
     reports = [r for m in _flatquant_modifiers() for r in m.reports]
     training = sum(r.seconds for r in reports)
@@ -118,6 +126,8 @@ def main():
         "epochs": epochs,
         "recipe_epochs": recipe_epochs,
         "world_size": world,
+        "calib_batch_size": args.calib_batch_size,
+        "offload_device": args.offload_device,
         "layers": layers,
         "depth": depth,
         "build_seconds": round(build_seconds, 1),
