@@ -112,6 +112,11 @@ GPTQ_VARIANTS = {
     "lr-2e-2-model-targets-batch-2-gptq-mse": gptq_yaml(batch_size=2),
     "lr-2e-2-model-targets-no-weight-quant-gptq-mse": gptq_yaml(
         w_bits=None, learn_weight_clip=False),
+    # flatquant_w4a4_gptq.yaml with a linear warmup over the first 10 % of each layer's
+    # steps: alone, and with the 1.5x rates at which one seed's layer 0 diverged without
+    "lr-2e-2-warmup-0.1-model-targets-gptq-mse": gptq_yaml(lr_warmup=0.1),
+    "lr-3e-2-warmup-0.1-model-targets-gptq-mse": gptq_yaml(lr=3e-2, clip_lr=3e-1,
+                                                           lr_warmup=0.1),
 }
 
 W4_CHANNEL = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel",

@@ -51,6 +51,9 @@ class FlatQuantOptions(BaseModel):
     :param weight_decay: AdamW weight decay
     :param lr_schedule: ``"cosine"`` (annealed to 0 over all steps of a layer, as the
         paper's code does) or ``"constant"``
+    :param lr_warmup: the fraction of a layer's steps over which both learning rates
+        rise linearly to their values before ``lr_schedule`` takes over (the cosine then
+        anneals over the remaining steps); 0 (the paper's code): no warmup
     :param loss: what a step minimises. ``"mse"``: the mean squared error of the
         layer output against full precision (the paper's loss). ``"relative"``: each
         token's squared error divided by the mean square of its full-precision output,
@@ -143,6 +146,7 @@ class FlatQuantOptions(BaseModel):
     clip_lr: float = Field(default=5e-2, ge=0.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
     lr_schedule: Literal["cosine", "constant"] = "cosine"
+    lr_warmup: float = Field(default=0.0, ge=0.0, lt=1.0)
     loss: Literal["mse", "relative"] = "mse"
     last_layer_loss: Literal["layer", "logits"] = "layer"
     autocast_dtype: Literal["auto"] | TorchDtype | None = "auto"

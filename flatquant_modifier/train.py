@@ -38,6 +38,7 @@ __all__ = [
     "deterministic_algorithms",
     "log_report",
     "layer_loss",
+    "lr_scheduler",
 ]
 
 
@@ -236,12 +237,7 @@ def train_layer(
         optimizer = torch.optim.AdamW(
             trainable, weight_decay=options.weight_decay, foreach=True
         )
-        if options.lr_schedule == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-                optimizer, T_max=max(total_steps, 1), eta_min=0.0
-            )
-        else:
-            scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+        scheduler = lr_scheduler(optimizer, options, total_steps)
         grad_buffer, grad_views = _flat_gradients(flat_params, device)
         initial = [p.detach().clone() for p in flat_params]
         epoch_losses, epoch_seconds = [], []
@@ -295,6 +291,31 @@ def train_layer(
         name, loss_rtn, loss_init, loss_final, epoch_losses, epoch_seconds,
         time.perf_counter() - start, num_graphs, kept_initial,
     )
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, options: FlatQuantOptions,
+                 total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """
+    The learning-rate schedule of a layer's ``total_steps`` steps: ``options.lr_schedule``
+    (cosine annealing to 0, or constant), after a linear warmup over the first
+    ``options.lr_warmup`` of the steps (step ``k < W`` at ``(k + 1) / (W + 1)`` of the
+    rates). Without warmup, torch's own schedulers (the paper code's cosine exactly).
+    """
+    warmup = int(round(options.lr_warmup * total_steps))
+    if warmup == 0:
+        if options.lr_schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, T_max=max(total_steps, 1), eta_min=0.0)
+        return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    rest = max(total_steps - warmup, 1)
+    cosine = options.lr_schedule == "cosine"
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / rest)) if cosine else 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from flatquant_modifier.train import (
     deterministic_algorithms,
     layer_loss,
     log_report,
+    lr_scheduler,
     train_layer,
 )
 from tests.conftest import build_tiny_llama, load_tiny
@@ -45,7 +46,8 @@ def _train_first_layer(**options):
     return report, layer, before
 
 
-@pytest.mark.parametrize("options", [{}, {"loss": "relative"}, {"lr_schedule": "constant"}])
+@pytest.mark.parametrize("options", [{}, {"loss": "relative"}, {"lr_schedule": "constant"},
+                                     {"lr_warmup": 0.3}])
 def test_training_lowers_the_loss_and_leaves_the_layer_untouched(options):
     report, layer, before = _train_first_layer(**options)
     assert len(report.epoch_losses) == 4
@@ -54,6 +56,49 @@ def test_training_lowers_the_loss_and_leaves_the_layer_untouched(options):
     assert not report.kept_initial
     for key, value in layer.state_dict().items():  # absorbing is calibrate's job
         assert torch.equal(value, before[key]), key
+
+
+def _learning_rates(steps: int, **options) -> list[list[float]]:
+    """Both parameter groups' learning rates at each of ``steps`` steps."""
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in (0.02, 0.2)]
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = lr_scheduler(optimizer, FlatQuantOptions(**options), steps)
+    rates = []
+    for _ in range(steps):
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_lr_warmup_rises_linearly_then_follows_the_schedule(schedule):
+    """``lr_warmup`` 0.25 of 8 steps: 1/3 and 2/3 of both rates, then the full rates,
+    annealed by the cosine over the 6 remaining steps (or kept)."""
+    import math
+
+    rates = _learning_rates(8, lr_schedule=schedule, lr_warmup=0.25)
+    factors = [1 / 3, 2 / 3] + [
+        0.5 * (1 + math.cos(math.pi * k / 6)) if schedule == "cosine" else 1.0
+        for k in range(6)]
+    for (lr, clip_lr), factor in zip(rates, factors, strict=True):
+        assert lr == pytest.approx(0.02 * factor, rel=1e-12)
+        assert clip_lr == pytest.approx(0.2 * factor, rel=1e-12)
+
+
+def test_no_lr_warmup_is_torchs_own_cosine():
+    """Without warmup the rates are ``CosineAnnealingLR``'s, bit for bit (the paper's
+    schedule and the float64 pins)."""
+    rates = _learning_rates(8)
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in (0.02, 0.2)]
+    optimizer = torch.optim.AdamW(groups)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=8, eta_min=0.0)
+    for step_rates in rates:
+        assert step_rates == [group["lr"] for group in optimizer.param_groups]
+        optimizer.step()
+        cosine.step()
+    with pytest.raises(ValueError, match="lr_warmup"):
+        FlatQuantOptions(lr_warmup=1.0)
 
 
 def test_the_round_to_nearest_loss_is_a_report_only():
