@@ -117,7 +117,8 @@ def layer_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tens
 
 
 def _mean_loss(layer, patched, steps, targets, weights, autocast, graphs, loss_fn) -> float:
-    """Mean over steps of the step loss (over all ranks)."""
+    """Mean over steps of the step loss (over all ranks); the matrices and quantized
+    weights computed once for the whole pass."""
     total = torch.zeros((), dtype=torch.float64, device=_device_of(targets))
     step_loss = patched.loss_function(layer, loss_fn, autocast)
 
@@ -125,7 +126,7 @@ def _mean_loss(layer, patched, steps, targets, weights, autocast, graphs, loss_f
         with torch.no_grad():
             return step_loss(kwargs, target)
 
-    with patched.patched():
+    with patched.patched(), patched.fixed_parameters(autocast):
         for batches, step_targets, step_weights in zip(steps, targets, weights):
             for kwargs, target, weight in zip(batches, step_targets, step_weights):
                 loss = graphs(("eval", id(patched)), evaluate, kwargs, target)

@@ -39,6 +39,56 @@ def test_unquantized_random_transforms_with_smoothing_are_the_layer():
                                            atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_fixed_parameters_give_the_per_call_losses_in_the_same_tensors(autocast):
+    """Evaluation passes compute the matrices and quantized weights once
+    (``fixed_parameters``): the losses of computing them per call, up to float32
+    rounding (the CPU's kernels do not always sum in the same order), under autocast
+    too. A later pass, after the parameters changed, writes the new values into
+    the same tensors, so that a CUDA graph captured in the first pass replays the
+    second's; outside the context nothing is kept for the next step."""
+    model = build_tiny_llama()
+    layer = model.model.layers[0]
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    groups = resolve_layer("model.layers.0", layer, infer_mappings_from_model(model),
+                           ["lm_head"])
+    calls = layer_calls(model, layer, ids)
+    with torch.no_grad():
+        targets = [layer_output(layer(**call)) for call in calls]
+    options = FlatQuantOptions()
+    act_max = [torch.rand(g.in_features, generator=torch.Generator().manual_seed(i)) + 0.5
+               for i, g in enumerate(groups)]
+    params = build_group_params(groups, act_max, options, torch.float32, torch.device("cpu"),
+                                torch.Generator().manual_seed(0))
+    emulated = FakeQuantizedLayer(groups, params, options,
+                                  Precision(torch.float32, autocast), torch.device("cpu"))
+
+    def context():
+        return torch.autocast("cpu", dtype=autocast, enabled=autocast is not None)
+
+    step_loss = emulated.loss_function(layer, F.mse_loss, context)
+
+    def losses():
+        with torch.no_grad(), emulated.patched():
+            return [step_loss(call, target) for call, target in zip(calls, targets)]
+
+    pointers = None
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        per_call = losses()
+        with emulated.fixed_parameters(context):
+            kept = [t.data_ptr() for t in emulated._fixed_tensors]
+            assert pointers is None or kept == pointers
+            pointers = kept
+            fixed = losses()
+        torch.testing.assert_close(fixed, per_call, rtol=1e-6, atol=0)
+        assert not emulated._step and not emulated._quantized
+        with torch.no_grad():  # a training step's change
+            for p in (p for g in params for p in g.parameters()):
+                p.add_(1e-2 * torch.randn(p.shape, generator=generator))
+    assert not all(torch.equal(a, b) for a, b in zip(per_call, losses()))
+
+
 def test_identity_transforms_quantize_like_the_fake_quantizers():
     layer, groups, calls = _layer()
     options = FlatQuantOptions()
