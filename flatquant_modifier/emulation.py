@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from compressed_tensors.offload import OffloadCache
 from compressed_tensors.utils import patch_attr
 from loguru import logger
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from flatquant_modifier.kronecker import (
     kronecker_matmul,
@@ -107,7 +106,7 @@ class FakeQuantizedLayer:
         self._quantized: dict[int, tuple[torch.Tensor, ...]] = {}
         self._inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._fixed = False  # inside fixed_parameters(): keep _step and _quantized
-        self._fixed_tensors: list[torch.Tensor] | None = None
+        self.fixed_passes = 0  # fixed_parameters() contexts entered
 
     def new_step(self):
         if not self._fixed:
@@ -121,33 +120,17 @@ class FakeQuantizedLayer:
         For evaluation passes (no gradients, parameters unchanged): the matrices and
         quantized weights are computed once on entry, under ``autocast()`` as a forward
         computes them (the same values), and every call inside reuses them instead of
-        computing them per sub-batch. They are written into the same tensors on every
-        entry, so that a CUDA graph captured in one evaluation pass replays the next
-        one's values.
+        computing them per sub-batch; released on exit. A CUDA graph captured inside
+        reads these tensors: replay it in this context only
+        (:attr:`fixed_passes` tells the contexts apart).
         """
         self._fixed = False
         self.new_step()
         with torch.no_grad(), autocast():
             for gi in range(len(self.groups)):
                 self._group_weights(gi)
-        leaves, spec = tree_flatten((self._step, self._quantized))
-        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
-        kept = self._fixed_tensors
-        if kept is not None and [(t.shape, t.dtype) for t in kept] == [
-                (t.shape, t.dtype) for t in tensors]:
-            for old, new in zip(kept, tensors):
-                old.copy_(new)
-        else:  # copies: a matrix may be the parameter itself
-            kept = self._fixed_tensors = [t.detach().clone() for t in tensors]
-        it = iter(kept)
-        step, quantized = tree_unflatten(
-            [next(it) if isinstance(t, torch.Tensor) else t for t in leaves], spec)
-        # the same dictionaries, refilled (compiled graphs look them up)
-        self._step.clear()
-        self._step.update(step)
-        self._quantized.clear()
-        self._quantized.update(quantized)
         self._fixed = True
+        self.fixed_passes += 1
         try:
             yield
         finally:
@@ -165,7 +148,8 @@ class FakeQuantizedLayer:
         ``(kwargs, target) -> loss`` of one sub-batch: ``layer`` (inside
         :meth:`patched`) run on ``kwargs`` under ``autocast()``, its output and
         ``target`` compared by ``loss_fn`` in the training dtype; each call is a step
-        of its own (matrices and quantized weights computed afresh). Compiled
+        of its own (matrices and quantized weights computed afresh), except inside
+        :meth:`fixed_parameters` (computed once for all calls). Compiled
         (:attr:`compiled`), the calls with gradients run as one inductor graph, so
         that the layer's own operators (norms, rotary embedding, SiLU, residual adds)
         fuse with the quantizers, forward and backward; the few evaluation passes (no

@@ -51,9 +51,10 @@ class FlatQuantOptions(BaseModel):
     :param weight_decay: AdamW weight decay
     :param lr_schedule: ``"cosine"`` (annealed to 0 over all steps of a layer, as the
         paper's code does) or ``"constant"``
-    :param lr_warmup: the fraction of a layer's steps over which both learning rates
-        rise linearly to their values before ``lr_schedule`` takes over (the cosine then
-        anneals over the remaining steps); 0 (the paper's code): no warmup
+    :param lr_warmup: the fraction of a layer's steps (rounded up, at most all but one)
+        over which both learning rates rise linearly to their values before
+        ``lr_schedule`` takes over (the cosine then anneals over the remaining steps);
+        0 (the paper's code): no warmup
     :param loss: what a step minimises. ``"mse"``: the mean squared error of the
         layer output against full precision (the paper's loss). ``"relative"``: each
         token's squared error divided by the mean square of its full-precision output,

@@ -118,7 +118,7 @@ def layer_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tens
 
 def _mean_loss(layer, patched, steps, targets, weights, autocast, graphs, loss_fn) -> float:
     """Mean over steps of the step loss (over all ranks); the matrices and quantized
-    weights computed once for the whole pass."""
+    weights computed once for the whole pass, read by a CUDA graph of this pass."""
     total = torch.zeros((), dtype=torch.float64, device=_device_of(targets))
     step_loss = patched.loss_function(layer, loss_fn, autocast)
 
@@ -127,9 +127,10 @@ def _mean_loss(layer, patched, steps, targets, weights, autocast, graphs, loss_f
             return step_loss(kwargs, target)
 
     with patched.patched(), patched.fixed_parameters(autocast):
+        tag = ("eval", id(patched), patched.fixed_passes)
         for batches, step_targets, step_weights in zip(steps, targets, weights):
             for kwargs, target, weight in zip(batches, step_targets, step_weights):
-                loss = graphs(("eval", id(patched)), evaluate, kwargs, target)
+                loss = graphs(tag, evaluate, kwargs, target)
                 total += loss.double() * weight
     return float(all_reduce_(total)) / max(len(steps), 1)
 
@@ -299,10 +300,11 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, options: FlatQuantOptions,
     """
     The learning-rate schedule of a layer's ``total_steps`` steps: ``options.lr_schedule``
     (cosine annealing to 0, or constant), after a linear warmup over the first
-    ``options.lr_warmup`` of the steps (step ``k < W`` at ``(k + 1) / (W + 1)`` of the
-    rates). Without warmup, torch's own schedulers (the paper code's cosine exactly).
+    ``W = ceil(options.lr_warmup * total_steps)`` steps (at most all but one; step
+    ``k < W`` at ``(k + 1) / (W + 1)`` of the rates). Without warmup, torch's own schedulers (the paper code's cosine exactly).
     """
-    warmup = int(round(options.lr_warmup * total_steps))
+    # rounded up; at least one step after it at the full rates
+    warmup = max(min(math.ceil(round(options.lr_warmup * total_steps, 9)), total_steps - 1), 0)
     if warmup == 0:
         if options.lr_schedule == "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(

@@ -86,6 +86,17 @@ def test_lr_warmup_rises_linearly_then_follows_the_schedule(schedule):
         assert clip_lr == pytest.approx(0.2 * factor, rel=1e-12)
 
 
+@pytest.mark.parametrize("fraction, steps, warmup", [
+    (0.1, 30, 3), (0.1, 31, 4), (0.1, 5, 1), (0.95, 10, 9), (0.9, 1, 0), (0.5, 0, 0)])
+def test_lr_warmup_is_rounded_up_and_leaves_a_step_at_the_full_rates(fraction, steps,
+                                                                     warmup):
+    rates = _learning_rates(steps, lr_warmup=fraction)
+    factors = [lr / 0.02 for lr, _ in rates]
+    assert factors[:warmup] == pytest.approx([(k + 1) / (warmup + 1) for k in range(warmup)])
+    if steps:
+        assert factors[warmup] == pytest.approx(1.0)
+
+
 def test_no_lr_warmup_is_torchs_own_cosine():
     """Without warmup the rates are ``CosineAnnealingLR``'s, bit for bit (the paper's
     schedule and the float64 pins)."""
