@@ -301,7 +301,8 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, options: FlatQuantOptions,
     The learning-rate schedule of a layer's ``total_steps`` steps: ``options.lr_schedule``
     (cosine annealing to 0, or constant), after a linear warmup over the first
     ``W = ceil(options.lr_warmup * total_steps)`` steps (at most all but one; step
-    ``k < W`` at ``(k + 1) / (W + 1)`` of the rates). Without warmup, torch's own schedulers (the paper code's cosine exactly).
+    ``k < W`` at ``(k + 1) / (W + 1)`` of the rates). Without warmup, torch's own
+    schedulers (the paper code's cosine exactly).
     """
     # rounded up; at least one step after it at the full rates
     warmup = max(min(math.ceil(round(options.lr_warmup * total_steps, 9)), total_steps - 1), 0)

@@ -39,10 +39,60 @@ def test_unquantized_random_transforms_with_smoothing_are_the_layer():
                                            atol=1e-10, rtol=1e-10)
 
 
+def _emulated_layer(quant_format: str, device: torch.device, num_calls: int | None = None,
+                    bias: bool = False, **options):
+    """Layer 0 of the tiny model (``TINY_MXFP4`` for MXFP4, whose weight clip is then
+    learned), its first ``num_calls`` calls (None: all) with their full-precision outputs,
+    and a ``FakeQuantizedLayer`` of it with random transforms; ``bias``: every linear
+    with a random bias. :return: ``(layer, groups, params, calls, targets, emulated)``"""
+    shape = TINY_MXFP4 if quant_format == "mxfp4" else {}
+    model = build_tiny_llama(**shape, attention_bias=bias, mlp_bias=bias)
+    if bias:
+        generator = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                    module.bias.copy_(torch.randn(module.bias.shape, generator=generator))
+    model = model.to(device)
+    layer = model.model.layers[0]
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    calls = layer_calls(model, layer, ids.to(device))[:num_calls]
+    clips = {"learn_weight_clip": True} if quant_format == "mxfp4" else {}
+    options = FlatQuantOptions(quant_format=quant_format, **clips, **options)
+    groups = resolve_layer("model.layers.0", layer, infer_mappings_from_model(model),
+                           ["lm_head"], max_supported_tp=options.max_supported_tp)
+    act_max = [torch.rand(g.in_features, generator=torch.Generator().manual_seed(i)) + 0.5
+               for i, g in enumerate(groups)]
+    params = build_group_params(groups, act_max, options, torch.float32, device,
+                                torch.Generator().manual_seed(0))
+    layer.requires_grad_(False)
+    with torch.no_grad():
+        targets = [layer_output(layer(**call)) for call in calls]
+    emulated = FakeQuantizedLayer(groups, params, options, Precision(torch.float32, None),
+                                  device)
+    return layer, groups, params, calls, targets, emulated
+
+
+def _one_step_gradients(quant_format: str, device: torch.device, torch_compile: bool,
+                        autocast: torch.dtype | None = None, num_calls: int | None = None,
+                        bias: bool = False, **extra):
+    """Loss and gradients of every learnable parameter for one step of layer 0 (the
+    first ``num_calls`` calls; None: all); ``bias``: every linear with a random bias."""
+    layer, _, params, calls, targets, emulated = _emulated_layer(
+        quant_format, device, num_calls, bias, torch_compile=torch_compile, **extra)
+    learnable = [p for g in params for p in g.parameters()]
+    step_loss = emulated.loss_function(
+        layer, F.mse_loss,
+        lambda: torch.autocast(device.type, dtype=autocast, enabled=autocast is not None))
+    with emulated.patched():
+        loss = sum(step_loss(call, target) for call, target in zip(calls, targets))
+        grads = torch.autograd.grad(loss, learnable)
+    return loss.detach(), grads
+
+
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16])
 @pytest.mark.parametrize("quant_format, extra", [
-    ("int", {}), ("int", {"quantized_matmul": True}), ("nvfp4", {}),
-    ("mxfp4", {"learn_weight_clip": True}),
+    ("int", {}), ("int", {"quantized_matmul": True}), ("nvfp4", {}), ("mxfp4", {}),
 ])
 def test_fixed_parameters_compute_the_weights_once_with_the_per_call_losses(
         autocast, quant_format, extra, monkeypatch):
@@ -52,22 +102,8 @@ def test_fixed_parameters_compute_the_weights_once_with_the_per_call_losses(
     always sum in the same order), under autocast too; nothing kept after the pass."""
     from flatquant_modifier import emulation
 
-    shape = TINY_MXFP4 if quant_format == "mxfp4" else {}
-    model = build_tiny_llama(**shape)
-    layer = model.model.layers[0]
-    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    options = FlatQuantOptions(quant_format=quant_format, **extra)
-    groups = resolve_layer("model.layers.0", layer, infer_mappings_from_model(model),
-                           ["lm_head"], max_supported_tp=options.max_supported_tp)
-    calls = layer_calls(model, layer, ids)
-    with torch.no_grad():
-        targets = [layer_output(layer(**call)) for call in calls]
-    act_max = [torch.rand(g.in_features, generator=torch.Generator().manual_seed(i)) + 0.5
-               for i, g in enumerate(groups)]
-    params = build_group_params(groups, act_max, options, torch.float32, torch.device("cpu"),
-                                torch.Generator().manual_seed(0))
-    emulated = FakeQuantizedLayer(groups, params, options,
-                                  Precision(torch.float32, autocast), torch.device("cpu"))
+    layer, groups, _, calls, targets, emulated = _emulated_layer(
+        quant_format, torch.device("cpu"), **extra)
     computed = []
     quantized_weights = emulation.quantized_weights
 
@@ -112,47 +148,6 @@ def test_identity_transforms_quantize_like_the_fake_quantizers():
     with torch.no_grad(), emulated.patched():
         emulated.new_step()
         torch.testing.assert_close(q_proj(x), expected, atol=1e-12, rtol=0)
-
-
-def _one_step_gradients(quant_format: str, device: torch.device, torch_compile: bool,
-                        autocast: torch.dtype | None = None, num_calls: int | None = None,
-                        bias: bool = False, **extra):
-    """Loss and gradients of every learnable parameter for one step of layer 0 (the
-    first ``num_calls`` calls; None: all); ``bias``: every linear with a random bias."""
-    shape = TINY_MXFP4 if quant_format == "mxfp4" else {}
-    model = build_tiny_llama(**shape, attention_bias=bias, mlp_bias=bias)
-    if bias:
-        generator = torch.Generator().manual_seed(2)
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, torch.nn.Linear) and module.bias is not None:
-                    module.bias.copy_(torch.randn(module.bias.shape, generator=generator))
-    model = model.to(device)
-    layer = model.model.layers[0]
-    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
-    calls = layer_calls(model, layer, ids.to(device))[:num_calls]
-    clips = {"learn_weight_clip": True} if quant_format == "mxfp4" else {}
-    options = FlatQuantOptions(quant_format=quant_format, torch_compile=torch_compile,
-                               **clips, **extra)
-    groups = resolve_layer("model.layers.0", layer, infer_mappings_from_model(model),
-                           ["lm_head"], max_supported_tp=options.max_supported_tp)
-    act_max = [torch.rand(g.in_features, generator=torch.Generator().manual_seed(i)) + 0.5
-               for i, g in enumerate(groups)]
-    params = build_group_params(groups, act_max, options, torch.float32, device,
-                                torch.Generator().manual_seed(0))
-    learnable = [p for g in params for p in g.parameters()]
-    layer.requires_grad_(False)
-    with torch.no_grad():
-        targets = [layer_output(layer(**call)) for call in calls]
-    emulated = FakeQuantizedLayer(groups, params, options, Precision(torch.float32, None),
-                                  device)
-    step_loss = emulated.loss_function(
-        layer, F.mse_loss,
-        lambda: torch.autocast(device.type, dtype=autocast, enabled=autocast is not None))
-    with emulated.patched():
-        loss = sum(step_loss(call, target) for call, target in zip(calls, targets))
-        grads = torch.autograd.grad(loss, learnable)
-    return loss.detach(), grads
 
 
 @pytest.mark.parametrize("quant_format", ["int", "nvfp4", "mxfp4"])

@@ -58,10 +58,15 @@ def test_training_lowers_the_loss_and_leaves_the_layer_untouched(options):
         assert torch.equal(value, before[key]), key
 
 
+def _optimizer() -> torch.optim.AdamW:
+    """Two parameter groups at the rates 0.02 and 0.2 (as ``lr`` and ``clip_lr``)."""
+    return torch.optim.AdamW(
+        [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in (0.02, 0.2)])
+
+
 def _learning_rates(steps: int, **options) -> list[list[float]]:
     """Both parameter groups' learning rates at each of ``steps`` steps."""
-    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in (0.02, 0.2)]
-    optimizer = torch.optim.AdamW(groups)
+    optimizer = _optimizer()
     scheduler = lr_scheduler(optimizer, FlatQuantOptions(**options), steps)
     rates = []
     for _ in range(steps):
@@ -101,8 +106,7 @@ def test_no_lr_warmup_is_torchs_own_cosine():
     """Without warmup the rates are ``CosineAnnealingLR``'s, bit for bit (the paper's
     schedule and the float64 pins)."""
     rates = _learning_rates(8)
-    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in (0.02, 0.2)]
-    optimizer = torch.optim.AdamW(groups)
+    optimizer = _optimizer()
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=8, eta_min=0.0)
     for step_rates in rates:
         assert step_rates == [group["lr"] for group in optimizer.param_groups]
