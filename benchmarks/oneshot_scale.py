@@ -3,7 +3,8 @@ One real ``oneshot`` at the shape of a real model: a randomly initialised model 
 that shape (all of its layers, or the first ``--layers``), loaded in CPU memory in
 bfloat16 as models are, calibrated with a recipe on random tokens; llm-compressor's
 sequential pipeline moves each decoder layer to the GPU. Reports the time per decoder
-layer, the total, peak GPU and host memory, and projects the full depth. Writes JSON,
+layer, the total, peak GPU and host memory, and projects the full depth (the first
+layer's compilation counted once). Writes JSON,
 prints a table; not a timed test. Quality is not measured (random weights).
 
     python benchmarks/oneshot_scale.py --shape qwen3-30b-a3b --layers 6 \\
@@ -100,11 +101,11 @@ def main():
         seconds = time.perf_counter() - start
     reports = [r for m in _flatquant_modifiers() for r in m.reports]
     training = sum(r.seconds for r in reports)
-    # a shorter run adds the epochs it left out at each layer's last epoch time (every
-    # epoch takes the same steps; the first may include compilation and graph capture)
     epochs = args.epochs if args.epochs is not None else recipe_epochs
-    budget_seconds = seconds + (recipe_epochs - epochs) * sum(
-        r.epoch_seconds[-1] for r in reports if r.epoch_seconds)
+    once, budget_seconds = project_seconds(
+        seconds, [r.seconds for r in reports],
+        [r.epoch_seconds[-1] for r in reports if r.epoch_seconds],
+        recipe_epochs - epochs, layers, depth)
     peaks = {
         "peak_gpu_GiB": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
                          if torch.cuda.is_available() else None),
@@ -134,7 +135,8 @@ def main():
         "oneshot_seconds": round(seconds, 1),
         "seconds_per_layer": round(seconds / layers, 1),
         "training_seconds": round(training, 1),
-        "projected_full_depth_minutes": round(budget_seconds / layers * depth / 60, 1),
+        "first_layer_extra_seconds": round(once, 1),
+        "projected_full_depth_minutes": round(budget_seconds / 60, 1),
         **peaks,
     }
     if is_source_process():  # one report per run
@@ -150,6 +152,22 @@ def main():
               f"{row['peak_host_GiB']} GiB |")
     if distributed:
         torch.distributed.destroy_process_group()
+
+
+def project_seconds(seconds: float, layer_seconds: list[float], last_epoch_seconds: list[float],
+                    missing_epochs: int, layers: int, depth: int) -> tuple[float, float]:
+    """
+    ``(once, projected)``: the seconds a run of ``layers`` decoder layers (``seconds`` in
+    all, FlatQuant's ``layer_seconds`` per layer in order) projects for ``depth`` layers
+    and the recipe's epochs. ``once`` is what the first layer took beyond the median of
+    the others (the compilation and graph captures all layers share): it is counted
+    once, the rest scales with the depth. The epochs a shorter run left out are added
+    at each layer's last epoch time (every epoch takes the same steps).
+    """
+    rest = sorted(layer_seconds[1:])
+    once = max(layer_seconds[0] - rest[len(rest) // 2], 0.0) if rest else 0.0
+    missing = missing_epochs * sum(last_epoch_seconds)
+    return once, once + (seconds - once + missing) / layers * depth
 
 
 def with_epochs(path: Path, epochs: int | None) -> tuple[str, int]:
