@@ -37,20 +37,31 @@ def load_smollm2(save_dir: str | Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     save_dir = Path(save_dir)
+    # RNG-neutral: the conversion initialises a model at random before loading the
+    # GGUF's weights, which would otherwise change what a seed set before this call
+    # gives later (oneshot's calibration sampler), so a first run would differ
     if not (save_dir / "config.json").exists():
-        source = smollm2_gguf_dir()
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-        gguf_model = AutoModelForCausalLM.from_pretrained(
-            source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
-        )
-        # a plain copy: the GGUF-loaded model carries a non-serializable quantizer
-        config = gguf_model.config
-        config.quantization_config = None
-        del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(gguf_model.state_dict())
-        model.save_pretrained(save_dir)
-        tokenizer.save_pretrained(save_dir)
+        with torch.random.fork_rng(devices=[]):
+            _convert(save_dir)
     tokenizer = AutoTokenizer.from_pretrained(save_dir)
     model = AutoModelForCausalLM.from_pretrained(save_dir, dtype=dtype)
     return model, tokenizer
+
+
+def _convert(save_dir: Path):
+    """The GGUF dequantized to a float32 ``LlamaForCausalLM`` in ``save_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = smollm2_gguf_dir()
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+    )
+    # a plain copy: the GGUF-loaded model carries a non-serializable quantizer
+    config = gguf_model.config
+    config.quantization_config = None
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.save_pretrained(save_dir)
+    tokenizer.save_pretrained(save_dir)

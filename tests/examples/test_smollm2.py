@@ -107,3 +107,15 @@ def test_compressed_tensors_round_trip_is_exact(flatquant_smollm2, tmp_path):
     )
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, reference, rtol=0, atol=1e-5)
+
+
+def test_converting_the_gguf_leaves_the_global_random_state(tmp_path):
+    # a seed set before loading decides oneshot's sample order: a first run, which
+    # converts, must calibrate as the later ones that load the converted model
+    pytest.importorskip("gguf")
+    state = torch.get_rng_state()
+    load_smollm2(tmp_path / "converted")
+    assert (tmp_path / "converted" / "config.json").exists()
+    assert torch.equal(torch.get_rng_state(), state)
+    load_smollm2(tmp_path / "converted")
+    assert torch.equal(torch.get_rng_state(), state)
