@@ -149,6 +149,10 @@ def _flat_gradients(params: list[nn.Parameter], device: torch.device):
     buffer = torch.zeros(sum(p.numel() for p in params), device=device, dtype=dtype)
     views, offset = [], 0
     for p in params:
+        # a contiguous view is each parameter's own layout (fused AdamW requires it)
+        if not p.is_contiguous():
+            raise ValueError(f"FlatQuant: a trainable parameter of shape {tuple(p.shape)} "
+                             "is not contiguous; its gradient view would not match it")
         views.append(buffer[offset : offset + p.numel()].view_as(p))
         offset += p.numel()
     for p, view in zip(params, views):
@@ -236,7 +240,7 @@ def train_layer(
         )
         # one optimizer implementation per device for every launch mode (torchrun or
         # not), so that a 1-rank torchrun run is the plain run bit for bit; on CUDA
-        # the fused kernel (one launch for all parameters instead of a dozen)
+        # the fused kernels (a couple of launches per parameter group, not a dozen)
         cuda = device.type == "cuda"
         optimizer = torch.optim.AdamW(
             trainable, weight_decay=options.weight_decay,

@@ -10,6 +10,7 @@ from flatquant_modifier.mappings import infer_mappings_from_model, resolve_layer
 from flatquant_modifier.modules import build_group_params
 from flatquant_modifier.options import FlatQuantOptions, Precision
 from flatquant_modifier.train import (
+    _flat_gradients,
     deterministic_algorithms,
     layer_loss,
     log_report,
@@ -320,3 +321,13 @@ def test_compiled_layers_keep_bfloat16_weights_and_cast_them_exactly():
                 emulation_.new_step()
                 outputs.append(layer_output(layer(hidden, position_embeddings=embeddings)))
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_gradient_views_refuse_a_non_contiguous_parameter():
+    """Each ``.grad`` is a contiguous view of the flat buffer: a parameter of another
+    layout is refused by name (fused AdamW on CUDA would reject the pair)."""
+    params = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(3, 4).t())]
+    with pytest.raises(ValueError, match=r"shape \(4, 3\) is not contiguous"):
+        _flat_gradients(params, torch.device("cpu"))
+    buffer, views = _flat_gradients(params[:1], torch.device("cpu"))
+    assert params[0].grad is views[0] and views[0].data_ptr() == buffer.data_ptr()
