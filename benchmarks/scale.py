@@ -142,8 +142,10 @@ def measure(shape: str, args, device: torch.device) -> dict:
         "first_layer_seconds": round(first, 2),  # 1 epoch, with compilation and capture
         "ms_per_step": round(ms_per_step, 2),
         "layer_seconds_measured": round(seconds, 2),
-        # a layer's time besides its steps (evaluation passes, graph capture)
+        # a layer's time besides its steps (evaluation passes, graph capture), and of
+        # it the evaluation passes with their captures
         "overhead_seconds": round(overhead, 2),
+        "evaluation_seconds": round(shorter.evaluation_seconds, 2),
         "peak_gpu_GiB": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
         "layers": layers,
         "budget": f"{args.budget_samples} x {args.seq_len}, {args.budget_epochs} epochs",

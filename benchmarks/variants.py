@@ -208,6 +208,7 @@ def run_variant(name, args, seed, tokenizer, dataset, device):
         row["flatquant_seconds"] = round(sum(r.seconds for r in reports), 1)
         row["training_epochs_seconds"] = round(
             sum(sum(r.epoch_seconds) for r in reports), 1)
+        row["evaluation_seconds"] = round(sum(r.evaluation_seconds for r in reports), 1)
     if device.type == "cuda":
         row["peak_gpu_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     row["peak_rss_GiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)

@@ -66,6 +66,9 @@ class LayerReport:
     epoch_losses: list[float] = field(default_factory=list)
     epoch_seconds: list[float] = field(default_factory=list)  # each epoch's steps
     seconds: float = 0.0
+    # of ``seconds``: the evaluation passes (round-to-nearest, before and after
+    # training), their graph captures included
+    evaluation_seconds: float = 0.0
     cuda_graphs: int = 0  # CUDA graphs captured for the layer (0: eager steps)
     kept_initial: bool = False  # training raised the loss: the initial state was kept
 
@@ -225,6 +228,16 @@ def train_layer(
         ]
 
     traceable = plain_forwards(layer) if patched.compiled else contextlib.nullcontext()
+    evaluation_seconds = 0.0
+
+    def evaluate(fake_quantized: FakeQuantizedLayer) -> float:
+        nonlocal evaluation_seconds
+        started = time.perf_counter()
+        loss = _mean_loss(layer, fake_quantized, steps, targets, weights, autocast,
+                          graphs, loss_fn)  # (its value waits for the device)
+        evaluation_seconds += time.perf_counter() - started
+        return loss
+
     with _frozen(layer), torch.enable_grad(), _cuda_linalg(device), traceable:
         loss_rtn = None
         if options.report_rtn_loss:
@@ -232,12 +245,9 @@ def train_layer(
                 groups, identity_params(groups, options, precision.dtype, device),
                 options, precision, device, training_tokens,
             )
-            loss_rtn = _mean_loss(layer, rtn, steps, targets, weights, autocast,
-                                  graphs, loss_fn)
+            loss_rtn = evaluate(rtn)
             del rtn
-        loss_init = _mean_loss(
-            layer, patched, steps, targets, weights, autocast, graphs, loss_fn
-        )
+        loss_init = evaluate(patched)
         # one optimizer implementation per device for every launch mode (torchrun or
         # not), so that a 1-rank torchrun run is the plain run bit for bit; on CUDA
         # the fused kernels (a couple of launches per parameter group, not a dozen)
@@ -277,9 +287,7 @@ def train_layer(
                 )
             epoch_losses.append(mean)
             bar.set_postfix(loss=f"{mean:.3g}")
-        loss_final = _mean_loss(
-            layer, patched, steps, targets, weights, autocast, graphs, loss_fn
-        )
+        loss_final = evaluate(patched)
         # (the same decision on every rank: the losses are reduced over ranks)
         kept_initial = loss_final > loss_init
         if kept_initial:
@@ -298,7 +306,7 @@ def train_layer(
             p.grad = None
     return LayerReport(
         name, loss_rtn, loss_init, loss_final, epoch_losses, epoch_seconds,
-        time.perf_counter() - start, num_graphs, kept_initial,
+        time.perf_counter() - start, evaluation_seconds, num_graphs, kept_initial,
     )
 
 

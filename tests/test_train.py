@@ -124,6 +124,8 @@ def test_the_round_to_nearest_loss_is_a_report_only():
     assert reference.loss_rtn > reference.loss_init and report.loss_rtn is None
     assert (report.loss_init, report.loss_final, report.epoch_losses) == (
         reference.loss_init, reference.loss_final, reference.epoch_losses)
+    for r in (reference, report):  # the evaluation passes: outside the epochs' steps
+        assert 0 < r.evaluation_seconds <= r.seconds - sum(r.epoch_seconds)
     with log_messages("INFO") as messages:
         log_report(report)
     assert "round-to-nearest" not in messages[0] and "->" in messages[0]
