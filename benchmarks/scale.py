@@ -91,6 +91,7 @@ def measure(shape: str, args, device: torch.device) -> dict:
     targets, act_max = full_precision_pass(layer, steps, groups, device)
     options = FlatQuantOptions(epochs=args.epochs, batch_size=args.batch_size,
                                cuda_graphs=not args.no_cuda_graphs,
+                               report_rtn_loss=not args.no_rtn_loss,
                                torch_compile=COMPILE[args.torch_compile],
                                quantized_matmul=COMPILE[args.quantized_matmul])
     precision = training_precision(options, layer, device)
@@ -137,6 +138,7 @@ def measure(shape: str, args, device: torch.device) -> dict:
         "batch_size": args.batch_size,
         "epochs_measured": [args.epochs, args.epochs + 1],
         "cuda_graphs": report.cuda_graphs,
+        "report_rtn_loss": options.report_rtn_loss,
         "torch_compile": args.torch_compile,
         "quantized_matmul": args.quantized_matmul,
         "first_layer_seconds": round(first, 2),  # 1 epoch, with compilation and capture
@@ -180,6 +182,8 @@ def main():
     parser.add_argument("--budget-samples", type=int, default=128)
     parser.add_argument("--budget-epochs", type=int, default=15)
     parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--no-rtn-loss", action="store_true",
+                        help="report_rtn_loss=False: no round-to-nearest evaluation pass")
     parser.add_argument("--torch-compile", choices=sorted(COMPILE), default="auto",
                         help="FlatQuantOptions.torch_compile")
     parser.add_argument("--quantized-matmul", choices=sorted(COMPILE), default="auto",
