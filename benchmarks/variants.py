@@ -101,6 +101,9 @@ GPTQ_VARIANTS = {
     # flatquant_w4a4_gptq.yaml with GPTQ's dampening or activation order changed
     "lr-2e-2-model-targets-gptq-mse-damp-0.1": gptq_yaml({"dampening_frac": 0.1}),
     "lr-2e-2-model-targets-gptq-mse-no-actorder": gptq_yaml({"actorder": None}),
+    # the two best single changes together: 25 epochs and GPTQ's dampening 0.1
+    "epochs-25-lr-2e-2-model-targets-gptq-mse-damp-0.1": gptq_yaml(
+        {"dampening_frac": 0.1}, epochs=25),
     # the same without the learned weight clipping (absorbed as a clamp of the weights,
     # which GPTQ cannot undo), or trained without weight quantization at all
     "lr-2e-2-model-targets-no-weight-clip-gptq-mse": gptq_yaml(learn_weight_clip=False),
