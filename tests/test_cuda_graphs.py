@@ -1,8 +1,11 @@
 """The training step as CUDA graphs: the same losses and parameters as the eager step
 (GPU only; on a CPU the graphs fall back to eager execution, tested here too)."""
 
+from collections import Counter
+
 import pytest
 import torch
+from torch.utils._pytree import tree_flatten
 
 from flatquant_modifier.batching import assign_steps, call_keys, plan_steps
 from flatquant_modifier.cuda_graphs import StepGraphs
@@ -21,6 +24,33 @@ def test_graphs_run_eagerly_off_cuda():
     x = torch.arange(4.0)
     assert torch.equal(graphs("tag", lambda t: t * 2, x), x * 2)
     assert graphs.num_graphs == 0
+
+
+@pytest.mark.parametrize("report_rtn_loss", [True, False])
+def test_a_layer_asks_for_one_graph_per_pass(monkeypatch, report_rtn_loss):
+    """The graphs a layer's training asks for, counted on any device (the signatures a
+    GPU captures): one for the training steps and one per evaluation pass (the
+    round-to-nearest one, before and after training), each pass reading its own fixed
+    weights: 4, or 3 without the round-to-nearest report."""
+    signatures = []
+
+    def recording_call(self, tag, fn, *args):
+        signatures.append(self._signature(tag, tree_flatten(args)[0]))
+        return fn(*args)
+
+    monkeypatch.setattr(StepGraphs, "__call__", recording_call)
+    device = torch.device("cpu")
+    model = build_tiny_llama()
+    ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(0))
+    calls = layer_calls(model, model.model.layers[0], ids)
+    report, _ = _train(model, 0, calls, device, True, report_rtn_loss=report_rtn_loss)
+    assert report.loss_final < report.loss_init
+    assert len(set(signatures)) == (4 if report_rtn_loss else 3)
+    # one signature per pass for all its sub-batches: the 3 epochs call the training
+    # signature three times as often as an evaluation pass calls its own
+    calls_per_tag = Counter(signature[0] for signature in signatures)
+    evaluations = [n for tag, n in calls_per_tag.items() if tag != "train"]
+    assert len(set(evaluations)) == 1 and calls_per_tag["train"] == 3 * evaluations[0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
