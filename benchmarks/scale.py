@@ -92,6 +92,7 @@ def measure(shape: str, args, device: torch.device) -> dict:
     options = FlatQuantOptions(epochs=args.epochs, batch_size=args.batch_size,
                                cuda_graphs=not args.no_cuda_graphs,
                                report_rtn_loss=not args.no_rtn_loss,
+                               evaluation_samples=args.evaluation_samples,
                                torch_compile=COMPILE[args.torch_compile],
                                quantized_matmul=COMPILE[args.quantized_matmul])
     precision = training_precision(options, layer, device)
@@ -139,6 +140,7 @@ def measure(shape: str, args, device: torch.device) -> dict:
         "epochs_measured": [args.epochs, args.epochs + 1],
         "cuda_graphs": report.cuda_graphs,
         "report_rtn_loss": options.report_rtn_loss,
+        "evaluation_samples": options.evaluation_samples,
         "torch_compile": args.torch_compile,
         "quantized_matmul": args.quantized_matmul,
         "first_layer_seconds": round(first, 2),  # 1 epoch, with compilation and capture
@@ -166,6 +168,10 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _samples(value: str) -> int | None:
+    return None if value == "all" else int(value)
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -184,6 +190,10 @@ def main():
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--no-rtn-loss", action="store_true",
                         help="report_rtn_loss=False: no round-to-nearest evaluation pass")
+    parser.add_argument("--evaluation-samples", type=_samples,
+                        default=FlatQuantOptions.model_fields["evaluation_samples"].default,
+                        help="FlatQuantOptions.evaluation_samples: the samples of the "
+                        "evaluation passes ('all': every sample)")
     parser.add_argument("--torch-compile", choices=sorted(COMPILE), default="auto",
                         help="FlatQuantOptions.torch_compile")
     parser.add_argument("--quantized-matmul", choices=sorted(COMPILE), default="auto",

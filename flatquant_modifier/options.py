@@ -97,8 +97,16 @@ class FlatQuantOptions(BaseModel):
         the training dtype's GEMMs elsewhere
     :param report_rtn_loss: also evaluate each layer at round-to-nearest (identity
         transforms, no smoothing, no clipping) for the log and the layer reports: one
-        forward pass over the layer's calibration data, a report only (at 2 epochs
-        about a sixth of a layer's FlatQuant time)
+        forward pass over the layer's ``evaluation_samples``, a report only (at 2 epochs
+        of 32 samples about a sixth of a layer's FlatQuant time)
+    :param evaluation_samples: the evaluation passes of a layer (its loss before and
+        after training, which decides whether the trained state is kept, and the
+        round-to-nearest report) run on at most this many calibration samples: whole
+        steps of ``batch_size`` samples spread evenly over the epoch, the same on every
+        rank; None: all samples. Their losses are a report and a comparison, not
+        training, which runs on all samples: at 128 x 2048 a quarter of the samples
+        (Llama-3-8B on one H200: a layer's three passes 0.42 s against 1.30 s on all, 8
+        against 32 steps and graph captures included)
     :param deterministic: train with ``torch.use_deterministic_algorithms(True)``, so
         that two runs on the same GPU give the same model
     :param seed: seed of the random initialisations
@@ -155,6 +163,7 @@ class FlatQuantOptions(BaseModel):
     torch_compile: bool | Literal["auto"] = "auto"
     quantized_matmul: bool | Literal["auto"] = "auto"
     report_rtn_loss: bool = True
+    evaluation_samples: int | None = Field(default=32, ge=1)
     deterministic: bool = False
     seed: int = 0
     quant_format: Literal["int", "nvfp4", "mxfp4"] = "int"
@@ -164,11 +173,11 @@ class FlatQuantOptions(BaseModel):
 
     # llm-compressor writes a recipe without its None values (recipe.yaml of a saved
     # checkpoint), which would turn these back into their defaults: None is "none" there
-    @field_serializer("w_bits", "a_bits", "autocast_dtype", mode="wrap")
+    @field_serializer("w_bits", "a_bits", "autocast_dtype", "evaluation_samples", mode="wrap")
     def _none_as_word(self, value, handler):
         return "none" if value is None else handler(value)
 
-    @field_validator("w_bits", "a_bits", "autocast_dtype", mode="before")
+    @field_validator("w_bits", "a_bits", "autocast_dtype", "evaluation_samples", mode="before")
     @classmethod
     def _word_as_none(cls, value):
         return None if isinstance(value, str) and value.lower() == "none" else value

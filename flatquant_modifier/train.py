@@ -39,6 +39,7 @@ __all__ = [
     "log_report",
     "layer_loss",
     "lr_scheduler",
+    "evaluation_steps",
 ]
 
 
@@ -56,7 +57,9 @@ class LayerReport:
     clipping (plain round-to-nearest; None unless ``options.report_rtn_loss``),
     ``loss_init`` at the initial transforms,
     ``loss_final`` of the state applied: the trained one, or the initial one
-    (``kept_initial``) when training ended above ``loss_init``.
+    (``kept_initial``) when training ended above ``loss_init``. These three are
+    measured on the evaluation steps (:func:`evaluation_steps`), ``epoch_losses`` on
+    all steps while training.
     """
 
     name: str
@@ -119,9 +122,25 @@ def layer_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tens
     return (error / scale).mean()
 
 
-def _mean_loss(layer, patched, steps, targets, weights, autocast, graphs, loss_fn) -> float:
-    """Mean over steps of the step loss (over all ranks); the matrices and quantized
-    weights computed once for the whole pass, read by a CUDA graph of this pass."""
+def evaluation_steps(num_steps: int, options: FlatQuantOptions) -> list[int]:
+    """
+    The steps an evaluation pass runs (:attr:`FlatQuantOptions.evaluation_samples`):
+    all ``num_steps``, or ``ceil(evaluation_samples / batch_size)`` of them spread
+    evenly over the epoch. Steps are numbered alike on every rank
+    (:func:`flatquant_modifier.batching.assign_steps`), so every rank evaluates the
+    same samples a single process does.
+    """
+    if options.evaluation_samples is None:
+        return list(range(num_steps))
+    count = min(math.ceil(options.evaluation_samples / options.batch_size), num_steps)
+    return [index * num_steps // count for index in range(count)]
+
+
+def _mean_loss(layer, patched, steps, targets, weights, selected, autocast, graphs,
+               loss_fn) -> float:
+    """Mean over the ``selected`` steps of the step loss (over all ranks); the matrices
+    and quantized weights computed once for the whole pass, read by a CUDA graph of
+    this pass."""
     total = torch.zeros((), dtype=torch.float64, device=_device_of(targets))
     step_loss = patched.loss_function(layer, loss_fn, autocast)
 
@@ -131,11 +150,11 @@ def _mean_loss(layer, patched, steps, targets, weights, autocast, graphs, loss_f
 
     with patched.patched(), patched.fixed_parameters(autocast):
         tag = ("eval", id(patched), patched.fixed_passes)
-        for batches, step_targets, step_weights in zip(steps, targets, weights):
-            for kwargs, target, weight in zip(batches, step_targets, step_weights):
+        for index in selected:
+            for kwargs, target, weight in zip(steps[index], targets[index], weights[index]):
                 loss = graphs(tag, evaluate, kwargs, target)
                 total += loss.double() * weight
-    return float(all_reduce_(total)) / max(len(steps), 1)
+    return float(all_reduce_(total)) / max(len(selected), 1)
 
 
 def _device_of(targets: list[list[torch.Tensor]]) -> torch.device:
@@ -229,12 +248,13 @@ def train_layer(
 
     traceable = plain_forwards(layer) if patched.compiled else contextlib.nullcontext()
     evaluation_seconds = 0.0
+    selected = evaluation_steps(len(steps), options)
 
     def evaluate(fake_quantized: FakeQuantizedLayer) -> float:
         nonlocal evaluation_seconds
         started = time.perf_counter()
-        loss = _mean_loss(layer, fake_quantized, steps, targets, weights, autocast,
-                          graphs, loss_fn)  # (its value waits for the device)
+        loss = _mean_loss(layer, fake_quantized, steps, targets, weights, selected,
+                          autocast, graphs, loss_fn)  # (its value waits for the device)
         evaluation_seconds += time.perf_counter() - started
         return loss
 

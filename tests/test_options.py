@@ -104,9 +104,11 @@ def test_the_recipe_llm_compressor_saves_rebuilds_the_same_modifier():
     from llmcompressor.recipe import Recipe
 
     modifier = FlatQuantModifier(a_bits=None, w_bits=8, autocast_dtype=None, epochs=3,
-                                 w8a8_dynamic=[], mappings=LLAMA_MAPPINGS)
+                                 evaluation_samples=None, w8a8_dynamic=[],
+                                 mappings=LLAMA_MAPPINGS)
     text = Recipe.from_modifiers([modifier]).yaml()
     assert "a_bits: none" in text and "autocast_dtype: none" in text
+    assert "evaluation_samples: none" in text
     again = Recipe.create_instance(text).modifiers[0]
 
     def fields(m):
@@ -115,6 +117,7 @@ def test_the_recipe_llm_compressor_saves_rebuilds_the_same_modifier():
 
     assert isinstance(again, FlatQuantModifier) and fields(again) == fields(modifier)
     assert again.a_bits is None and again.autocast_dtype is None
+    assert again.evaluation_samples is None
     # smooth stays "auto" (a warning where a fold is not exact), not a forced True
     assert again.smooth == "auto"
 

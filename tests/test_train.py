@@ -12,6 +12,7 @@ from flatquant_modifier.options import FlatQuantOptions, Precision
 from flatquant_modifier.train import (
     _flat_gradients,
     deterministic_algorithms,
+    evaluation_steps,
     layer_loss,
     log_report,
     lr_scheduler,
@@ -129,6 +130,45 @@ def test_the_round_to_nearest_loss_is_a_report_only():
     with log_messages("INFO") as messages:
         log_report(report)
     assert "round-to-nearest" not in messages[0] and "->" in messages[0]
+
+
+@pytest.mark.parametrize("samples, batch_size, num_steps, expected", [
+    (None, 4, 5, [0, 1, 2, 3, 4]),
+    (32, 4, 32, [0, 4, 8, 12, 16, 20, 24, 28]),  # 128 samples: a quarter, spread
+    (32, 4, 8, list(range(8))),  # the CPU main job's 32 samples: all
+    (10, 4, 8, [0, 2, 5]),  # whole steps, rounded up
+    (1, 4, 32, [0]),
+    (32, 4, 3, [0, 1, 2]),
+    (32, 4, 0, []),
+])
+def test_evaluation_steps_are_spread_over_the_epoch(samples, batch_size, num_steps,
+                                                     expected):
+    options = FlatQuantOptions(evaluation_samples=samples, batch_size=batch_size)
+    assert evaluation_steps(num_steps, options) == expected
+
+
+def test_evaluation_samples_measure_a_subset_and_train_the_same():
+    """``evaluation_samples`` of one step's samples: the three evaluation losses are
+    those of that step alone (a run on it alone gives them), the training and its
+    epoch losses are the run's on all steps; samples enough for every step are the
+    run's on all samples exactly."""
+    reference, _, _ = _train_first_layer(batch_size=2, evaluation_samples=None)
+    everything, _, _ = _train_first_layer(batch_size=2, evaluation_samples=4)
+    subset, _, _ = _train_first_layer(batch_size=2, evaluation_samples=2)
+    assert (everything.loss_rtn, everything.loss_init, everything.loss_final) == (
+        reference.loss_rtn, reference.loss_init, reference.loss_final)
+    assert subset.epoch_losses == reference.epoch_losses
+    assert subset.loss_init != reference.loss_init
+
+    name, layer, groups, params, steps, targets, options = _first_layer(
+        batch_size=2, evaluation_samples=None)
+    assert len(steps) == 2
+    first = FlatQuantOptions(**{**options.model_dump(), "epochs": 0})
+    alone = train_layer(name, layer, groups, params, steps[:1], targets[:1], first,
+                        Precision(torch.float32, None), torch.device("cpu"))
+    assert (subset.loss_rtn, subset.loss_init) == (alone.loss_rtn, alone.loss_init)
+    with pytest.raises(ValueError, match="evaluation_samples"):
+        FlatQuantOptions(evaluation_samples=0)
 
 
 def test_training_that_raises_the_loss_keeps_the_initial_state():
