@@ -74,9 +74,11 @@ VARIANTS = {  # changes from the defaults (dense, random init, smoothing, both c
 # defaults, GPTQModifier options changed from llm-compressor's defaults: block 128,
 # dampening 0.01, static activation order; "observer": the weights' observer)
 def gptq_yaml(gptq: dict | None = None, **flatquant) -> tuple[dict, dict]:
-    """recipes/flatquant_w4a4_gptq.yaml (FlatQuant at lr 2e-2, clip_lr 2e-1,
-    target_outputs "model"; GPTQ with the memoryless-mse observer) with FlatQuant's
-    options ``flatquant`` and GPTQ's ``gptq`` changed, as a GPTQ_VARIANTS entry."""
+    """The GPTQ recipe the variants below change (FlatQuant at lr 2e-2, clip_lr 2e-1,
+    15 epochs, target_outputs "model"; GPTQ with the memoryless-mse observer, dampening
+    0.01: recipes/flatquant_w4a4_gptq.yaml before it took the best two changes, 25
+    epochs and dampening 0.1) with FlatQuant's options ``flatquant`` and GPTQ's
+    ``gptq`` changed, as a GPTQ_VARIANTS entry."""
     return ({"lr": 2e-2, "clip_lr": 2e-1, "target_outputs": "model", **flatquant},
             {"observer": "memoryless-mse", **(gptq or {})})
 
@@ -98,18 +100,19 @@ GPTQ_VARIANTS = {
     "lr-2e-2-model-targets-logits-gptq-mse": gptq_yaml(last_layer_loss="logits"),
     "lr-3e-2-model-targets-gptq-mse": gptq_yaml(lr=3e-2, clip_lr=3e-1),
     "epochs-25-lr-2e-2-model-targets-gptq-mse": gptq_yaml(epochs=25),
-    # flatquant_w4a4_gptq.yaml with GPTQ's dampening or activation order changed
+    # gptq_yaml()'s recipe with GPTQ's dampening or activation order changed
     "lr-2e-2-model-targets-gptq-mse-damp-0.1": gptq_yaml({"dampening_frac": 0.1}),
     "lr-2e-2-model-targets-gptq-mse-no-actorder": gptq_yaml({"actorder": None}),
-    # the two best single changes together: 25 epochs and GPTQ's dampening 0.1
+    # the two best single changes together, 25 epochs and GPTQ's dampening 0.1:
+    # recipes/flatquant_w4a4_gptq.yaml
     "epochs-25-lr-2e-2-model-targets-gptq-mse-damp-0.1": gptq_yaml(
         {"dampening_frac": 0.1}, epochs=25),
     # the same without the learned weight clipping (absorbed as a clamp of the weights,
     # which GPTQ cannot undo), or trained without weight quantization at all
     "lr-2e-2-model-targets-no-weight-clip-gptq-mse": gptq_yaml(learn_weight_clip=False),
-    # flatquant_w4a4_gptq.yaml with random Hadamard transform factors to start from
+    # gptq_yaml()'s recipe with random Hadamard transform factors to start from
     "lr-2e-2-model-targets-hadamard-init-gptq-mse": gptq_yaml(transform_init="hadamard"),
-    # flatquant_w4a4_gptq.yaml with the smoothing's starting strength (SmoothQuant's
+    # gptq_yaml()'s recipe with the smoothing's starting strength (SmoothQuant's
     # alpha, 0.3), the clip factors' starting logit (4: sigmoid 0.98) or the steps'
     # samples (4) changed
     "lr-2e-2-model-targets-smooth-0.15-gptq-mse": gptq_yaml(smooth_alpha=0.15),
@@ -119,7 +122,7 @@ GPTQ_VARIANTS = {
     "lr-2e-2-model-targets-batch-8-gptq-mse": gptq_yaml(batch_size=8),
     "lr-2e-2-model-targets-no-weight-quant-gptq-mse": gptq_yaml(
         w_bits=None, learn_weight_clip=False),
-    # flatquant_w4a4_gptq.yaml with a linear warmup over the first 10 % of each layer's
+    # gptq_yaml()'s recipe with a linear warmup over the first 10 % of each layer's
     # steps: alone, and with the 1.5x rates at which one seed's layer 0 diverged without
     "lr-2e-2-warmup-0.1-model-targets-gptq-mse": gptq_yaml(lr_warmup=0.1),
     "lr-3e-2-warmup-0.1-model-targets-gptq-mse": gptq_yaml(lr=3e-2, clip_lr=3e-1,
