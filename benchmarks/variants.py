@@ -210,7 +210,9 @@ def run_variant(name, args, seed, tokenizer, dataset, device):
     row["ppl"] = row[f"ppl_{args.eval_windows[0] or 'all'}"]
     if kwargs is not None and recipe[0].reports:
         reports = recipe[0].reports
+        # (measured on the modifier's evaluation_samples, not on every sample)
         row["mean_final_layer_loss"] = sum(r.loss_final for r in reports) / len(reports)
+        row["evaluation_samples"] = recipe[0].evaluation_samples
         row["flatquant_seconds"] = round(sum(r.seconds for r in reports), 1)
         row["training_epochs_seconds"] = round(
             sum(sum(r.epoch_seconds) for r in reports), 1)

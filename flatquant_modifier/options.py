@@ -101,9 +101,9 @@ class FlatQuantOptions(BaseModel):
         of 32 samples about a sixth of a layer's FlatQuant time)
     :param evaluation_samples: the evaluation passes of a layer (its loss before and
         after training, which decides whether the trained state is kept, and the
-        round-to-nearest report) run on at most this many calibration samples: whole
-        steps of ``batch_size`` samples spread evenly over the epoch, the same on every
-        rank; None: all samples. Their losses are a report and a comparison, not
+        round-to-nearest report) run on this many calibration samples, rounded up to
+        whole steps of ``batch_size`` samples spread evenly over the epoch (all steps
+        when there are fewer), the same on every rank; None: all samples. Their losses are a report and a comparison, not
         training, which runs on all samples: at 128 x 2048 a quarter of the samples
         (Llama-3-8B on one H200: a layer's three passes 0.42 s against 1.30 s on all, 8
         against 32 steps and graph captures included)
