@@ -103,10 +103,11 @@ class FlatQuantOptions(BaseModel):
         after training, which decides whether the trained state is kept, and the
         round-to-nearest report) run on this many calibration samples, rounded up to
         whole steps of ``batch_size`` samples spread evenly over the epoch (all steps
-        when there are fewer), the same on every rank; None: all samples. Their losses are a report and a comparison, not
-        training, which runs on all samples: at 128 x 2048 a quarter of the samples
-        (Llama-3-8B on one H200: a layer's three passes 0.42 s against 1.30 s on all, 8
-        against 32 steps and graph captures included)
+        when there are fewer), the same on every rank; None: all samples. Their losses
+        are a report and a comparison, not training, which runs on all samples: at
+        128 x 2048 a quarter of the samples (Llama-3-8B on one H200: a layer's three
+        passes 0.42 s against 1.30 s on all, 8 against 32 steps and graph captures
+        included)
     :param deterministic: train with ``torch.use_deterministic_algorithms(True)``, so
         that two runs on the same GPU give the same model
     :param seed: seed of the random initialisations
