@@ -166,7 +166,7 @@ def quantizer(scheme: str, flatquant: bool, gptq: dict | None = None):
 
 def run_variant(name, args, seed, tokenizer, dataset, device):
     kwargs, gptq = GPTQ_VARIANTS.get(name, (VARIANTS.get(name), None))
-    model, _ = load_smollm2(args.model_cache)
+    model, _ = load_smollm2(args.model_cache, dtype=getattr(torch, args.dtype))
     model.to(device)
     if args.scheme == "mxfp4":
         kwargs = {"epochs": args.epochs, "seed": seed,
@@ -202,6 +202,7 @@ def run_variant(name, args, seed, tokenizer, dataset, device):
         "gptq": gptq,
         "calibration_seconds": round(seconds, 1),
         "calib_batch_size": args.calib_batch_size,
+        "dtype": args.dtype,
         "pipeline": args.pipeline,
     }
     for windows in args.eval_windows:
@@ -256,6 +257,9 @@ def main():
                         default="variant",
                         help="FlatQuant's torch_compile for every variant (default: the "
                         "variant's own, else \"auto\")")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the model's dtype (the layer passes, the targets and the "
+                        "perplexity run in it; FlatQuant trains in its autocast)")
     parser.add_argument("--eval-windows", default="8",
                         help="comma-separated numbers of test windows, 0: all (e.g. 8,0)")
     parser.add_argument("--model-cache", default=str(ROOT / "outputs" / "smollm2-hf"))

@@ -30,6 +30,7 @@ __all__ = [
     "assign_steps",
     "plan_steps",
     "layer_input",
+    "share_equal_arguments",
 ]
 
 _MISMATCH = object()
@@ -151,9 +152,41 @@ def plan_steps(
         as their shapes allow (empty when it has none)
     """
     members: list[list[dict[str, Any]]] = [[] for _ in range(num_steps)]
-    for call, step in zip(calls, step_of_call):
+    for call, step in zip(share_equal_arguments(calls), step_of_call):
         members[step].append(call)
     return [merge_calls(step, max(len(step), 1)) for step in members]
+
+
+def share_equal_arguments(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """
+    The calls with every tensor argument but the layer input that equals the same
+    argument of an earlier call (same shape and values) replaced by that earlier
+    tensor, so that merging finds shared arguments by identity. Each distinct tensor is
+    compared once, with the first of its shape: one comparison (a host sync on a GPU)
+    per calibration batch and argument, instead of one per pair of samples merged.
+    """
+    if not calls:
+        return calls
+    first_seen: dict[tuple, torch.Tensor] = {}  # (argument, shape, dtype, device)
+    replaced: dict[int, torch.Tensor] = {}  # id of a tensor -> the tensor to pass
+
+    def shared(path: tuple, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if id(value) not in replaced:
+                key = (path, value.shape, value.dtype, value.device)
+                earlier = first_seen.setdefault(key, value)
+                same = earlier is value or torch.equal(earlier, value)
+                replaced[id(value)] = earlier if same else value
+            return replaced[id(value)]
+        if isinstance(value, (tuple, list)):
+            return type(value)(shared((*path, i), v) for i, v in enumerate(value))
+        return value
+
+    return [
+        {key: value if key == layer_input(call)[0] else shared((key,), value)
+         for key, value in call.items()}
+        for call in calls
+    ]
 
 
 def _merge(calls: list[dict[str, Any]]) -> dict[str, Any] | object:
@@ -161,9 +194,12 @@ def _merge(calls: list[dict[str, Any]]) -> dict[str, Any] | object:
     if any(call.keys() != keys for call in calls):
         return _MISMATCH
     batch = _samples(calls[0])
+    input_key = layer_input(calls[0])[0]
     merged = {}
     for key in keys:
-        value = _merge_values([call[key] for call in calls], batch)
+        # the layer input is each sample's own, even where two samples are equal
+        value = _merge_values([call[key] for call in calls], batch,
+                              per_sample=key == input_key)
         if value is _MISMATCH:
             return _MISMATCH
         merged[key] = value
@@ -181,11 +217,12 @@ def _samples(call: dict[str, Any]) -> int:
     return layer_input(call)[1].shape[0]
 
 
-def _merge_values(values: list[Any], batch: int) -> Any:
+def _merge_values(values: list[Any], batch: int, per_sample: bool = False) -> Any:
     """
-    Merge one argument of calls of ``batch`` samples each: per-sample tensors are
-    concatenated; tensors identical across calls are passed once when they broadcast
-    over the merged batch (a batch dimension of 1, or none).
+    Merge one argument of calls of ``batch`` samples each: per-sample tensors (and
+    the layer input, ``per_sample``) are concatenated; tensors identical across calls
+    are passed once when they broadcast over the merged batch (a batch dimension of 1,
+    or none).
     """
     first = values[0]
     if len(values) == 1:
@@ -195,7 +232,7 @@ def _merge_values(values: list[Any], batch: int) -> Any:
             isinstance(v, torch.Tensor) and v.shape == first.shape for v in values
         ):
             return _MISMATCH
-        per_sample = batch > 1 and first.ndim >= 2 and first.shape[0] == batch
+        per_sample = per_sample or (batch > 1 and first.ndim >= 2 and first.shape[0] == batch)
         if not per_sample and all(v is first or torch.equal(v, first) for v in values[1:]):
             return first
         if first.ndim == 0:

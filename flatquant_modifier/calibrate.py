@@ -281,7 +281,9 @@ def check_finite_targets(name: str, targets: list[list[torch.Tensor]]):
     """:raises NonFiniteLossError: if the full-precision outputs of layer ``name`` on
     the calibration data are NaN/Inf (non-finite inputs from an earlier layer, or an
     overflow in the model's dtype)"""
-    finite = all(bool(torch.isfinite(t).all()) for step in targets for t in step)
+    checks = [torch.isfinite(t).all() for step in targets for t in step]
+    # one host sync for all of them
+    finite = bool(torch.stack(checks).all()) if checks else True
     if not bool(all_reduce_(torch.tensor([float(finite)]), op=torch.distributed.ReduceOp.MIN)):
         raise NonFiniteLossError(
             f"FlatQuant: the full-precision outputs of layer {name} on the calibration "

@@ -157,6 +157,21 @@ def _mean_loss(layer, patched, steps, targets, weights, selected, autocast, grap
     return float(all_reduce_(total)) / max(len(selected), 1)
 
 
+def _merged_param_groups(groups: list[dict]) -> list[dict]:
+    """
+    One optimizer parameter group per distinct set of hyperparameters (the transforms'
+    ``lr``, the clip factors' ``clip_lr``), in order of appearance: AdamW updates every
+    element alike whichever group holds it, and each group costs a fused launch and its
+    host work per step (eight groups for a Llama layer, two after merging).
+    """
+    merged: dict[tuple, dict] = {}
+    for group in groups:
+        settings = tuple(sorted((k, v) for k, v in group.items() if k != "params"))
+        target = merged.setdefault(settings, {**group, "params": []})
+        target["params"] += list(group["params"])
+    return list(merged.values())
+
+
 def _device_of(targets: list[list[torch.Tensor]]) -> torch.device:
     return next((t.device for step in targets for t in step), torch.device("cpu"))
 
@@ -231,7 +246,7 @@ def train_layer(
     else:
         autocast = contextlib.nullcontext
 
-    trainable = [g for p in params for g in p.param_groups(options)]
+    trainable = _merged_param_groups([g for p in params for g in p.param_groups(options)])
     flat_params = [p for g in trainable for p in g["params"]]
     weights = _step_weights(targets, device)
     total_steps = options.epochs * len(steps)

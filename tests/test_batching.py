@@ -5,6 +5,7 @@ from flatquant_modifier.batching import (
     call_keys,
     merge_calls,
     plan_steps,
+    share_equal_arguments,
     split_calls,
 )
 
@@ -106,3 +107,36 @@ def test_calls_of_several_samples_split_into_the_calls_of_one_sample():
         assert ours["attention_mask"].shape == (1, 1, 5, 5)
     assert split[1]["cache_position"] is pairs[0]["cache_position"]
     torch.testing.assert_close(call_keys(split), call_keys(singles))
+
+
+def test_equal_arguments_are_shared_and_compared_once_per_tensor(monkeypatch):
+    # two calibration batches of 3 samples each: their rotary embeddings are equal
+    # tensors, not the same objects; every sample has its own hidden states
+    calls = split_calls([merge_calls([_call(3 * b + i) for i in range(3)], 3)[0]
+                         for b in range(2)])
+    assert calls[0]["position_embeddings"][0] is not calls[3]["position_embeddings"][0]
+    compared = []
+    original = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: compared.append(1) or original(a, b))
+    shared = share_equal_arguments(calls)
+    # one comparison per distinct tensor after the first: rotary cos and sin, the mask
+    assert len(compared) == 3
+    assert all(c["position_embeddings"][0] is shared[0]["position_embeddings"][0]
+               for c in shared)
+    assert all(c["hidden_states"] is o["hidden_states"] for c, o in zip(shared, calls))
+    compared.clear()
+    planned = plan_steps(calls, [0, 0, 1, 1, 0, 1], 2)
+    assert len(compared) == 3  # merging compares by identity only
+    assert [b["hidden_states"].shape[0] for step in planned for b in step] == [3, 3]
+    assert planned[0][0]["attention_mask"].shape == (1, 1, 5, 5)
+
+
+def test_different_arguments_stay_apart_and_equal_samples_stay_two_samples():
+    a, b = _call(0, mask=torch.zeros(1, 1, 5, 5)), _call(1, mask=torch.ones(1, 1, 5, 5))
+    shared = share_equal_arguments([a, b])
+    assert shared[1]["attention_mask"] is b["attention_mask"]
+    merged = merge_calls(shared, batch_size=2)[0]
+    assert merged["attention_mask"].shape == (2, 1, 5, 5)
+    # a sample given twice is trained on twice: the layer input is never broadcast
+    twice = merge_calls([a, {**a, "hidden_states": a["hidden_states"].clone()}], 2)[0]
+    assert twice["hidden_states"].shape == (2, 5, 4)

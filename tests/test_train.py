@@ -11,6 +11,7 @@ from flatquant_modifier.modules import build_group_params
 from flatquant_modifier.options import FlatQuantOptions, Precision
 from flatquant_modifier.train import (
     _flat_gradients,
+    _merged_param_groups,
     deterministic_algorithms,
     evaluation_steps,
     layer_loss,
@@ -373,3 +374,12 @@ def test_gradient_views_refuse_a_non_contiguous_parameter():
         _flat_gradients(params, torch.device("cpu"))
     buffer, views = _flat_gradients(params[:1], torch.device("cpu"))
     assert params[0].grad is views[0] and views[0].data_ptr() == buffer.data_ptr()
+
+
+def test_parameter_groups_of_equal_settings_are_merged_in_order():
+    a, b, c, d = (torch.nn.Parameter(torch.zeros(2)) for _ in range(4))
+    groups = [{"params": [a], "lr": 1e-2}, {"params": [b], "lr": 1e-1},
+              {"params": [c], "lr": 1e-2}, {"params": [d], "lr": 1e-1}]
+    merged = _merged_param_groups(groups)
+    assert [(g["lr"], g["params"]) for g in merged] == [(1e-2, [a, c]), (1e-1, [b, d])]
+    assert groups[0]["params"] == [a]  # the given groups are left as they were
