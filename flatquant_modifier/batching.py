@@ -162,8 +162,8 @@ def share_equal_arguments(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     The calls with every tensor argument but the layer input that equals the same
     argument of an earlier call (same shape and values) replaced by that earlier
     tensor, so that merging finds shared arguments by identity. Each distinct tensor is
-    compared once, with the first of its shape: one comparison (a host sync on a GPU)
-    per calibration batch and argument, instead of one per pair of samples merged.
+    compared once, with the first of its argument and shape: one comparison (a host sync
+    on a GPU) per distinct tensor, instead of one per pair of samples merged and probe.
     """
     if not calls:
         return calls
@@ -179,7 +179,10 @@ def share_equal_arguments(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 replaced[id(value)] = earlier if same else value
             return replaced[id(value)]
         if isinstance(value, (tuple, list)):
-            return type(value)(shared((*path, i), v) for i, v in enumerate(value))
+            items = [shared((*path, i), v) for i, v in enumerate(value)]
+            if all(new is old for new, old in zip(items, value)):
+                return value  # unchanged (a namedtuple, say, kept as it is)
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
         return value
 
     return [

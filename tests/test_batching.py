@@ -140,3 +140,15 @@ def test_different_arguments_stay_apart_and_equal_samples_stay_two_samples():
     # a sample given twice is trained on twice: the layer input is never broadcast
     twice = merge_calls([a, {**a, "hidden_states": a["hidden_states"].clone()}], 2)[0]
     assert twice["hidden_states"].shape == (2, 5, 4)
+
+
+def test_named_tuple_arguments_survive_sharing():
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", "cos sin")
+    calls = [{**_call(i), "position_embeddings": Pair(torch.ones(1, 5, 2), torch.zeros(1, 5, 2))}
+             for i in range(2)]
+    shared = share_equal_arguments(calls)
+    assert shared[0]["position_embeddings"] is calls[0]["position_embeddings"]
+    assert isinstance(shared[1]["position_embeddings"], Pair)
+    assert shared[1]["position_embeddings"].cos is calls[0]["position_embeddings"].cos
