@@ -31,6 +31,7 @@ __all__ = [
     "plan_steps",
     "layer_input",
     "share_equal_arguments",
+    "equal_pairs",
 ]
 
 _MISMATCH = object()
@@ -162,22 +163,37 @@ def share_equal_arguments(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     The calls with every tensor argument but the layer input that equals the same
     argument of an earlier call (same shape and values) replaced by that earlier
     tensor, so that merging finds shared arguments by identity. Each distinct tensor is
-    compared once, with the first of its argument and shape: one comparison (a host sync
-    on a GPU) per distinct tensor, instead of one per pair of samples merged and probe.
+    compared with the first of its argument and shape, all of them at once
+    (:func:`equal_pairs`: one host sync on a GPU, however many samples and arguments),
+    instead of one comparison per pair of samples merged and probe.
     """
     if not calls:
         return calls
     first_seen: dict[tuple, torch.Tensor] = {}  # (argument, shape, dtype, device)
-    replaced: dict[int, torch.Tensor] = {}  # id of a tensor -> the tensor to pass
+    pending: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (argument, id)
+
+    def collect(path: tuple, value: Any):
+        if isinstance(value, torch.Tensor):
+            earlier = first_seen.setdefault((path, value.shape, value.dtype, value.device),
+                                            value)
+            if earlier is not value:
+                pending.setdefault((path, id(value)), (value, earlier))
+        elif isinstance(value, (tuple, list)):
+            for i, item in enumerate(value):
+                collect((*path, i), item)
+
+    for call in calls:
+        input_key = layer_input(call)[0]
+        for key, value in call.items():
+            if key != input_key:
+                collect((key,), value)
+    verdicts = equal_pairs(list(pending.values()))
+    replaced = {key: earlier for (key, (_, earlier)), same
+                in zip(pending.items(), verdicts) if same}
 
     def shared(path: tuple, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            if id(value) not in replaced:
-                key = (path, value.shape, value.dtype, value.device)
-                earlier = first_seen.setdefault(key, value)
-                same = earlier is value or torch.equal(earlier, value)
-                replaced[id(value)] = earlier if same else value
-            return replaced[id(value)]
+            return replaced.get((path, id(value)), value)
         if isinstance(value, (tuple, list)):
             items = [shared((*path, i), v) for i, v in enumerate(value)]
             if all(new is old for new, old in zip(items, value)):
@@ -190,6 +206,28 @@ def share_equal_arguments(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
          for key, value in call.items()}
         for call in calls
     ]
+
+
+def equal_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:
+    """
+    ``torch.equal(a, b)`` for each pair of tensors of one shape, dtype and device,
+    with one host sync per device in all: the comparisons are reduced on their device
+    and read back together (``torch.equal`` syncs once per pair, e.g. for each
+    per-sample view of a causal mask). Two views of the same memory are equal without
+    a comparison.
+    """
+    verdicts: list[bool | None] = []
+    on_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+    for a, b in pairs:
+        if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+            verdicts.append(True)  # the same elements: sharing them changes nothing
+        else:
+            on_device.setdefault(a.device, []).append((len(verdicts), (a == b).all()))
+            verdicts.append(None)
+    for flags in on_device.values():
+        for (index, _), same in zip(flags, torch.stack([f for _, f in flags]).tolist()):
+            verdicts[index] = bool(same)
+    return verdicts
 
 
 def _merge(calls: list[dict[str, Any]]) -> dict[str, Any] | object:

@@ -1,8 +1,10 @@
 import torch
 
+from flatquant_modifier import batching
 from flatquant_modifier.batching import (
     assign_steps,
     call_keys,
+    equal_pairs,
     merge_calls,
     plan_steps,
     share_equal_arguments,
@@ -115,20 +117,40 @@ def test_equal_arguments_are_shared_and_compared_once_per_tensor(monkeypatch):
     calls = split_calls([merge_calls([_call(3 * b + i) for i in range(3)], 3)[0]
                          for b in range(2)])
     assert calls[0]["position_embeddings"][0] is not calls[3]["position_embeddings"][0]
-    compared = []
-    original = torch.equal
-    monkeypatch.setattr(torch, "equal", lambda a, b: compared.append(1) or original(a, b))
+    batches, equals = [], []
+    original_pairs, original_equal = batching.equal_pairs, torch.equal
+    monkeypatch.setattr(batching, "equal_pairs",
+                        lambda pairs: batches.append(len(pairs)) or original_pairs(pairs))
+    monkeypatch.setattr(torch, "equal", lambda a, b: equals.append(1) or original_equal(a, b))
     shared = share_equal_arguments(calls)
-    # one comparison per distinct tensor after the first: rotary cos and sin, the mask
-    assert len(compared) == 3
+    # one batch of comparisons: a pair per distinct tensor after the first (rotary
+    # cos and sin, the mask), no torch.equal (a host sync each on a GPU)
+    assert batches == [3] and equals == []
     assert all(c["position_embeddings"][0] is shared[0]["position_embeddings"][0]
                for c in shared)
     assert all(c["hidden_states"] is o["hidden_states"] for c, o in zip(shared, calls))
-    compared.clear()
+    batches.clear()
     planned = plan_steps(calls, [0, 0, 1, 1, 0, 1], 2)
-    assert len(compared) == 3  # merging compares by identity only
+    assert batches == [3] and equals == []  # merging compares by identity only
     assert [b["hidden_states"].shape[0] for step in planned for b in step] == [3, 3]
     assert planned[0][0]["attention_mask"].shape == (1, 1, 5, 5)
+
+
+def test_equal_pairs_agrees_with_torch_equal():
+    base = torch.arange(12.0).reshape(3, 4)
+    nan = torch.tensor([1.0, float("nan")])
+    pairs = [
+        (base.clone(), base),  # equal values, other memory
+        (base + 1, base),  # different values
+        (base[0], base[0].view(4)),  # the same memory: equal without comparing
+        (base[0], base[1]),  # views of one tensor at other offsets
+        (nan.clone(), nan),  # NaN is not equal to NaN
+        (torch.zeros(0, 4), torch.zeros(0, 4)),
+        (torch.tensor([True, False]), torch.tensor([True, True])),
+    ]
+    assert equal_pairs(pairs) == [torch.equal(a, b) for a, b in pairs[:4]] + [
+        False, True, False]
+    assert equal_pairs([]) == []
 
 
 def test_different_arguments_stay_apart_and_equal_samples_stay_two_samples():
