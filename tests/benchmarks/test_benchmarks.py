@@ -202,3 +202,28 @@ def test_weights_a_hair_above_the_tie_are_sent_to_minus_eight():
     row = {"recipe": "r.yaml", "rows": 10, "rows_at_tie": 8, "rows_rounded_to_minus_7": 1,
            "weights_rounded_to_minus_7": 3, "ppl_as_saved": 29.7, "ppl_ties_at_minus_8": 29.6}
     assert "| r.yaml | 10 | 8 | 1 / 3 | 29.700 | 29.600 |" in weight_ties.table(row)
+
+
+def test_profile_run_profiles_the_chosen_layer_only(tmp_path):
+    from types import SimpleNamespace
+
+    profile_run = _load("profile_run")
+
+    def train_layer(name, epochs=3, steps=4):
+        weight = torch.nn.Parameter(torch.ones(4))
+        optimizer = torch.optim.SGD([weight], lr=0.1)
+        for _ in range(epochs * steps):
+            weight.grad = torch.ones(4)
+            optimizer.step()
+        return SimpleNamespace(epoch_seconds=[0.004] * epochs)
+
+    report = {"epoch_seconds": {}}
+    wrapped = profile_run.profiled_training(train_layer, 1, 2, 3, tmp_path, report)
+    wrapped("model.layers.0")
+    assert "profiled" not in report and not (tmp_path / "trace.json").exists()
+    wrapped("model.layers.1")
+    assert report["profiled"]["layer"] == "model.layers.1"
+    assert report["profiled"]["steps"] == [2, 5]
+    assert report["profiled"]["ms_per_step_by_epoch"] == [1.0, 1.0, 1.0]  # 4 ms / 4 steps
+    assert set(report["epoch_seconds"]) == {"model.layers.0", "model.layers.1"}
+    assert (tmp_path / "trace.json").exists() and (tmp_path / "kernels.md").read_text()
