@@ -40,12 +40,8 @@ def profiled_training(train_layer, layer: int, skip: int, active: int, out: Path
     if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
 
-    def wrapped(name, *args, **kwargs):
+    def profiled(name, *args, **kwargs):
         stamps: list[float] = []
-        if not name.endswith(f"layers.{layer}"):
-            result = train_layer(name, *args, **kwargs)
-            report["epoch_seconds"][name] = [round(s, 4) for s in result.epoch_seconds]
-            return result
         # warm-up steps are recorded and dropped by the schedule: 1 of them
         schedule = torch.profiler.schedule(wait=max(skip - 1, 0), warmup=min(skip, 1),
                                            active=active, repeat=1)
@@ -78,6 +74,11 @@ def profiled_training(train_layer, layer: int, skip: int, active: int, out: Path
             "ms_per_step_by_epoch": [round(1000 * s / per_epoch, 3)
                                      for s in result.epoch_seconds],
         }
+        return result
+
+    def wrapped(name, *args, **kwargs):
+        chosen = name.endswith(f"layers.{layer}")
+        result = (profiled if chosen else train_layer)(name, *args, **kwargs)
         report["epoch_seconds"][name] = [round(s, 4) for s in result.epoch_seconds]
         return result
 
