@@ -6,6 +6,12 @@ window of its optimisation steps. Prints the GPU kernel time per step by categor
 kernel (as ``scale.py --profile`` does for a random layer), and writes JSON with the
 host's time per step and the layer's epoch times, plus a Chrome trace.
 
+``--between`` profiles instead everything between the training of layer ``--layer`` - 1
+and that of ``--layer``: the end of the previous layer's calibration (absorption,
+quantization, evaluation), llm-compressor's propagation and calibration passes, and the
+layer's own preparation (targets, step plan). It records the Python call stack and
+prints the wall time, the GPU's busy time and the Python functions that took longest.
+
     python benchmarks/profile_run.py --layer 10 --out outputs/profile-run -- \\
         benchmarks/variants.py --variants lr-2e-2 --num-samples 128 --seq-len 2048 \\
         --eval-windows 8 --dtype bfloat16
@@ -85,12 +91,85 @@ def profiled_training(train_layer, layer: int, skip: int, active: int, out: Path
     return wrapped
 
 
+def profiled_between(train_layer, layer: int, out: Path, report: dict):
+    """``train_layer`` that profiles the time from the return of layer ``layer`` - 1's
+    training to the start of layer ``layer``'s (CPU with Python stacks, and CUDA)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    window: dict = {}
+
+    def wrapped(name, *args, **kwargs):
+        if name.endswith(f"layers.{layer}") and "prof" in window:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - window["start"]
+            window["prof"].stop()
+            window["prof"].export_chrome_trace(str(out / "trace.json"))
+            summary = between_summary(json.loads((out / "trace.json").read_text()))
+            summary.update(layer=name, wall_ms=round(1000 * seconds, 1))
+            report["between"] = summary
+            print(f"{name}: {summary['wall_ms']} ms since the previous layer's training, "
+                  f"GPU busy {summary['gpu_busy_ms']} ms", flush=True)
+            for function, ms, calls in summary["python_ms"]:
+                print(f"{ms:10.2f} ms {calls:6d}x  {function}", flush=True)
+            del window["prof"]
+        result = train_layer(name, *args, **kwargs)
+        report["epoch_seconds"][name] = [round(s, 4) for s in result.epoch_seconds]
+        if name.endswith(f"layers.{layer - 1}"):
+            window["prof"] = torch.profiler.profile(activities=activities, with_stack=True)
+            window["prof"].start()
+            window["start"] = time.perf_counter()
+        return result
+
+    return wrapped
+
+
+def between_summary(trace: dict, rows: int = 25) -> dict:
+    """The GPU's busy time and the Python functions (inclusive time, summed over calls,
+    one entry per function) and kernels that took longest in a Chrome trace."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    kernels: dict[str, float] = {}
+    functions: dict[str, list[float]] = {}
+    for event in events:
+        category = event.get("cat", "")
+        if category == "kernel" or category == "gpu_memcpy" or category == "gpu_memset":
+            kernels[event["name"]] = kernels.get(event["name"], 0.0) + event["dur"]
+        elif category == "python_function":
+            # one entry per function, however often it recursed
+            spans = functions.setdefault(event["name"], [])
+            spans.append((event["ts"], event["ts"] + event["dur"]))
+    inclusive = {}
+    for name, spans in functions.items():
+        spans.sort()
+        total, end = 0.0, float("-inf")
+        for begin, finish in spans:  # union of the spans: nested calls counted once
+            if finish > end:
+                total += finish - max(begin, end)
+                end = finish
+        inclusive[name] = (total, len(spans))
+
+    def top(table, n):
+        return [[name[:140], round(value / 1000, 2)] for name, value in
+                sorted(table.items(), key=lambda item: -item[1])[:n]]
+
+    return {
+        "gpu_busy_ms": round(sum(kernels.values()) / 1000, 1),
+        "python_ms": [[name[:140], round(total / 1000, 2), calls] for name, (total, calls)
+                      in sorted(inclusive.items(), key=lambda item: -item[1][0])[:rows]],
+        "kernels_ms": top(kernels, 15),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layer", type=int, default=10, help="index of the decoder layer")
     parser.add_argument("--skip", type=int, default=64,
                         help="optimizer steps of the layer before the profiled ones")
     parser.add_argument("--active", type=int, default=32, help="profiled steps")
+    parser.add_argument("--between", action="store_true",
+                        help="profile the time between the training of layer --layer - 1 "
+                        "and that of --layer, not its training steps")
     parser.add_argument("--out", type=Path, default=Path("outputs") / "profile-run")
     parser.add_argument("script", help="the calibration script, then its arguments "
                         "(after --)")
@@ -98,8 +177,12 @@ def main():
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"script": args.script, "args": args.args, "epoch_seconds": {}}
-    calibrate.train_layer = profiled_training(
-        calibrate.train_layer, args.layer, args.skip, args.active, args.out, report)
+    if args.between:
+        calibrate.train_layer = profiled_between(
+            calibrate.train_layer, args.layer, args.out, report)
+    else:
+        calibrate.train_layer = profiled_training(
+            calibrate.train_layer, args.layer, args.skip, args.active, args.out, report)
     sys.argv = [args.script, *args.args]
     try:
         runpy.run_path(args.script, run_name="__main__")

@@ -2,6 +2,7 @@
 made-up inputs; the benchmarks themselves are run by hand, not by the tests."""
 
 import importlib.util
+import time
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,31 @@ def test_profile_run_profiles_the_chosen_layer_only(tmp_path):
     assert report["profiled"]["ms_per_step_by_epoch"] == [1.0, 1.0, 1.0]  # 4 ms / 4 steps
     assert set(report["epoch_seconds"]) == {"model.layers.0", "model.layers.1"}
     assert (tmp_path / "trace.json").exists() and (tmp_path / "kernels.md").read_text()
+
+
+def test_profile_run_between_profiles_the_time_between_two_trainings(tmp_path):
+    from types import SimpleNamespace
+
+    profile_run = _load("profile_run")
+
+    def train_layer(name):
+        return SimpleNamespace(epoch_seconds=[0.001])
+
+    def between_layers():
+        time.sleep(0.05)
+
+    report = {"epoch_seconds": {}}
+    wrapped = profile_run.profiled_between(train_layer, 2, tmp_path, report)
+    wrapped("model.layers.0")
+    between_layers()  # before the window: not profiled
+    wrapped("model.layers.1")
+    between_layers()
+    wrapped("model.layers.2")
+    wrapped("model.layers.3")
+    between = report["between"]
+    assert between["layer"] == "model.layers.2"
+    assert 50 <= between["wall_ms"] < 50 + 40
+    functions = {name.split(": ")[-1]: ms for name, ms, _ in between["python_ms"]}
+    assert 50 <= functions["between_layers"] <= between["wall_ms"]
+    assert set(report["epoch_seconds"]) == {f"model.layers.{i}" for i in range(4)}
+    assert (tmp_path / "trace.json").exists()
