@@ -22,6 +22,7 @@ perplexity) include the profiled layer's overhead. Not a timed test.
 
 import argparse
 import json
+import re
 import runpy
 import sys
 import time
@@ -106,7 +107,8 @@ def profiled_between(train_layer, layer: int, out: Path, report: dict):
             seconds = time.perf_counter() - window["start"]
             window["prof"].stop()
             window["prof"].export_chrome_trace(str(out / "trace.json"))
-            summary = between_summary(json.loads((out / "trace.json").read_text()))
+            summary = between_summary(json.loads((out / "trace.json").read_text()),
+                                      window["enclosing"])
             summary.update(layer=name, wall_ms=round(1000 * seconds, 1))
             report["between"] = summary
             print(f"{name}: {summary['wall_ms']} ms since the previous layer's training, "
@@ -117,6 +119,7 @@ def profiled_between(train_layer, layer: int, out: Path, report: dict):
         result = train_layer(name, *args, **kwargs)
         report["epoch_seconds"][name] = [round(s, 4) for s in result.epoch_seconds]
         if name.endswith(f"layers.{layer - 1}"):
+            window["enclosing"] = _enclosing_frames()
             window["prof"] = torch.profiler.profile(activities=activities, with_stack=True)
             window["prof"].start()
             window["start"] = time.perf_counter()
@@ -125,9 +128,27 @@ def profiled_between(train_layer, layer: int, out: Path, report: dict):
     return wrapped
 
 
-def between_summary(trace: dict, rows: int = 25) -> dict:
+def _frame_key(name: str):
+    """(file name, line, function) of a trace's Python function event."""
+    match = re.fullmatch(r"(.*)\((\d+)\): (.*)", name)
+    return (Path(match[1]).name, int(match[2]), match[3]) if match else None
+
+
+def _enclosing_frames() -> set:
+    """The calling Python stack, keyed as :func:`_frame_key` keys trace events (a
+    function on the stack when profiling starts is named by its current line)."""
+    frames, frame = set(), sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        frames.add((Path(code.co_filename).name, frame.f_lineno, code.co_name))
+        frame = frame.f_back
+    return frames
+
+
+def between_summary(trace: dict, enclosing: set = frozenset(), rows: int = 40) -> dict:
     """The GPU's busy time and the Python functions (inclusive time, summed over calls,
-    one entry per function) and kernels that took longest in a Chrome trace."""
+    one entry per function; not those of the ``enclosing`` stack the profile started
+    in) and kernels that took longest in a Chrome trace."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
     kernels: dict[str, float] = {}
     functions: dict[str, list[float]] = {}
@@ -153,10 +174,13 @@ def between_summary(trace: dict, rows: int = 25) -> dict:
         return [[name[:140], round(value / 1000, 2)] for name, value in
                 sorted(table.items(), key=lambda item: -item[1])[:n]]
 
+    # the call stack the window started in spans all of it: not informative
+    within = {name: value for name, value in inclusive.items()
+              if _frame_key(name) not in enclosing}
     return {
         "gpu_busy_ms": round(sum(kernels.values()) / 1000, 1),
         "python_ms": [[name[:140], round(total / 1000, 2), calls] for name, (total, calls)
-                      in sorted(inclusive.items(), key=lambda item: -item[1][0])[:rows]],
+                      in sorted(within.items(), key=lambda item: -item[1][0])[:rows]],
         "kernels_ms": top(kernels, 15),
     }
 

@@ -254,5 +254,7 @@ def test_profile_run_between_profiles_the_time_between_two_trainings(tmp_path):
     assert 50 <= between["wall_ms"] < 50 + 40
     functions = {name.split(": ")[-1]: ms for name, ms, _ in between["python_ms"]}
     assert 50 <= functions["between_layers"] <= between["wall_ms"]
+    # the stack the window started in (this test, pytest) is left out
+    assert "test_profile_run_between_profiles_the_time_between_two_trainings" not in functions
     assert set(report["epoch_seconds"]) == {f"model.layers.{i}" for i in range(4)}
     assert (tmp_path / "trace.json").exists()
