@@ -10,6 +10,11 @@ most of a training step. So while a layer trains, the model's own implementation
 (SDPA) is restored and a mask that is exactly causal is replaced by None (SDPA then
 runs its causal kernels, flash on CUDA), after checking on one sub-batch that the
 layer gives the same output both ways.
+
+The pipeline's own forwards of those layers (its calibration pass, which caches their
+inputs, and its propagation pass, which computes the next layer's) run eagerly over
+every sample, twice a layer. :class:`PipelineAttention` runs them with SDPA too, with
+the pipeline's mask, for the layer classes whose training checked SDPA.
 """
 
 import contextlib
@@ -20,11 +25,12 @@ import torch.distributed as dist
 from compressed_tensors.utils import patch_attr
 from loguru import logger
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from flatquant_modifier.distributed import all_reduce_
 from flatquant_modifier.emulation import layer_output
 
-__all__ = ["training_attention", "drop_causal_masks"]
+__all__ = ["training_attention", "drop_causal_masks", "PipelineAttention"]
 
 SDPA = "sdpa"
 
@@ -112,3 +118,56 @@ def _is_causal_mask(mask: torch.Tensor) -> bool:
         return False
     masked_out = mask <= torch.finfo(mask.dtype).min / 2
     return bool(((mask == 0) == causal).all() and (masked_out == ~causal).all())
+
+
+class PipelineAttention:
+    """
+    SDPA attention for llm-compressor's own forwards of the decoder layers FlatQuant
+    calibrates, which its calibration context runs eagerly: a layer runs its attention
+    with SDPA (the model's own implementation) and the pipeline's explicit mask when the
+    last layer of its class that trained checked that SDPA reproduces its eager output
+    (:func:`training_attention`, :meth:`record`); eagerly before that, and for classes
+    where the check failed. Detach a layer while FlatQuant trains it: the check compares
+    against its eager output.
+
+    Plain torch hooks, not llm-compressor's: its propagation pass, the pass this is
+    most for, disables modifier hooks.
+    """
+
+    def __init__(self, model: nn.Module, implementation: str | None):
+        self.config = getattr(model, "config", None)
+        # (the calibration context that forces eager is entered after this is made)
+        self.enabled = implementation == SDPA and self.config is not None
+        self.checked: dict[type, bool] = {}  # layer class -> SDPA reproduced eager
+        self._handles: dict[nn.Module, list[RemovableHandle]] = {}
+        self._restore: list[Any] = []  # per running forward: the implementation to restore
+
+    def attach(self, layer: nn.Module):
+        if not self.enabled or layer in self._handles:
+            return
+        self._handles[layer] = [
+            layer.register_forward_pre_hook(self._enter),
+            layer.register_forward_hook(self._exit, always_call=True),
+        ]
+
+    def detach(self, layer: nn.Module | None = None):
+        """Remove the hooks of ``layer`` (None: of every layer)."""
+        for module in [layer] if layer is not None else list(self._handles):
+            for handle in self._handles.pop(module, []):
+                handle.remove()
+
+    def record(self, layer: nn.Module, sdpa: bool):
+        """Whether ``layer`` trained with SDPA (its check passed)."""
+        self.checked[type(layer)] = bool(sdpa)
+
+    def _enter(self, module: nn.Module, args: tuple):
+        if self.checked.get(type(module), False):
+            self._restore.append(self.config._attn_implementation)
+            self.config._attn_implementation = SDPA
+        else:
+            self._restore.append(None)
+
+    def _exit(self, module: nn.Module, args: tuple, output: Any):
+        previous = self._restore.pop() if self._restore else None
+        if previous is not None:
+            self.config._attn_implementation = previous

@@ -86,6 +86,8 @@ class LayerResult:
     # the full-precision outputs per step and sub-batch (target_outputs="model": the
     # next layer's full-precision hidden states), else None
     outputs: list[list[torch.Tensor]] | None = None
+    # the attention implementation the layer trained with (training_attention)
+    attention: str | None = None
 
 
 def calibrate_layer(
@@ -146,6 +148,7 @@ def calibrate_layer(
         steps = stack.enter_context(
             training_attention(model, layer, steps, attn_implementation)
         )
+        attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
         with grouped_experts(layer):  # unquantized routed experts, fast
             # the input maxima are those of the inputs the transforms will see
             targets, act_max = full_precision_pass(
@@ -169,7 +172,7 @@ def calibrate_layer(
         int8 = attach_int8_quantizers(model, list(int8_linears), options)
     log_report(report)
     outputs = targets if options.target_outputs == "model" else None
-    return LayerResult(report, transformed, step_plan, int8, outputs)
+    return LayerResult(report, transformed, step_plan, int8, outputs, attention)
 
 
 def with_hidden_states(

@@ -21,6 +21,7 @@ from llmcompressor.pipelines.cache import IntermediatesCache
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
 from flatquant_modifier import fusion
+from flatquant_modifier.attention import SDPA, PipelineAttention
 from flatquant_modifier.calibrate import StepPlan, attach_int8_quantizers, calibrate_layer
 from flatquant_modifier.compat import (
     fp4_weights_in_model_dtype,
@@ -176,6 +177,7 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
     _smoothing: SmoothingCheck | None = PrivateAttr(default=None)
     # the model's attention implementation before calibration forced eager
     _attn_implementation: str | None = PrivateAttr(default=None)
+    _pipeline_attention: PipelineAttention | None = PrivateAttr(default=None)
     # target_outputs="model": the index of the next decoder layer and its inputs in
     # the full-precision model (per step and sub-batch)
     _hidden_states: tuple[int, list] | None = PrivateAttr(default=None)
@@ -266,8 +268,10 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
         # under torchrun: lets on_finalize find the rank that computed each weight qparam
         mark_weight_qparams_unset(state.model)
         offload = torch.device(self.offload_device) if self.offload_device else None
+        self._pipeline_attention = PipelineAttention(state.model, self._attn_implementation)
         for plan in self._layers:
             if plan.groups:
+                self._pipeline_attention.attach(plan.module)
                 self._calls[plan.module] = IntermediatesCache(None, offload)
                 self.register_hook(plan.module, self._cache_call, "forward_pre",
                                    with_kwargs=True)
@@ -288,6 +292,10 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
             calls = [cache.fetch(i) for i in range(len(cache))]
             del self._calls[plan.module], cache
             hidden_states = self._take_hidden_states(index)
+            # its training compares SDPA with its eager output: no SDPA hook meanwhile
+            attention = self._pipeline_attention
+            if attention is not None:
+                attention.detach(plan.module)
             try:
                 result = calibrate_layer(
                     state.model, plan.name, plan.module, plan.groups, calls, self,
@@ -306,7 +314,12 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
                 logger.error(f"{error} Skipping it (on_nonfinite='skip').")
                 # its W8A8_DYNAMIC linears do not depend on training
                 self._int8 += attach_int8_quantizers(state.model, int8, self)
+                if attention is not None:
+                    attention.attach(plan.module)
                 continue
+            if attention is not None:  # its propagation pass, and the next layers'
+                attention.record(plan.module, result.attention == SDPA)
+                attention.attach(plan.module)
             self._step_plan = result.step_plan
             if self._shared_gptq:
                 regather_gptq_hessians(self._shared_gptq, plan.module, calls)
@@ -319,6 +332,9 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         self.on_sequential_epoch_end(state, event, **kwargs)
         self.remove_hooks()
+        if self._pipeline_attention is not None:
+            self._pipeline_attention.detach()
+            self._pipeline_attention = None
         self._calls.clear()
         self._hidden_states = None
         self._record_transform_config(state.model)

@@ -1,9 +1,17 @@
-"""SDPA attention while FlatQuant trains a layer (llm-compressor forces eager)."""
+"""SDPA attention while FlatQuant trains a layer and in the pipeline's forwards of it
+(llm-compressor forces eager)."""
 
+import pytest
 import torch
 
-from flatquant_modifier.attention import drop_causal_masks, training_attention
-from tests.conftest import build_tiny_llama
+from flatquant_modifier import FlatQuantModifier
+from flatquant_modifier.attention import (
+    PipelineAttention,
+    drop_causal_masks,
+    training_attention,
+)
+from tests.conftest import build_tiny_llama, load_tiny
+from tests.helpers import run
 
 
 def test_pure_causal_masks_become_none_and_others_stay():
@@ -56,3 +64,58 @@ def test_sdpa_is_refused_when_it_changes_the_layer_output():
     layer.self_attn.is_causal = False  # SDPA without a mask would attend everywhere
     with training_attention(model, layer, steps, "sdpa") as used:
         assert used is steps and model.config._attn_implementation == "eager"
+
+
+def _attention_spy(model):
+    """(layer index, attention implementation, batch) of every attention forward."""
+    seen = []
+    for index, layer in enumerate(model.model.layers):
+        layer.self_attn.register_forward_pre_hook(
+            lambda module, args, kwargs, index=index: seen.append(
+                (index, model.config._attn_implementation, kwargs["hidden_states"].shape[0])),
+            with_kwargs=True)
+    return seen
+
+
+def test_pipeline_forwards_use_sdpa_for_checked_layer_classes_and_restore_eager():
+    model, steps = _causal_steps()
+    layer = model.model.layers[0]
+    seen = _attention_spy(model)
+    attention = PipelineAttention(model, "sdpa")
+    attention.attach(layer)
+    kwargs = {**steps[0][0], "attention_mask": steps[0][0]["attention_mask"]}
+    with torch.no_grad():
+        eager = layer(**kwargs)  # no layer of its class checked yet
+        attention.record(layer, True)
+        sdpa = layer(**kwargs)  # the pipeline's mask, SDPA
+        attention.record(layer, False)
+        layer(**kwargs)
+    assert [s[1] for s in seen] == ["eager", "sdpa", "eager"]
+    assert model.config._attn_implementation == "eager"
+    torch.testing.assert_close(sdpa, eager, rtol=1e-4, atol=1e-5)
+    # a forward that raises still restores the implementation
+    attention.record(layer, True)
+    with pytest.raises(TypeError), torch.no_grad():
+        layer(**{**kwargs, "position_embeddings": None})
+    assert model.config._attn_implementation == "eager"
+    attention.detach()
+    assert not layer._forward_pre_hooks and not layer._forward_hooks
+    # a model loaded with eager attention is left to it
+    eager_model = PipelineAttention(model, "eager")
+    eager_model.attach(layer)
+    assert not eager_model.enabled and not layer._forward_pre_hooks
+
+
+def test_oneshot_runs_the_pipeline_passes_with_sdpa_once_a_layer_checked_it(tiny_llama_dir):
+    model, tok = load_tiny(tiny_llama_dir)
+    seen = _attention_spy(model)
+    run(model, tok, [FlatQuantModifier(epochs=1)], num_samples=8, batch_size=8)
+    # the pipeline's forwards take the whole batch of 8 (FlatQuant's steps take 4):
+    # layer 0's calibration pass precedes any check, its propagation pass follows its
+    # own; layer 1 follows layer 0's
+    pipeline = [(index, implementation) for index, implementation, batch in seen
+                if batch == 8]
+    assert pipeline == [(0, "eager"), (0, "sdpa"), (1, "sdpa"), (1, "sdpa")]
+    assert model.config._attn_implementation == "sdpa"
+    assert all(not layer._forward_pre_hooks and not layer._forward_hooks
+               for layer in model.model.layers)
