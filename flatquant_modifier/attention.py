@@ -33,6 +33,7 @@ from flatquant_modifier.emulation import layer_output
 __all__ = ["training_attention", "drop_causal_masks", "PipelineAttention"]
 
 SDPA = "sdpa"
+EAGER = "eager"
 
 
 @contextlib.contextmanager
@@ -131,7 +132,10 @@ class PipelineAttention:
     against its eager output.
 
     Plain torch hooks, not llm-compressor's: its propagation pass, the pass this is
-    most for, disables modifier hooks.
+    most for, disables modifier hooks. A layer's calibration pass runs on its class's
+    last verdict, before its own check: what propagates by default is the propagation
+    pass, after it (with llm-compressor's ``propagate_error=False`` the calibration
+    pass's outputs propagate instead).
     """
 
     def __init__(self, model: nn.Module, implementation: str | None):
@@ -161,7 +165,11 @@ class PipelineAttention:
         self.checked[type(layer)] = bool(sdpa)
 
     def _enter(self, module: nn.Module, args: tuple):
-        if self.checked.get(type(module), False):
+        # only in place of the eager attention llm-compressor's calibration forces: an
+        # implementation another modifier installed (compressed-tensors' hooked
+        # attention for attention or KV cache quantization) stays
+        if (self.checked.get(type(module), False)
+                and self.config._attn_implementation == EAGER):
             self._restore.append(self.config._attn_implementation)
             self.config._attn_implementation = SDPA
         else:

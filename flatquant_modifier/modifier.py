@@ -280,6 +280,13 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
                                    "forward_pre")
 
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
+        try:
+            self._calibrate_cached_layers(state)
+        except BaseException:
+            self._detach_pipeline_attention()  # no hook of a failed run stays on the model
+            raise
+
+    def _calibrate_cached_layers(self, state: State):
         for index, plan in enumerate(self._layers):
             int8 = [name for name, _ in plan.int8]
             if plan.module in self._seen:  # no transformed group: only int8 quantizers
@@ -312,10 +319,9 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
                 if self.on_nonfinite == "raise":
                     raise
                 logger.error(f"{error} Skipping it (on_nonfinite='skip').")
-                # its W8A8_DYNAMIC linears do not depend on training
+                # its W8A8_DYNAMIC linears do not depend on training; its propagation
+                # pass stays eager (its SDPA check may not have run)
                 self._int8 += attach_int8_quantizers(state.model, int8, self)
-                if attention is not None:
-                    attention.attach(plan.module)
                 continue
             if attention is not None:  # its propagation pass, and the next layers'
                 attention.record(plan.module, result.attention == SDPA)
@@ -330,14 +336,19 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
             self._reports.append(result.report)
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
-        self.on_sequential_epoch_end(state, event, **kwargs)
-        self.remove_hooks()
-        if self._pipeline_attention is not None:
-            self._pipeline_attention.detach()
-            self._pipeline_attention = None
+        try:
+            self.on_sequential_epoch_end(state, event, **kwargs)
+        finally:
+            self.remove_hooks()
+            self._detach_pipeline_attention()
         self._calls.clear()
         self._hidden_states = None
         self._record_transform_config(state.model)
+
+    def _detach_pipeline_attention(self):
+        if self._pipeline_attention is not None:
+            self._pipeline_attention.detach()
+            self._pipeline_attention = None
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         if not self.ended_:

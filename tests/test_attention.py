@@ -98,6 +98,18 @@ def test_pipeline_forwards_use_sdpa_for_checked_layer_classes_and_restore_eager(
     with pytest.raises(TypeError), torch.no_grad():
         layer(**{**kwargs, "position_embeddings": None})
     assert model.config._attn_implementation == "eager"
+    # an implementation another modifier installed in place of eager (as
+    # compressed-tensors does for attention quantization) is left alone
+    from transformers import AttentionInterface
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    AttentionInterface.register("flatquant_test_hooked", eager_attention_forward)
+    model.config._attn_implementation = "flatquant_test_hooked"
+    with torch.no_grad():
+        layer(**kwargs)
+    assert seen[-1][1] == "flatquant_test_hooked"
+    assert model.config._attn_implementation == "flatquant_test_hooked"
+    model.config._attn_implementation = "eager"
     attention.detach()
     assert not layer._forward_pre_hooks and not layer._forward_hooks
     # a model loaded with eager attention is left to it
@@ -119,3 +131,45 @@ def test_oneshot_runs_the_pipeline_passes_with_sdpa_once_a_layer_checked_it(tiny
     assert model.config._attn_implementation == "sdpa"
     assert all(not layer._forward_pre_hooks and not layer._forward_hooks
                for layer in model.model.layers)
+
+
+def _pipeline_hooks(layer) -> list:
+    hooks = [*layer._forward_pre_hooks.values(), *layer._forward_hooks.values()]
+    return [hook for hook in hooks if isinstance(getattr(hook, "__self__", None),
+                                                 PipelineAttention)]
+
+
+def _failing_layer(monkeypatch, index: int, error: Exception):
+    import flatquant_modifier.modifier as modifier_module
+
+    calibrate_layer = modifier_module.calibrate_layer
+
+    def calibrate(model, name, *args, **kwargs):
+        if name.endswith(f"layers.{index}"):
+            raise error
+        return calibrate_layer(model, name, *args, **kwargs)
+
+    monkeypatch.setattr(modifier_module, "calibrate_layer", calibrate)
+
+
+def test_a_skipped_layer_propagates_with_eager_attention(tiny_llama_dir, monkeypatch):
+    from flatquant_modifier.train import NonFiniteLossError
+
+    model, tok = load_tiny(tiny_llama_dir)
+    seen = _attention_spy(model)
+    _failing_layer(monkeypatch, 1, NonFiniteLossError("layer model.layers.1 became nan"))
+    run(model, tok, [FlatQuantModifier(epochs=1, on_nonfinite="skip")], num_samples=8,
+        batch_size=8)
+    pipeline = [(index, implementation) for index, implementation, batch in seen
+                if batch == 8]
+    # layer 1's calibration pass follows layer 0's check; its own never ran
+    assert pipeline == [(0, "eager"), (0, "sdpa"), (1, "sdpa"), (1, "eager")]
+    assert not any(_pipeline_hooks(layer) for layer in model.model.layers)
+
+
+def test_a_failed_calibration_leaves_no_sdpa_hook_on_the_model(tiny_llama_dir, monkeypatch):
+    model, tok = load_tiny(tiny_llama_dir)
+    _failing_layer(monkeypatch, 1, RuntimeError("CUDA out of memory"))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run(model, tok, [FlatQuantModifier(epochs=1)], num_samples=8, batch_size=8)
+    assert not any(_pipeline_hooks(layer) for layer in model.model.layers)
