@@ -138,10 +138,17 @@ class PipelineAttention:
     pass's outputs propagate instead).
     """
 
-    def __init__(self, model: nn.Module, implementation: str | None):
+    def __init__(self, model: nn.Module, implementation: str | None,
+                 devices: tuple[str, ...] | None = None):
+        """
+        :param implementation: the model's attention implementation before
+            llm-compressor's calibration forced eager: SDPA or nothing is switched
+        :param devices: the device types (``"cuda"``) whose forwards switch; None: all
+        """
         self.config = getattr(model, "config", None)
         # (the calibration context that forces eager is entered after this is made)
         self.enabled = implementation == SDPA and self.config is not None
+        self.devices = devices
         self.checked: dict[type, bool] = {}  # layer class -> SDPA reproduced eager
         self._handles: dict[nn.Module, list[RemovableHandle]] = {}
         self._restore: list[Any] = []  # per running forward: the implementation to restore
@@ -150,7 +157,7 @@ class PipelineAttention:
         if not self.enabled or layer in self._handles:
             return
         self._handles[layer] = [
-            layer.register_forward_pre_hook(self._enter),
+            layer.register_forward_pre_hook(self._enter, with_kwargs=True),
             layer.register_forward_hook(self._exit, always_call=True),
         ]
 
@@ -164,16 +171,24 @@ class PipelineAttention:
         """Whether ``layer`` trained with SDPA (its check passed)."""
         self.checked[type(layer)] = bool(sdpa)
 
-    def _enter(self, module: nn.Module, args: tuple):
+    def _enter(self, module: nn.Module, args: tuple, kwargs: dict):
         # only in place of the eager attention llm-compressor's calibration forces: an
         # implementation another modifier installed (compressed-tensors' hooked
         # attention for attention or KV cache quantization) stays
         if (self.checked.get(type(module), False)
-                and self.config._attn_implementation == EAGER):
+                and self.config._attn_implementation == EAGER
+                and self._on_chosen_device(args, kwargs)):
             self._restore.append(self.config._attn_implementation)
             self.config._attn_implementation = SDPA
         else:
             self._restore.append(None)
+
+    def _on_chosen_device(self, args: tuple, kwargs: dict) -> bool:
+        if self.devices is None:
+            return True
+        hidden_states = args[0] if args else kwargs.get("hidden_states")
+        return (isinstance(hidden_states, torch.Tensor)
+                and hidden_states.device.type in self.devices)
 
     def _exit(self, module: nn.Module, args: tuple, output: Any):
         previous = self._restore.pop() if self._restore else None

@@ -268,7 +268,11 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
         # under torchrun: lets on_finalize find the rank that computed each weight qparam
         mark_weight_qparams_unset(state.model)
         offload = torch.device(self.offload_device) if self.offload_device else None
-        self._pipeline_attention = PipelineAttention(state.model, self._attn_implementation)
+        self._pipeline_attention = PipelineAttention(
+            state.model,
+            self._attn_implementation if self.pipeline_sdpa is not False else None,
+            devices=("cuda",) if self.pipeline_sdpa == "auto" else None,
+        )
         for plan in self._layers:
             if plan.groups:
                 self._pipeline_attention.attach(plan.module)

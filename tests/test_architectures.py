@@ -305,12 +305,6 @@ def test_the_compiled_training_forward_trains_as_the_eager_one(name, tmp_path, m
     assert len(traced) == len(eager) > 0
     # evaluation passes run eagerly: the first layer's, on the same inputs, are equal
     assert traced[0].loss_rtn == eager[0].loss_rtn
-    # training takes each layer's loss down by the same factor; after the first layer
-    # the two runs' inputs differ (the first layer trained not bit for bit alike, and
-    # routers pick other experts on that), so are their starting losses (6 % apart in
-    # Qwen2-MoE's second layer): the factor, not the loss, is what must agree
-    assert traced[0].loss_init == eager[0].loss_init
     for compiled, reference in zip(traced, eager):
         assert compiled.loss_final < compiled.loss_init
-        assert compiled.loss_final / compiled.loss_init == pytest.approx(
-            reference.loss_final / reference.loss_init, rel=0.05)
+        assert compiled.loss_final == pytest.approx(reference.loss_final, rel=0.05)

@@ -121,7 +121,8 @@ def test_pipeline_forwards_use_sdpa_for_checked_layer_classes_and_restore_eager(
 def test_oneshot_runs_the_pipeline_passes_with_sdpa_once_a_layer_checked_it(tiny_llama_dir):
     model, tok = load_tiny(tiny_llama_dir)
     seen = _attention_spy(model)
-    run(model, tok, [FlatQuantModifier(epochs=1)], num_samples=8, batch_size=8)
+    run(model, tok, [FlatQuantModifier(epochs=1, pipeline_sdpa=True)], num_samples=8,
+        batch_size=8)
     # the pipeline's forwards take the whole batch of 8 (FlatQuant's steps take 4):
     # layer 0's calibration pass precedes any check, its propagation pass follows its
     # own; layer 1 follows layer 0's
@@ -158,8 +159,8 @@ def test_a_skipped_layer_propagates_with_eager_attention(tiny_llama_dir, monkeyp
     model, tok = load_tiny(tiny_llama_dir)
     seen = _attention_spy(model)
     _failing_layer(monkeypatch, 1, NonFiniteLossError("layer model.layers.1 became nan"))
-    run(model, tok, [FlatQuantModifier(epochs=1, on_nonfinite="skip")], num_samples=8,
-        batch_size=8)
+    run(model, tok, [FlatQuantModifier(epochs=1, on_nonfinite="skip", pipeline_sdpa=True)],
+        num_samples=8, batch_size=8)
     pipeline = [(index, implementation) for index, implementation, batch in seen
                 if batch == 8]
     # layer 1's calibration pass follows layer 0's check; its own never ran
@@ -171,5 +172,32 @@ def test_a_failed_calibration_leaves_no_sdpa_hook_on_the_model(tiny_llama_dir, m
     model, tok = load_tiny(tiny_llama_dir)
     _failing_layer(monkeypatch, 1, RuntimeError("CUDA out of memory"))
     with pytest.raises(RuntimeError, match="out of memory"):
-        run(model, tok, [FlatQuantModifier(epochs=1)], num_samples=8, batch_size=8)
+        run(model, tok, [FlatQuantModifier(epochs=1, pipeline_sdpa=True)], num_samples=8,
+            batch_size=8)
     assert not any(_pipeline_hooks(layer) for layer in model.model.layers)
+
+
+def test_pipeline_sdpa_auto_keeps_eager_on_the_cpu(tiny_llama_dir):
+    # "auto" switches CUDA forwards only (SDPA was slower in a CPU calibration)
+    model, tok = load_tiny(tiny_llama_dir)
+    seen = _attention_spy(model)
+    run(model, tok, [FlatQuantModifier(epochs=1)], num_samples=8, batch_size=8)
+    assert {implementation for _, implementation, batch in seen if batch == 8} == {"eager"}
+
+
+def test_pipeline_attention_switches_only_the_chosen_device_types():
+    model, steps = _causal_steps()
+    layer = model.model.layers[0]
+    seen = _attention_spy(model)
+    kwargs = steps[0][0]
+    for devices, expected in [(("cuda",), "eager"), (("cpu", "cuda"), "sdpa"), (None, "sdpa")]:
+        attention = PipelineAttention(model, "sdpa", devices=devices)
+        attention.attach(layer)
+        attention.record(layer, True)
+        with torch.no_grad():
+            layer(**kwargs)  # hidden_states by keyword
+            layer(kwargs["hidden_states"], **{k: v for k, v in kwargs.items()
+                                              if k != "hidden_states"})
+        attention.detach()
+        assert [s[1] for s in seen[-2:]] == [expected, expected], devices
+    assert model.config._attn_implementation == "eager"
