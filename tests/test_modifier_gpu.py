@@ -37,3 +37,28 @@ def test_deterministic_runs_give_the_same_model(tiny_llama_dir):
         assert torch.equal(value, second[1][name]), name
     assert torch.equal(first[2], second[2])
     assert not torch.are_deterministic_algorithms_enabled()  # restored
+
+
+@pytest.mark.parametrize("placement", ["model on the GPU", "model on the CPU"])
+def test_pipeline_forwards_run_sdpa_on_cuda_by_default(tiny_llama_dir, placement):
+    # pipeline_sdpa="auto": the forwards llm-compressor runs on CUDA switch to SDPA once
+    # a layer of the class checked it, also when the model stays in CPU memory and the
+    # pipeline onloads each layer
+    model, tok = load_tiny(tiny_llama_dir)
+    seen = []
+    for index, layer in enumerate(model.model.layers):
+        layer.self_attn.register_forward_pre_hook(
+            lambda module, args, kwargs, index=index: seen.append(
+                (index, model.config._attn_implementation,
+                 kwargs["hidden_states"].shape[0], kwargs["hidden_states"].device.type)),
+            with_kwargs=True)
+    on_gpu = placement == "model on the GPU"
+    if on_gpu:
+        model.to("cuda:0")
+    run(model, tok, [FlatQuantModifier(epochs=1)], num_samples=8, batch_size=8,
+        sequential_offload_device="cuda:0" if on_gpu else "cpu")
+    pipeline = [(index, implementation, device) for index, implementation, batch, device
+                in seen if batch == 8]
+    assert pipeline == [(0, "eager", "cuda"), (0, "sdpa", "cuda"), (1, "sdpa", "cuda"),
+                        (1, "sdpa", "cuda")]
+    assert model.config._attn_implementation == "sdpa"
