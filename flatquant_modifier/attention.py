@@ -46,8 +46,9 @@ def training_attention(
     """
     Within the context, ``layer`` runs with ``implementation`` (the model's attention
     before llm-compressor forced eager) if that is SDPA and gives the layer's eager
-    output on the first sub-batch; yields the steps to use (pure causal masks dropped
-    when SDPA is on, the given steps otherwise).
+    output on the first sub-batch, with its causal mask dropped and with it kept;
+    yields the steps to use (pure causal masks dropped when SDPA is on, the given steps
+    otherwise).
     """
     config = getattr(model, "config", None)
     if (
@@ -65,11 +66,16 @@ def training_attention(
         with torch.no_grad():
             eager = layer_output(layer(**steps[i][j]))
             with patch_attr(config, "_attn_implementation", SDPA):
-                sdpa = layer_output(layer(**sdpa_steps[i][j]))
+                sdpa = [layer_output(layer(**sdpa_steps[i][j]))]
+                if sdpa_steps[i][j] is not steps[i][j]:
+                    # and with the explicit mask, as PipelineAttention runs the pipeline's
+                    # forwards on this verdict
+                    sdpa.append(layer_output(layer(**steps[i][j])))
         tol = 1e-3 if eager.dtype in (torch.float32, torch.float64) else 3e-2
         # non-finite outputs are refused by the caller's full-precision pass
-        same[0] = float(bool(torch.isfinite(eager).all()) and torch.allclose(
-            sdpa, eager, rtol=tol, atol=tol * float(eager.abs().max())
+        same[0] = float(bool(torch.isfinite(eager).all()) and all(
+            torch.allclose(output, eager, rtol=tol, atol=tol * float(eager.abs().max()))
+            for output in sdpa
         ))
     # every rank must run the same function
     if not bool(all_reduce_(same, op=dist.ReduceOp.MIN)):

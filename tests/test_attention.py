@@ -66,6 +66,24 @@ def test_sdpa_is_refused_when_it_changes_the_layer_output():
         assert used is steps and model.config._attn_implementation == "eager"
 
 
+def test_sdpa_is_refused_when_it_changes_the_output_with_the_explicit_mask(monkeypatch):
+    # the pipeline's forwards (PipelineAttention) keep the explicit mask: the check
+    # covers that form too
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def off_with_a_mask(module, query, key, value, attention_mask, **kwargs):
+        output, weights = sdpa_attention_forward(module, query, key, value, attention_mask,
+                                                 **kwargs)
+        return (output if attention_mask is None else output * 1.1), weights
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._local_mapping, "sdpa", off_with_a_mask)
+    model, steps = _causal_steps()
+    layer = model.model.layers[0]
+    with training_attention(model, layer, steps, "sdpa") as used:
+        assert used is steps and model.config._attn_implementation == "eager"
+
+
 def _attention_spy(model):
     """(layer index, attention implementation, batch) of every attention forward."""
     seen = []
