@@ -8,6 +8,10 @@ mini-batches of several samples, so calls are merged:
 dimension, while arguments identical across the calls (rotary embeddings, causal
 mask, position ids of equal-length samples) are passed once and broadcast.
 
+A cached call may also carry the layer's output in the pipeline's calibration pass
+(:data:`TARGET`): it is split and merged with the layer input, sample for sample, and
+:func:`pop_targets` takes it out of the steps.
+
 Optimisation steps are formed in a canonical order of the samples (by a key computed
 from their content), so they do not depend on the order in which the dataloader
 delivered the samples nor on how they were split across ranks: a data-parallel run
@@ -24,15 +28,21 @@ from loguru import logger
 from flatquant_modifier.distributed import all_gather_varlen, get_rank
 
 __all__ = [
+    "TARGET",
     "merge_calls",
     "split_calls",
     "call_keys",
     "assign_steps",
     "plan_steps",
     "layer_input",
+    "pop_targets",
+    "without_target",
     "share_equal_arguments",
     "equal_pairs",
 ]
+
+# the key under which a cached call carries the layer's output (not a layer argument)
+TARGET = "_flatquant_target"
 
 _MISMATCH = object()
 
@@ -185,7 +195,7 @@ def share_equal_arguments(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for call in calls:
         input_key = layer_input(call)[0]
         for key, value in call.items():
-            if key != input_key:
+            if key not in (input_key, TARGET):
                 collect((key,), value)
     verdicts = equal_pairs(list(pending.values()))
     replaced = {key: earlier for (key, (_, earlier)), same
@@ -202,7 +212,7 @@ def share_equal_arguments(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return value
 
     return [
-        {key: value if key == layer_input(call)[0] else shared((key,), value)
+        {key: value if key in (layer_input(call)[0], TARGET) else shared((key,), value)
          for key, value in call.items()}
         for call in calls
     ]
@@ -238,13 +248,32 @@ def _merge(calls: list[dict[str, Any]]) -> dict[str, Any] | object:
     input_key = layer_input(calls[0])[0]
     merged = {}
     for key in keys:
-        # the layer input is each sample's own, even where two samples are equal
+        # the layer input (and output) is each sample's own, even where two samples
+        # are equal
         value = _merge_values([call[key] for call in calls], batch,
-                              per_sample=key == input_key)
+                              per_sample=key in (input_key, TARGET))
         if value is _MISMATCH:
             return _MISMATCH
         merged[key] = value
     return merged
+
+
+def pop_targets(
+    steps: list[list[dict[str, Any]]],
+) -> tuple[list[list[dict[str, Any]]], list[list[torch.Tensor]] | None]:
+    """
+    The steps without the layer outputs their calls carried (:data:`TARGET`), and
+    those outputs per step and sub-batch; None unless every sub-batch carried one.
+    """
+    stripped = [[without_target(kwargs) for kwargs in batches] for batches in steps]
+    if not all(TARGET in kwargs for batches in steps for kwargs in batches):
+        return stripped, None
+    return stripped, [[kwargs[TARGET] for kwargs in batches] for batches in steps]
+
+
+def without_target(call: dict[str, Any]) -> dict[str, Any]:
+    """``call`` without the layer output it carried (:data:`TARGET`), if any."""
+    return {key: value for key, value in call.items() if key != TARGET}
 
 
 def layer_input(call: dict[str, Any]) -> tuple[str, torch.Tensor]:

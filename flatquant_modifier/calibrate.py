@@ -6,9 +6,10 @@ cached to the applied result:
    (:mod:`flatquant_modifier.batching`; the same steps for any oneshot batch size);
 2. the layer's full-precision outputs (the targets: on its cached inputs, or with
    ``target_outputs="model"`` on the full-precision model's hidden states, which the
-   caller carries from layer to layer) and per-channel input maxima (routed MoE
-   experts, unquantized until after training, as grouped GEMMs on CUDA:
-   :mod:`flatquant_modifier.experts`);
+   caller carries from layer to layer) and per-channel input maxima: those the
+   pipeline's calibration pass recorded where the layer still gives them
+   (:func:`recorded_targets`), else from one more pass (routed MoE experts, unquantized
+   until after training, as grouped GEMMs on CUDA: :mod:`flatquant_modifier.experts`);
 3. the initial learnable state (:func:`flatquant_modifier.modules.build_group_params`);
 4. training (:func:`flatquant_modifier.train.train_layer`; the last decoder layer
    optionally on the logits' error, :mod:`flatquant_modifier.logits_loss`);
@@ -27,17 +28,21 @@ from dataclasses import dataclass
 import torch
 from compressed_tensors.utils import align_module_device, get_execution_device
 from llmcompressor.modifiers.utils.hooks import HooksMixin
+from loguru import logger
 from torch.nn import Module
 from tqdm import tqdm
 
 from flatquant_modifier.absorb import PendingWrites, absorb_group
 from flatquant_modifier.attention import training_attention
 from flatquant_modifier.batching import (
+    TARGET,
     assign_steps,
     call_keys,
     layer_input,
     plan_steps,
+    pop_targets,
     split_calls,
+    without_target,
 )
 from flatquant_modifier.compat import routed_experts_only
 from flatquant_modifier.distributed import all_reduce_, write_parameters
@@ -66,6 +71,8 @@ __all__ = [
     "LayerResult",
     "calibrate_layer",
     "full_precision_pass",
+    "recorded_targets",
+    "channel_max",
     "with_hidden_states",
     "apply_layer",
     "attach_int8_quantizers",
@@ -105,11 +112,14 @@ def calibrate_layer(
     int8_linears: list[str] = (),
     logits: bool = False,
     hidden_states: list[list[torch.Tensor]] | None = None,
+    input_max: list[torch.Tensor | None] | None = None,
 ) -> LayerResult:
     """
     Train and apply FlatQuant on one decoder layer (see the module docstring).
 
-    :param calls: the layer's cached call arguments, one dict per pipeline call
+    :param calls: the layer's cached call arguments, one dict per pipeline call; each
+        may carry the layer's output in the pipeline's calibration pass
+        (:data:`~flatquant_modifier.batching.TARGET`), which is taken out of it
     :param seed: seed of this layer's random initialisation
     :param step_plan: the plan made at the first layer (its inputs, the embeddings,
         are equal for equal samples in any process); None makes it from ``calls``
@@ -124,18 +134,24 @@ def calibrate_layer(
         of this layer per step and sub-batch (the previous layer's ``outputs``); the
         targets are the layer's outputs on them. None: on the cached inputs (the first
         layer, whose inputs are the embeddings)
+    :param input_max: per group, the per-channel max|input| of its linears in the
+        pipeline's calibration pass (:func:`channel_max`), None where not recorded
     :raises NonFiniteLossError: weights, targets or loss are NaN/Inf; the layer is
         left unchanged
     """
     device = get_execution_device(layer)
     if device == "disk" or not isinstance(device, torch.device):
         device = torch.device("cpu")
-    calls = split_calls(calls)
-    probe = calls[0]  # one sample, for the smoothing check
-    if step_plan is None or len(step_plan[0]) != len(calls):
-        step_plan = assign_steps(call_keys(calls), options.batch_size)
-    steps = plan_steps(calls, *step_plan)
-    del calls
+    samples = split_calls(calls)
+    if not all(TARGET in call for call in samples):  # outputs used only if all recorded
+        samples = [without_target(call) for call in samples]
+    probe = without_target(samples[0])  # one sample, for the smoothing check
+    if step_plan is None or len(step_plan[0]) != len(samples):
+        step_plan = assign_steps(call_keys(samples), options.batch_size)
+    steps, recorded = pop_targets(plan_steps(samples, *step_plan))
+    del samples
+    for call in calls:  # the steps hold them now (merged): no second copy in memory
+        call.pop(TARGET, None)
     precision = training_precision(options, layer, device)
     with contextlib.ExitStack() as stack:
         stack.enter_context(align_module_device(layer))
@@ -151,7 +167,10 @@ def calibrate_layer(
         attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
         with grouped_experts(layer):  # unquantized routed experts, fast
             # the input maxima are those of the inputs the transforms will see
-            targets, act_max = full_precision_pass(
+            reused = recorded_targets(name, layer, steps, groups, device, recorded,
+                                      input_max, outputs=hidden_states is None)
+            del recorded
+            targets, act_max = reused or full_precision_pass(
                 layer, steps, groups, device, outputs=hidden_states is None
             )
             if hidden_states is not None:  # no groups: the maxima are taken above
@@ -297,6 +316,66 @@ def check_finite_targets(name: str, targets: list[list[torch.Tensor]]):
 
 
 @torch.no_grad()
+def recorded_targets(
+    name: str,
+    layer: Module,
+    steps: list[list[dict]],
+    groups: list[ResolvedGroup],
+    device: torch.device,
+    recorded: list[list[torch.Tensor]] | None,
+    input_max: list[torch.Tensor | None] | None,
+    outputs: bool = True,
+) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]] | None:
+    """
+    What :func:`full_precision_pass` would compute, from the pipeline's calibration
+    pass of ``layer`` (which ran the same full-precision layer on the same inputs): its
+    outputs per step and sub-batch (``recorded``; empty lists unless ``outputs``) and
+    its groups' input maxima (``input_max``, MAX-reduced over ranks). Used only when
+    every rank has them and the layer, run now on the first sub-batch, gives the
+    recorded output (to the tolerance of another attention kernel), so a modifier
+    that changed the layer in between is noticed; else None.
+    """
+    usable = (input_max is not None and len(input_max) == len(groups)
+              and all(m is not None for m in input_max)
+              and (recorded is not None or not outputs))
+    checked = False
+    if usable and outputs:
+        first = next(((i, j) for i, batch in enumerate(steps) for j in range(len(batch))),
+                     None)
+        if first is not None:
+            i, j = first
+            output = layer_output(layer(**steps[i][j]))
+            reference = recorded[i][j].to(output.device)
+            tol = 1e-3 if output.dtype in (torch.float32, torch.float64) else 3e-2
+            checked = True
+            usable = (output.shape == reference.shape
+                      and bool(torch.isfinite(reference).all())
+                      and torch.allclose(output, reference, rtol=tol,
+                                         atol=tol * float(reference.abs().max())))
+    # every rank computes the targets the same way (the passes' collectives match)
+    if not bool(all_reduce_(torch.tensor([float(usable)]),
+                            op=torch.distributed.ReduceOp.MIN)):
+        if checked and not usable:
+            logger.warning(
+                f"FlatQuant: layer {name} no longer gives the outputs it gave in the "
+                "pipeline's calibration pass (another modifier changed it in between, "
+                "or they are not finite); its targets are computed again"
+            )
+        return None
+    act_max = [amax.to(device) for amax in input_max]
+    for amax in act_max:
+        all_reduce_(amax, op=torch.distributed.ReduceOp.MAX)
+    targets = ([[t.to(device) for t in step] for step in recorded] if outputs
+               else [[] for _ in steps])
+    return targets, act_max
+
+
+def channel_max(inputs: torch.Tensor) -> torch.Tensor:
+    """Per-channel max|x| (float32) of a linear's input, over all its tokens."""
+    return inputs.detach().abs().reshape(-1, inputs.shape[-1]).amax(dim=0).float()
+
+
+@torch.no_grad()
 def full_precision_pass(
     layer: Module,
     steps: list[list[dict]],
@@ -313,8 +392,7 @@ def full_precision_pass(
 
     def record(gi):
         def hook(_module, args):
-            amax = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0)
-            act_max[gi] = torch.maximum(act_max[gi], amax.float().to(device))
+            act_max[gi] = torch.maximum(act_max[gi], channel_max(args[0]).to(device))
 
         return hook
 

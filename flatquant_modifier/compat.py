@@ -38,6 +38,7 @@ __all__ = [
     "update_fused_layer_weight_global_scales",
     "hold_weights_during_forward",
     "routed_experts_only",
+    "has_linearized_experts",
     "regather_gptq_hessians",
 ]
 
@@ -232,6 +233,14 @@ def hold_weights_during_forward(model: nn.Module) -> int:
             module.forward = held.__get__(module)
         wrapped += 1
     return wrapped
+
+
+def has_linearized_experts(layer: torch.nn.Module) -> bool:
+    """Whether ``layer`` holds llm-compressor's linearized MoE experts, which its
+    calibration pass (``moe_calibrate_all_experts``) runs on every token."""
+    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+
+    return any(isinstance(module, LinearExperts2D) for module in layer.modules())
 
 
 @contextlib.contextmanager

@@ -22,14 +22,22 @@ from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
 from flatquant_modifier import fusion
 from flatquant_modifier.attention import SDPA, PipelineAttention
-from flatquant_modifier.calibrate import StepPlan, attach_int8_quantizers, calibrate_layer
+from flatquant_modifier.batching import TARGET
+from flatquant_modifier.calibrate import (
+    StepPlan,
+    attach_int8_quantizers,
+    calibrate_layer,
+    channel_max,
+)
 from flatquant_modifier.compat import (
     fp4_weights_in_model_dtype,
+    has_linearized_experts,
     hold_weights_during_forward,
     mark_weight_qparams_unset,
     regather_gptq_hessians,
     sync_weight_qparams,
 )
+from flatquant_modifier.emulation import layer_output
 from flatquant_modifier.mappings import FlatQuantMapping, infer_mappings_from_model
 from flatquant_modifier.options import FlatQuantOptions
 from flatquant_modifier.plan import (
@@ -99,7 +107,10 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
         - resolve them in every decoder layer; refuse bad sizes early
     - on_calibration_start
         - refuse schemes that would quantize the activations a second time
-        - register forward-pre hooks caching each decoder layer's call arguments
+        - register hooks caching each decoder layer's call arguments, and recording its
+          outputs and its groups' input maxima (FlatQuant's targets, unless the
+          layer has routed MoE experts, which llm-compressor's calibration sends
+          every token through)
     - on_sequential_epoch_end (once per decoder layer in the sequential pipeline)
         - :func:`~flatquant_modifier.calibrate.calibrate_layer`: train the layer's
           transforms, smoothing and clip factors, absorb them into the weights and
@@ -164,7 +175,10 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
     # decoder layers in model order
     _layers: list[LayerPlan] = PrivateAttr(default_factory=list)
     # cached call arguments of each decoder layer, one entry per calibration batch
+    # (with the layer's output in the calibration pass)
     _calls: dict[Module, IntermediatesCache] = PrivateAttr(default_factory=dict)
+    # per decoder layer and group: the max|input| per channel in the calibration pass
+    _input_max: dict[Module, list] = PrivateAttr(default_factory=dict)
     # names of the linears given an online transform (an int8 input quantizer) so far
     _transformed: list[str] = PrivateAttr(default_factory=list)
     _int8: list[str] = PrivateAttr(default_factory=list)
@@ -279,6 +293,7 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
                 self._calls[plan.module] = IntermediatesCache(None, offload)
                 self.register_hook(plan.module, self._cache_call, "forward_pre",
                                    with_kwargs=True)
+                self._record_targets(plan)
             elif plan.int8:
                 self.register_hook(plan.module, lambda module, *_: self._seen.add(module),
                                    "forward_pre")
@@ -303,6 +318,7 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
             calls = [cache.fetch(i) for i in range(len(cache))]
             del self._calls[plan.module], cache
             hidden_states = self._take_hidden_states(index)
+            input_max = self._input_max.pop(plan.module, None)
             # its training compares SDPA with its eager output: no SDPA hook meanwhile
             attention = self._pipeline_attention
             if attention is not None:
@@ -318,6 +334,7 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
                     logits=(self.last_layer_loss == "logits"
                             and index == len(self._layers) - 1),
                     hidden_states=hidden_states,
+                    input_max=input_max,
                 )
             except NonFiniteLossError as error:
                 if self.on_nonfinite == "raise":
@@ -346,6 +363,7 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
             self.remove_hooks()
             self._detach_pipeline_attention()
         self._calls.clear()
+        self._input_max.clear()
         self._hidden_states = None
         self._record_transform_config(state.model)
 
@@ -391,6 +409,25 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
         )
         return None
 
+    def _record_targets(self, plan: LayerPlan):
+        """Record, in the pipeline's calibration pass of ``plan``'s layer, what
+        FlatQuant's targets pass would compute again: the layer's outputs and its
+        groups' input maxima (not where llm-compressor sends every token through every
+        routed expert: the experts' inputs then differ)."""
+        if has_linearized_experts(plan.module):
+            return
+        if self.target_outputs == "layer":  # else the targets come from other inputs
+            self.register_hook(plan.module, self._cache_output, "forward")
+        maxima = self._input_max[plan.module] = [None] * len(plan.groups)
+        for index, group in enumerate(plan.groups):
+            self.register_hook(group.linears[0][1],
+                               functools.partial(_record_max, maxima, index),
+                               "forward_pre")
+
+    def _cache_output(self, module: Module, args: tuple, output):
+        cache = self._calls[module]
+        cache.update(len(cache) - 1, {TARGET: layer_output(output).detach()})
+
     def _cache_call(self, module: Module, args: tuple, kwargs: dict):
         arguments = inspect.signature(module.forward).bind(*args, **kwargs).arguments
         arguments |= arguments.pop("kwargs", {})
@@ -411,6 +448,11 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
             existing.config_groups.update(ours.config_groups)
             ours = existing
         setattr(model, TRANSFORM_CONFIG_NAME, ours)
+
+
+def _record_max(maxima: list, index: int, _linear: Module, args: tuple):
+    amax = channel_max(args[0])
+    maxima[index] = amax if maxima[index] is None else torch.maximum(maxima[index], amax)
 
 
 def _verify_before_saving(model: Module, transformed: list[str]):

@@ -2,11 +2,13 @@ import torch
 
 from flatquant_modifier import batching
 from flatquant_modifier.batching import (
+    TARGET,
     assign_steps,
     call_keys,
     equal_pairs,
     merge_calls,
     plan_steps,
+    pop_targets,
     share_equal_arguments,
     split_calls,
 )
@@ -174,3 +176,25 @@ def test_named_tuple_arguments_survive_sharing():
     assert shared[0]["position_embeddings"] is calls[0]["position_embeddings"]
     assert isinstance(shared[1]["position_embeddings"], Pair)
     assert shared[1]["position_embeddings"].cos is calls[0]["position_embeddings"].cos
+
+
+def test_recorded_outputs_follow_their_samples_into_the_steps():
+    # oneshot batches of 2 samples carrying the layer's outputs; samples 1 and 3 are
+    # equal, their outputs not: each keeps its own output, in its step and sub-batch
+    singles = [_call(i) for i in (0, 1, 2, 1)]
+    for i, call in enumerate(singles):
+        call[TARGET] = call["hidden_states"] * 10 + i
+    pairs = merge_calls(singles, batch_size=2)
+    assert pairs[0][TARGET].shape == (2, 5, 4)
+    calls = split_calls(pairs)
+    steps, targets = pop_targets(plan_steps(calls, [0, 1, 0, 1], 2))
+    assert all(TARGET not in kwargs for batches in steps for kwargs in batches)
+    offsets = [[(target - 10 * kwargs["hidden_states"]).mean(dim=(1, 2))
+                for kwargs, target in zip(batches, step_targets)]
+               for batches, step_targets in zip(steps, targets)]
+    torch.testing.assert_close(offsets, [[torch.tensor([0.0, 2.0])],
+                                         [torch.tensor([1.0, 3.0])]])
+    # a sub-batch without one: none are used
+    del calls[3][TARGET]
+    _, targets = pop_targets(plan_steps(calls, [0, 1, 0, 1], 2))
+    assert targets is None

@@ -1,6 +1,7 @@
 """FlatQuantModifier through llm-compressor's oneshot on a tiny random Llama."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from flatquant_modifier import FlatQuantModifier
 from flatquant_modifier.kronecker import kronecker_matmul
 from flatquant_modifier.quantize import fake_quantize_activation
 from flatquant_modifier.transform import get_flatquant_transform
-from tests.conftest import load_tiny, random_token_dataset
+from tests.conftest import load_tiny, random_token_dataset, save_tiny_model_for
 from tests.helpers import WEIGHTS_W4, log_messages, logits, run, weight_quantizer
 
 def test_transforms_preserve_the_unquantized_model(tiny_llama_dir):
@@ -218,3 +219,34 @@ def test_model_targets_stop_with_a_warning_after_an_untrained_layer(tiny_llama_d
     assert any("target_outputs='model', but model.layers.0 was not trained" in m
                and "model.layers.1 reproduces the full-precision layer on its own inputs"
                in m for m in messages)
+
+
+@pytest.mark.parametrize("model_kind", ["llama", "moe"])
+def test_targets_are_the_outputs_of_the_pipelines_calibration_pass(tmp_path, monkeypatch,
+                                                                   model_kind):
+    """FlatQuant takes a layer's targets and input maxima from llm-compressor's
+    calibration pass instead of a pass of its own, training as before; not in a
+    layer with routed MoE experts (the calibration pass sends every token through
+    every expert)."""
+    import flatquant_modifier.calibrate as calibrate
+
+    directory = save_tiny_model_for(Path(f"{model_kind}.yaml"), tmp_path / model_kind)
+    passes = []
+    full_pass = calibrate.full_precision_pass
+    monkeypatch.setattr(calibrate, "full_precision_pass",
+                        lambda layer, *a, **k: passes.append(layer) or full_pass(layer, *a, **k))
+    runs = {}
+    for record in (False, True):
+        with monkeypatch.context() as patch:
+            if not record:
+                patch.setattr(FlatQuantModifier, "_record_targets", lambda self, plan: None)
+            model, tok = load_tiny(directory)
+            modifier = FlatQuantModifier(epochs=1)
+            passes.clear()
+            run(model, tok, [modifier])
+            runs[record] = modifier
+            layers = list(model.model.layers)
+        assert passes == (layers if not record else layers[1:] if model_kind == "moe" else [])
+    for ours, plain in zip(runs[True].reports, runs[False].reports):
+        assert ours.loss_final == pytest.approx(plain.loss_final, rel=1e-5)
+    assert len(runs[True].reports) == 2

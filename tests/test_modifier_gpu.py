@@ -62,3 +62,35 @@ def test_pipeline_forwards_run_sdpa_on_cuda_by_default(tiny_llama_dir, placement
     assert pipeline == [(0, "eager", "cuda"), (0, "sdpa", "cuda"), (1, "sdpa", "cuda"),
                         (1, "sdpa", "cuda")]
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("placement", ["model on the GPU", "model on the CPU"])
+def test_targets_come_from_the_calibration_pass_on_cuda(tiny_llama_dir, monkeypatch, placement):
+    # the pipeline's calibration pass (eager, then SDPA with its mask) records the
+    # targets and input maxima FlatQuant's own pass gives (SDPA, causal kernels), to
+    # the rounding of another attention kernel, in every layer
+    import flatquant_modifier.calibrate as calibrate
+
+    passes, compared = [], []
+    full_pass, recorded_targets = calibrate.full_precision_pass, calibrate.recorded_targets
+
+    def checked(name, layer, steps, groups, device, *args, **kwargs):
+        result = recorded_targets(name, layer, steps, groups, device, *args, **kwargs)
+        targets, act_max = full_pass(layer, steps, groups, device)
+        for ours, theirs in zip([t for s in result[0] for t in s] + result[1],
+                                [t for s in targets for t in s] + act_max):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4,
+                                       atol=1e-4 * float(theirs.abs().max()))
+        compared.append(name)
+        return result
+
+    monkeypatch.setattr(calibrate, "full_precision_pass",
+                        lambda *a, **k: passes.append(1) or full_pass(*a, **k))
+    monkeypatch.setattr(calibrate, "recorded_targets", checked)
+    on_gpu = placement == "model on the GPU"
+    model, tok = load_tiny(tiny_llama_dir)
+    if on_gpu:
+        model.to("cuda:0")
+    run(model, tok, [FlatQuantModifier(epochs=1)], num_samples=16, seq_len=64,
+        sequential_offload_device="cuda:0" if on_gpu else "cpu")
+    assert compared == ["model.layers.0", "model.layers.1"] and passes == []
