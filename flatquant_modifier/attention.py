@@ -27,8 +27,9 @@ from loguru import logger
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from flatquant_modifier.batching import first_sub_batch
 from flatquant_modifier.distributed import all_reduce_
-from flatquant_modifier.emulation import layer_output
+from flatquant_modifier.emulation import layer_output, same_output
 
 __all__ = ["training_attention", "drop_causal_masks", "PipelineAttention"]
 
@@ -60,7 +61,7 @@ def training_attention(
         return
     sdpa_steps = drop_causal_masks(steps)
     same = torch.ones(1)
-    first = next(((i, j) for i, batch in enumerate(steps) for j in range(len(batch))), None)
+    first = first_sub_batch(steps)
     if first is not None:
         i, j = first
         with torch.no_grad():
@@ -71,12 +72,9 @@ def training_attention(
                     # and with the explicit mask, as PipelineAttention runs the pipeline's
                     # forwards on this verdict
                     sdpa.append(layer_output(layer(**steps[i][j])))
-        tol = 1e-3 if eager.dtype in (torch.float32, torch.float64) else 3e-2
         # non-finite outputs are refused by the caller's full-precision pass
-        same[0] = float(bool(torch.isfinite(eager).all()) and all(
-            torch.allclose(output, eager, rtol=tol, atol=tol * float(eager.abs().max()))
-            for output in sdpa
-        ))
+        same[0] = float(bool(torch.isfinite(eager).all())
+                        and all(same_output(output, eager) for output in sdpa))
     # every rank must run the same function
     if not bool(all_reduce_(same, op=dist.ReduceOp.MIN)):
         logger.info(

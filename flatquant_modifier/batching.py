@@ -35,6 +35,7 @@ __all__ = [
     "assign_steps",
     "plan_steps",
     "layer_input",
+    "first_sub_batch",
     "pop_targets",
     "without_target",
     "share_equal_arguments",
@@ -256,6 +257,11 @@ def _merge(calls: list[dict[str, Any]]) -> dict[str, Any] | object:
             return _MISMATCH
         merged[key] = value
     return merged
+
+
+def first_sub_batch(steps: list[list[Any]]) -> tuple[int, int] | None:
+    """(step, sub-batch) of the first sub-batch in ``steps``; None if all are empty."""
+    return next(((i, j) for i, batch in enumerate(steps) for j in range(len(batch))), None)
 
 
 def pop_targets(

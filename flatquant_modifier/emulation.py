@@ -36,6 +36,7 @@ __all__ = [
     "FakeQuantizedLayer",
     "compile_step",
     "layer_output",
+    "same_output",
     "plain_forwards",
     "quantized_weights",
     "quantized_input",
@@ -46,6 +47,16 @@ __all__ = [
 def layer_output(out: Any) -> torch.Tensor:
     """The hidden states a decoder layer returns (alone or first of a tuple)."""
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def same_output(output: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether a layer's ``output`` is ``reference`` up to the rounding of other
+    kernels (another attention implementation): 1e-3 relative in float32/float64,
+    3e-2 in lower precision, the absolute bound scaled by the reference's maximum."""
+    tol = 1e-3 if reference.dtype in (torch.float32, torch.float64) else 3e-2
+    return output.shape == reference.shape and torch.allclose(
+        output, reference, rtol=tol, atol=tol * float(reference.abs().max())
+    )
 
 
 class FakeQuantizedLayer:
