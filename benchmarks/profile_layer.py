@@ -37,9 +37,8 @@ def layer_inputs(model, layer, input_ids: torch.Tensor) -> list[dict]:
     calls = []
 
     def capture(_module, args, kwargs):
-        call = dict(kwargs)
-        if args:
-            call["hidden_states"] = args[0]
+        # the layer input first, as llm-compressor's pipeline caches a call
+        call = {"hidden_states": args[0], **kwargs} if args else dict(kwargs)
         call.pop("past_key_values", None)
         calls.append({k: (v.detach() if isinstance(v, torch.Tensor) else v)
                       for k, v in call.items()})

@@ -101,7 +101,7 @@ def _sample_of(value: Any, batch: int, index: int) -> Any:
 
 def call_keys(calls: list[dict[str, Any]]) -> torch.Tensor:
     """
-    A float64 key per call from its first tensor argument (the layer input): equal
+    A float64 key per call from its layer input (:func:`layer_input`): equal
     for equal samples, in any process.
     """
     keys = []
@@ -283,8 +283,11 @@ def without_target(call: dict[str, Any]) -> dict[str, Any]:
 
 
 def layer_input(call: dict[str, Any]) -> tuple[str, torch.Tensor]:
-    """The layer input of a cached call and its argument name: its first tensor
-    argument (``hidden_states`` of a decoder layer)."""
+    """The layer input of a cached call and its argument name: ``hidden_states`` (a
+    decoder layer's) wherever the call holds it, else its first tensor argument."""
+    hidden = call.get("hidden_states")
+    if isinstance(hidden, torch.Tensor):
+        return "hidden_states", hidden
     return next((k, v) for k, v in call.items() if isinstance(v, torch.Tensor))
 
 

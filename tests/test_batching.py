@@ -6,6 +6,7 @@ from flatquant_modifier.batching import (
     assign_steps,
     call_keys,
     equal_pairs,
+    layer_input,
     merge_calls,
     plan_steps,
     pop_targets,
@@ -37,6 +38,20 @@ def test_merges_hidden_states_and_shares_identical_arguments():
     assert batches[0]["position_embeddings"][0].shape == (1, 5, 2)
     assert batches[0]["attention_mask"].shape == (1, 1, 5, 5)
     assert batches[0]["use_cache"] is False and batches[0]["past_key_values"] is None
+
+
+def test_the_layer_input_is_hidden_states_wherever_the_call_holds_it():
+    call = _call(0)
+    # a pre-hook's kwargs with the positional hidden states added last
+    late = {"position_ids": torch.arange(5)[None], **call}
+    key, hidden = layer_input(late)
+    assert key == "hidden_states" and hidden is call["hidden_states"]
+    # other layers: their first tensor argument
+    assert layer_input({"flag": True, "x": call["hidden_states"]})[0] == "x"
+    # the steps take the tokens of the hidden states, not of position_ids
+    calls = [{"position_ids": torch.arange(5)[None], **_call(i)} for i in range(4)]
+    steps = plan_steps(calls, *assign_steps(call_keys(calls), 2))
+    assert [tuple(layer_input(k)[1].shape) for b in steps for k in b] == [(2, 5, 4)] * 2
 
 
 def test_different_masks_are_concatenated_and_lengths_split_batches():

@@ -338,6 +338,29 @@ def test_train_layer_counts_the_tokens_of_all_epochs_for_auto(monkeypatch):
     assert seen and set(seen) == {(weights, options.epochs * tokens)}
 
 
+def test_auto_counts_the_tokens_of_hidden_states_given_after_other_arguments(monkeypatch):
+    """A call caught by a forward pre-hook holds the positional hidden states after
+    ``position_ids``; the tokens are still those of the hidden states."""
+    from flatquant_modifier import emulation
+
+    seen = []
+
+    def record(options, device, num_weights, training_tokens=0):
+        seen.append(training_tokens)
+        return False
+
+    monkeypatch.setattr(emulation, "use_torch_compile", record)
+    name, layer, groups, params, steps, targets, options = _first_layer()
+    late = [[{"position_ids": torch.arange(k["hidden_states"].shape[1])[None]
+                              .expand(k["hidden_states"].shape[0], -1),
+              **{key: v for key, v in k.items() if key != "hidden_states"},
+              "hidden_states": k["hidden_states"]} for k in batches] for batches in steps]
+    train_layer(name, layer, groups, params, late, targets, options,
+                Precision(torch.float32, None), torch.device("cpu"))
+    tokens = sum(k["hidden_states"].shape[:-1].numel() for b in steps for k in b)
+    assert seen and set(seen) == {options.epochs * tokens}
+
+
 def test_compiled_layers_keep_bfloat16_weights_and_cast_them_exactly():
     from flatquant_modifier.emulation import FakeQuantizedLayer, layer_output
 

@@ -258,3 +258,15 @@ def test_profile_run_between_profiles_the_time_between_two_trainings(tmp_path):
     assert "test_profile_run_between_profiles_the_time_between_two_trainings" not in functions
     assert set(report["epoch_seconds"]) == {f"model.layers.{i}" for i in range(4)}
     assert (tmp_path / "trace.json").exists()
+
+
+def test_layer_inputs_hold_the_hidden_states_first_as_the_pipeline_caches_them():
+    from tests.conftest import build_tiny_llama
+
+    model = build_tiny_llama()
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    calls = _load("profile_layer").layer_inputs(model, model.model.layers[0], ids)
+    assert len(calls) == 2
+    for call in calls:
+        assert next(iter(call)) == "hidden_states"
+        assert call["hidden_states"].shape == (1, 8, model.config.hidden_size)
