@@ -28,6 +28,7 @@ from profile_layer import (  # noqa: E402
 
 from flatquant_modifier.batching import assign_steps, call_keys, plan_steps  # noqa: E402
 from flatquant_modifier.calibrate import full_precision_pass  # noqa: E402
+from flatquant_modifier.emulation import use_torch_compile  # noqa: E402
 from flatquant_modifier.mappings import LLAMA_MAPPINGS, resolve_layer  # noqa: E402
 from flatquant_modifier.modules import build_group_params  # noqa: E402
 from flatquant_modifier.options import FlatQuantOptions, training_precision  # noqa: E402
@@ -95,6 +96,8 @@ def measure(shape: str, args, device: torch.device) -> dict:
                                evaluation_samples=args.evaluation_samples,
                                torch_compile=COMPILE[args.torch_compile],
                                quantized_matmul=COMPILE[args.quantized_matmul])
+    options = decided_for_budget(options, device, groups,
+                                 args.budget_samples * args.seq_len * args.budget_epochs)
     precision = training_precision(options, layer, device)
 
     def run(epochs):
@@ -142,6 +145,7 @@ def measure(shape: str, args, device: torch.device) -> dict:
         "report_rtn_loss": options.report_rtn_loss,
         "evaluation_samples": options.evaluation_samples,
         "torch_compile": args.torch_compile,
+        "compiled": options.torch_compile,  # "auto" decided for the budget
         "quantized_matmul": args.quantized_matmul,
         "first_layer_seconds": round(first, 2),  # 1 epoch, with compilation and capture
         "ms_per_step": round(ms_per_step, 2),
@@ -158,11 +162,23 @@ def measure(shape: str, args, device: torch.device) -> dict:
     }
 
 
+def decided_for_budget(options: FlatQuantOptions, device: torch.device, groups,
+                       budget_tokens: int) -> FlatQuantOptions:
+    """``options`` with ``torch_compile="auto"`` decided as the modifier decides it for
+    the budget's training (``budget_tokens``: samples x tokens x epochs), not for the
+    shorter runs measured here: a layer that compiles at the budget is measured
+    compiled."""
+    num_weights = sum(linear.weight.numel() for g in groups for _, linear in g.linears)
+    compiled = use_torch_compile(options, device, num_weights, budget_tokens)
+    return options.model_copy(update={"torch_compile": compiled})
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| shape | torch.compile | ms per step | peak GPU memory | layers | "
              "projected training at the budget |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['torch_compile']} | {r['ms_per_step']} | "
+        compiled = "on" if r["compiled"] else "off"
+        lines.append(f"| {r['shape']} | {r['torch_compile']} ({compiled}) | {r['ms_per_step']} | "
                      f"{r['peak_gpu_GiB']} GiB | "
                      f"{r['layers']} | {r['projected_training_minutes']} min ({r['budget']}) |")
     return "\n".join(lines)
@@ -195,7 +211,8 @@ def main():
                         help="FlatQuantOptions.evaluation_samples: the samples of the "
                         "evaluation passes ('all': every sample)")
     parser.add_argument("--torch-compile", choices=sorted(COMPILE), default="auto",
-                        help="FlatQuantOptions.torch_compile")
+                        help="FlatQuantOptions.torch_compile ('auto': decided for the "
+                        "budget's training, as the modifier decides it)")
     parser.add_argument("--quantized-matmul", choices=sorted(COMPILE), default="auto",
                         help="FlatQuantOptions.quantized_matmul: the linears' forward as "
                         "FP8 (GPU) or int8 GEMMs of the quantized levels")

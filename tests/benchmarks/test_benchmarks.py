@@ -270,3 +270,30 @@ def test_layer_inputs_hold_the_hidden_states_first_as_the_pipeline_caches_them()
     for call in calls:
         assert next(iter(call)) == "hidden_states"
         assert call["hidden_states"].shape == (1, 8, model.config.hidden_size)
+
+
+def test_scale_decides_auto_compilation_for_the_budget_not_the_measured_epochs(monkeypatch):
+    from types import SimpleNamespace
+
+    from flatquant_modifier.options import FlatQuantOptions
+
+    decided_for_budget = _load("scale").decided_for_budget
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",  # as on a GPU host with triton
+                        lambda name, *a: object() if name == "triton" else find_spec(name, *a))
+    # Qwen3-30B-A3B's attention (hidden 2048, 32 / 4 heads of 128): 18.9 M weights
+    with torch.device("meta"):
+        groups = [SimpleNamespace(linears=[(n, torch.nn.Linear(i, o, bias=False))
+                                           for n, i, o in linears])
+                  for linears in ([("q", 2048, 4096), ("k", 2048, 512), ("v", 2048, 512)],
+                                  [("o", 4096, 2048)])]
+    options = FlatQuantOptions(epochs=1, torch_compile="auto")
+    cuda = torch.device("cuda")
+    budget = 128 * 2048  # tokens of the paper's samples
+    # one measured epoch (4.9e12 of work) would stay eager; 15 epochs (7.4e13) compile
+    assert decided_for_budget(options, cuda, groups, budget).torch_compile is False
+    assert decided_for_budget(options, cuda, groups, 15 * budget).torch_compile is True
+    assert decided_for_budget(options, torch.device("cpu"), groups,
+                              15 * budget).torch_compile is False
+    forced = options.model_copy(update={"torch_compile": False})
+    assert decided_for_budget(forced, cuda, groups, 15 * budget).torch_compile is False
