@@ -28,7 +28,7 @@ from profile_layer import (  # noqa: E402
 
 from flatquant_modifier.batching import assign_steps, call_keys, plan_steps  # noqa: E402
 from flatquant_modifier.calibrate import full_precision_pass  # noqa: E402
-from flatquant_modifier.emulation import use_torch_compile  # noqa: E402
+from flatquant_modifier.emulation import transformed_weights, use_torch_compile  # noqa: E402
 from flatquant_modifier.mappings import LLAMA_MAPPINGS, resolve_layer  # noqa: E402
 from flatquant_modifier.modules import build_group_params  # noqa: E402
 from flatquant_modifier.options import FlatQuantOptions, training_precision  # noqa: E402
@@ -168,8 +168,7 @@ def decided_for_budget(options: FlatQuantOptions, device: torch.device, groups,
     the budget's training (``budget_tokens``: samples x tokens x epochs), not for the
     shorter runs measured here: a layer that compiles at the budget is measured
     compiled."""
-    num_weights = sum(linear.weight.numel() for g in groups for _, linear in g.linears)
-    compiled = use_torch_compile(options, device, num_weights, budget_tokens)
+    compiled = use_torch_compile(options, device, transformed_weights(groups), budget_tokens)
     return options.model_copy(update={"torch_compile": compiled})
 
 

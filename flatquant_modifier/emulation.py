@@ -40,6 +40,7 @@ __all__ = [
     "plain_forwards",
     "quantized_weights",
     "quantized_input",
+    "transformed_weights",
     "use_torch_compile",
 ]
 
@@ -83,7 +84,7 @@ class FakeQuantizedLayer:
         self.options = options
         self.dtype = precision.dtype
         self.device_type = torch.device(device).type
-        num_weights = sum(linear.weight.numel() for g in groups for _, linear in g.linears)
+        num_weights = transformed_weights(groups)
         self.compiled = compiled = use_torch_compile(
             options, device, num_weights, training_tokens)
         self.levels_dtype = quantized_matmul_levels(options, device, groups, num_weights,
@@ -510,6 +511,11 @@ def _storage_dtype(weight_dtype: torch.dtype, dtype: torch.dtype) -> torch.dtype
 # side. A Llama-3-8B layer (218 M weights) passes at one epoch of 128 x 2048, a step of
 # it taking 27.4 against 72.6 ms
 AUTO_COMPILE_MIN_WORK = 1e13
+
+
+def transformed_weights(groups: list[ResolvedGroup]) -> int:
+    """The number of weights a layer's transforms act on: all its groups' linears'."""
+    return sum(linear.weight.numel() for g in groups for _, linear in g.linears)
 
 
 def use_torch_compile(options: FlatQuantOptions, device: torch.device,
