@@ -9,7 +9,9 @@ hands every layer an explicit 4-D causal mask. Eager attention materialises the
 most of a training step. So while a layer trains, the model's own implementation
 (SDPA) is restored and a mask that is exactly causal is replaced by None (SDPA then
 runs its causal kernels, flash on CUDA), after checking on one sub-batch that the
-layer gives the same output both ways.
+layer's attention gives the same output both ways (its attention modules' outputs, not
+the layer's: the rest of the layer does not depend on the choice, and a MoE router turns
+the rounding differences of two attention kernels into other experts for some tokens).
 
 The pipeline's own forwards of those layers (its calibration pass, which caches their
 inputs, and its propagation pass, which computes the next layer's) run eagerly over
@@ -18,7 +20,7 @@ the pipeline's mask, for the layer classes whose training checked SDPA.
 """
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -31,7 +33,10 @@ from flatquant_modifier.batching import first_sub_batch
 from flatquant_modifier.distributed import all_reduce_
 from flatquant_modifier.emulation import layer_output, same_output
 
-__all__ = ["training_attention", "drop_causal_masks", "PipelineAttention"]
+__all__ = [
+    "training_attention", "attention_outputs", "drop_causal_masks", "PipelineAttention",
+    "EagerCausalMask",
+]
 
 SDPA = "sdpa"
 EAGER = "eager"
@@ -43,13 +48,14 @@ def training_attention(
     layer: nn.Module,
     steps: list[list[dict[str, Any]]],
     implementation: str | None,
+    name: str = "",
 ) -> Iterator[list[list[dict[str, Any]]]]:
     """
     Within the context, ``layer`` runs with ``implementation`` (the model's attention
-    before llm-compressor forced eager) if that is SDPA and gives the layer's eager
-    output on the first sub-batch, with its causal mask dropped and with it kept;
-    yields the steps to use (pure causal masks dropped when SDPA is on, the given steps
-    otherwise).
+    before llm-compressor forced eager) if that is SDPA and its attention modules give
+    their eager outputs on the first sub-batch (:func:`attention_outputs`), with its
+    causal mask dropped and with it kept; yields the steps to use (pure causal masks
+    dropped when SDPA is on, the given steps otherwise).
     """
     config = getattr(model, "config", None)
     if (
@@ -64,27 +70,58 @@ def training_attention(
     first = first_sub_batch(steps)
     if first is not None:
         i, j = first
-        with torch.no_grad():
-            eager = layer_output(layer(**steps[i][j]))
+        with torch.no_grad(), attention_outputs(layer) as compared:
+            eager = compared(lambda: layer(**steps[i][j]))
             with patch_attr(config, "_attn_implementation", SDPA):
-                sdpa = [layer_output(layer(**sdpa_steps[i][j]))]
+                sdpa = [compared(lambda: layer(**sdpa_steps[i][j]))]
                 if sdpa_steps[i][j] is not steps[i][j]:
                     # and with the explicit mask, as PipelineAttention runs the pipeline's
                     # forwards on this verdict
-                    sdpa.append(layer_output(layer(**steps[i][j])))
+                    sdpa.append(compared(lambda: layer(**steps[i][j])))
         # non-finite outputs are refused by the caller's full-precision pass
-        same[0] = float(bool(torch.isfinite(eager).all())
-                        and all(same_output(output, eager) for output in sdpa))
+        same[0] = float(
+            all(bool(torch.isfinite(e).all()) for e in eager)
+            and all(len(outputs) == len(eager) and all(map(same_output, outputs, eager))
+                    for outputs in sdpa)
+        )
     # every rank must run the same function
     if not bool(all_reduce_(same, op=dist.ReduceOp.MIN)):
         logger.info(
-            "FlatQuant: SDPA attention does not reproduce the layer's eager output; "
-            "training with eager attention"
+            f"FlatQuant: SDPA does not reproduce the eager attention of layer {name}; "
+            "it trains with eager attention"
         )
         yield steps
         return
     with patch_attr(config, "_attn_implementation", SDPA):
         yield sdpa_steps
+
+
+def attention_modules(layer: nn.Module) -> list[nn.Module]:
+    """The attention modules of a decoder layer (transformers names their classes
+    ``...Attention``: Llama, Qwen2/3, Qwen3-MoE, DeepSeek-V2/V3, Mistral, Gemma)."""
+    return [m for m in layer.modules() if type(m).__name__.endswith("Attention")]
+
+
+@contextlib.contextmanager
+def attention_outputs(layer: nn.Module) -> Iterator[Callable[[Callable], list]]:
+    """Yields ``compared(run)``: runs ``run()`` (a forward of ``layer``) and returns the
+    outputs of the layer's attention modules in call order, or the layer's output when
+    it has none that transformers names so."""
+    modules = attention_modules(layer)
+    seen: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda _m, _a, out: seen.append(layer_output(out)))
+               for m in modules]
+
+    def compared(run: Callable) -> list[torch.Tensor]:
+        seen.clear()
+        out = layer_output(run())
+        return list(seen) if modules else [out]
+
+    try:
+        yield compared
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def drop_causal_masks(steps: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
@@ -130,7 +167,7 @@ class PipelineAttention:
     SDPA attention for llm-compressor's own forwards of the decoder layers FlatQuant
     calibrates, which its calibration context runs eagerly: a layer runs its attention
     with SDPA (the model's own implementation) and the pipeline's explicit mask when the
-    last layer of its class that trained checked that SDPA reproduces its eager output
+    last layer of its class that trained checked that SDPA reproduces its eager attention
     (:func:`training_attention`, :meth:`record`); eagerly before that, and for classes
     where the check failed. Detach a layer while FlatQuant trains it: the check compares
     against its eager output.
@@ -198,3 +235,82 @@ class PipelineAttention:
         previous = self._restore.pop() if self._restore else None
         if previous is not None:
             self.config._attn_implementation = previous
+
+
+class EagerCausalMask:
+    """
+    The causal mask for the decoder layers' forwards that get eager attention and no
+    mask: with those, eager attention attends to later tokens too.
+
+    In llm-compressor 0.14's traced pipeline, models that pick their mask function at
+    run time (Mistral, Mixtral, Qwen3-MoE, Phi-3: ``mask_function = create_causal_mask
+    if ... else ...``) call it with a config rebuilt from ``to_dict()``, which has lost
+    the eager attention llm-compressor's calibration forces: it returns ``None``, the
+    mask SDPA reads as causal, and their layers' calibration and propagation forwards
+    (every modifier's) attend in both directions. While attached,
+    such a call gets the mask transformers builds for eager attention: causal, and
+    within the sliding window where the layer's attention has one shorter than the
+    sequence. Plain torch hooks, first of the layer's: llm-compressor's propagation pass
+    disables modifier hooks, and FlatQuant's call cache must record the mask.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.config = getattr(model, "config", None)
+        self.model_name = type(model).__name__
+        self._handles: list[RemovableHandle] = []
+        self._windows: dict[nn.Module, int | None] = {}  # layer -> sliding window
+        self._masks: dict[tuple, torch.Tensor] = {}  # one tensor per shape, shared
+        self._announced = False
+
+    def attach(self, layer: nn.Module):
+        modules = attention_modules(layer)
+        if (self.config is None or layer in self._windows or not modules
+                or not all(getattr(m, "is_causal", False) for m in modules)):
+            return
+        windows = {getattr(m, "sliding_window", None) for m in modules}
+        self._windows[layer] = windows.pop() if len(windows) == 1 else None
+        self._handles.append(layer.register_forward_pre_hook(
+            self._add_mask, with_kwargs=True, prepend=True))
+
+    def detach(self):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._windows.clear()
+        self._masks.clear()
+
+    def mask(self, length: int, dtype: torch.dtype, device: torch.device,
+             window: int | None) -> torch.Tensor:
+        """``[1, 1, length, length]``: 0 where token i sees token j (``j <= i``, and
+        ``j > i - window`` with a window), the dtype's minimum elsewhere, as transformers'
+        eager masks."""
+        window = window if window is not None and window < length else None
+        key = (length, dtype, str(device), window)
+        if key not in self._masks:
+            i = torch.arange(length, device=device)
+            seen = i[None, :] <= i[:, None]
+            if window is not None:
+                seen &= i[None, :] > i[:, None] - window
+            mask = torch.zeros(length, length, dtype=dtype, device=device)
+            self._masks[key] = mask.masked_fill_(~seen, torch.finfo(dtype).min)[None, None]
+        return self._masks[key]
+
+    def _add_mask(self, module: nn.Module, args: tuple, kwargs: dict):
+        if ("attention_mask" not in kwargs or kwargs["attention_mask"] is not None
+                or self.config._attn_implementation != EAGER
+                or kwargs.get("past_key_values") is not None):
+            return None
+        hidden_states = args[0] if args else kwargs.get("hidden_states")
+        if not (isinstance(hidden_states, torch.Tensor) and hidden_states.ndim == 3
+                and hidden_states.is_floating_point()):
+            return None
+        if not self._announced:
+            self._announced = True
+            logger.info(
+                f"FlatQuant: llm-compressor's pipeline calls the decoder layers of "
+                f"{self.model_name} with eager attention and no mask (which attends to "
+                "later tokens); their calls get the causal mask"
+            )
+        mask = self.mask(hidden_states.shape[1], hidden_states.dtype,
+                         hidden_states.device, self._windows.get(module))
+        return args, {**kwargs, "attention_mask": mask}

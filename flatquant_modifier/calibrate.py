@@ -163,7 +163,7 @@ def calibrate_layer(
         if smoothing is not None:
             smoothing.apply(name, layer, groups, probe, device)
         steps = stack.enter_context(
-            training_attention(model, layer, steps, attn_implementation)
+            training_attention(model, layer, steps, attn_implementation, name)
         )
         attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
         with grouped_experts(layer):  # unquantized routed experts, fast

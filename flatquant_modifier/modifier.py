@@ -21,7 +21,7 @@ from llmcompressor.pipelines.cache import IntermediatesCache
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
 from flatquant_modifier import fusion
-from flatquant_modifier.attention import SDPA, PipelineAttention
+from flatquant_modifier.attention import SDPA, EagerCausalMask, PipelineAttention
 from flatquant_modifier.batching import TARGET
 from flatquant_modifier.calibrate import (
     StepPlan,
@@ -192,6 +192,8 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
     # the model's attention implementation before calibration forced eager
     _attn_implementation: str | None = PrivateAttr(default=None)
     _pipeline_attention: PipelineAttention | None = PrivateAttr(default=None)
+    # the causal mask for layer calls llm-compressor's pipeline makes without one
+    _causal_mask: EagerCausalMask | None = PrivateAttr(default=None)
     # target_outputs="model": the index of the next decoder layer and its inputs in
     # the full-precision model (per step and sub-batch)
     _hidden_states: tuple[int, list] | None = PrivateAttr(default=None)
@@ -282,6 +284,10 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
         # under torchrun: lets on_finalize find the rank that computed each weight qparam
         mark_weight_qparams_unset(state.model)
         offload = torch.device(self.offload_device) if self.offload_device else None
+        # until finalize: a later modifier's own pass (GPTQ's) needs the mask too
+        self._causal_mask = EagerCausalMask(state.model)
+        for plan in self._layers:
+            self._causal_mask.attach(plan.module)
         self._pipeline_attention = PipelineAttention(
             state.model,
             self._attn_implementation if self.pipeline_sdpa is not False else None,
@@ -303,6 +309,7 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
             self._calibrate_cached_layers(state)
         except BaseException:
             self._detach_pipeline_attention()  # no hook of a failed run stays on the model
+            self._detach_causal_mask()
             raise
 
     def _calibrate_cached_layers(self, state: State):
@@ -319,7 +326,7 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
             del self._calls[plan.module], cache
             hidden_states = self._take_hidden_states(index)
             input_max = self._input_max.pop(plan.module, None)
-            # its training compares SDPA with its eager output: no SDPA hook meanwhile
+            # its training compares SDPA with its eager attention: no SDPA hook meanwhile
             attention = self._pipeline_attention
             if attention is not None:
                 attention.detach(plan.module)
@@ -367,6 +374,11 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
         self._hidden_states = None
         self._record_transform_config(state.model)
 
+    def _detach_causal_mask(self):
+        if self._causal_mask is not None:
+            self._causal_mask.detach()
+            self._causal_mask = None
+
     def _detach_pipeline_attention(self):
         if self._pipeline_attention is not None:
             self._pipeline_attention.detach()
@@ -375,6 +387,7 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
     def on_finalize(self, state: State, **kwargs) -> bool:
         if not self.ended_:
             self.on_calibration_end(state, None)
+        self._detach_causal_mask()
         self._calls.clear()
         sync_weight_qparams(state.model)
         if self.fuse_global_scales:

@@ -5,11 +5,16 @@ import pytest
 import torch
 
 from flatquant_modifier import FlatQuantModifier
+from compressed_tensors.utils import patch_attr
+
 from flatquant_modifier.attention import (
+    EagerCausalMask,
     PipelineAttention,
+    attention_outputs,
     drop_causal_masks,
     training_attention,
 )
+from flatquant_modifier.emulation import same_output
 from tests.conftest import build_tiny_llama, load_tiny
 from tests.helpers import run
 
@@ -82,6 +87,47 @@ def test_sdpa_is_refused_when_it_changes_the_output_with_the_explicit_mask(monke
     layer = model.model.layers[0]
     with training_attention(model, layer, steps, "sdpa") as used:
         assert used is steps and model.config._attn_implementation == "eager"
+
+
+def test_sdpa_is_kept_when_a_router_after_the_attention_changes_the_layer_output():
+    # a MoE router sends some tokens to other experts on the rounding differences of two
+    # attention kernels: the layer's output differs, its attention's does not
+    model, steps = _causal_steps()
+    layer = model.model.layers[0]
+
+    class Router(torch.nn.Module):  # a step function of its input, as top-k routing
+        def forward(self, hidden_states):
+            return 10.0 * torch.remainder(torch.floor(hidden_states * 1e7), 2)
+
+    layer.mlp = Router()
+    with torch.no_grad():
+        eager = layer(**steps[0][0])
+        with patch_attr(model.config, "_attn_implementation", "sdpa"):
+            sdpa = layer(**drop_causal_masks(steps)[0][0])
+    assert not same_output(sdpa, eager)
+    with training_attention(model, layer, steps, "sdpa") as used:
+        assert model.config._attn_implementation == "sdpa"
+        assert all(b["attention_mask"] is None for batches in used for b in batches)
+
+
+def test_attention_outputs_are_the_attention_modules_or_else_the_layer():
+    model, steps = _causal_steps()
+    layer = model.model.layers[0]
+    with torch.no_grad(), attention_outputs(layer) as compared:
+        (attention,) = compared(lambda: layer(**steps[0][0]))
+        kwargs = steps[0][0]
+        expected = layer.self_attn(
+            hidden_states=layer.input_layernorm(kwargs["hidden_states"]),
+            attention_mask=kwargs["attention_mask"],
+            position_embeddings=kwargs["position_embeddings"],
+        )[0]
+    torch.testing.assert_close(attention, expected)
+    mlp = layer.mlp  # no attention module: the layer's own output
+    hidden = torch.randn(2, 4, 64)
+    with torch.no_grad(), attention_outputs(mlp) as compared:
+        (out,) = compared(lambda: mlp(hidden))
+        torch.testing.assert_close(out, mlp(hidden))
+    assert not layer.self_attn._forward_hooks
 
 
 def _attention_spy(model):
@@ -222,3 +268,37 @@ def test_pipeline_attention_switches_only_the_chosen_device_types():
         attention.detach()
         assert [s[1] for s in seen[-2:]] == [expected, expected], devices
     assert model.config._attn_implementation == "eager"
+
+
+def test_eager_causal_mask_is_transformers_eager_mask_shared_and_only_where_missing():
+    from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function
+
+    model, steps = _causal_steps()
+    layer = model.model.layers[0]
+    repair = EagerCausalMask(model)
+    mask = repair.mask(16, torch.float32, torch.device("cpu"), None)
+    torch.testing.assert_close(mask, steps[0][0]["attention_mask"], rtol=0, atol=0)
+    assert repair.mask(16, torch.float32, torch.device("cpu"), 32) is mask  # window >= length
+    window = repair.mask(16, torch.float32, torch.device("cpu"), 4)
+    seen = sdpa_mask(batch_size=1, q_length=16, kv_length=16,
+                     mask_function=sliding_window_causal_mask_function(4),
+                     allow_is_causal_skip=False)
+    assert torch.equal(window == 0, seen)
+
+    calls = []
+    layer.self_attn.register_forward_pre_hook(
+        lambda m, a, k: calls.append(k["attention_mask"]), with_kwargs=True)
+    repair.attach(layer)
+    kwargs = {**steps[0][0], "attention_mask": None}
+    with torch.no_grad():
+        layer(**kwargs)  # eager, no mask: the causal one
+        layer(**steps[0][0])  # its own mask stays
+        with patch_attr(model.config, "_attn_implementation", "sdpa"):
+            layer(**kwargs)  # SDPA reads None as causal
+        layer(**kwargs)
+    assert calls[0] is calls[3] and torch.equal(calls[0], mask)
+    assert calls[1] is steps[0][0]["attention_mask"] and calls[2] is None
+    repair.detach()
+    with torch.no_grad():
+        layer(**kwargs)
+    assert calls[4] is None
