@@ -40,13 +40,15 @@ def test_unquantized_random_transforms_with_smoothing_are_the_layer():
 
 
 def _emulated_layer(quant_format: str, device: torch.device, num_calls: int | None = None,
-                    bias: bool = False, **options):
+                    bias: bool = False, model: torch.nn.Module | None = None, **options):
     """Layer 0 of the tiny model (``TINY_MXFP4`` for MXFP4, whose weight clip is then
-    learned), its first ``num_calls`` calls (None: all) with their full-precision outputs,
-    and a ``FakeQuantizedLayer`` of it with random transforms; ``bias``: every linear
-    with a random bias. :return: ``(layer, groups, params, calls, targets, emulated)``"""
+    learned; or of ``model``), its first ``num_calls`` calls (None: all) with their
+    full-precision outputs, and a ``FakeQuantizedLayer`` of it with random transforms;
+    ``bias``: every linear with a random bias.
+    :return: ``(layer, groups, params, calls, targets, emulated)``"""
     shape = TINY_MXFP4 if quant_format == "mxfp4" else {}
-    model = build_tiny_llama(**shape, attention_bias=bias, mlp_bias=bias)
+    if model is None:
+        model = build_tiny_llama(**shape, attention_bias=bias, mlp_bias=bias)
     if bias:
         generator = torch.Generator().manual_seed(2)
         with torch.no_grad():
