@@ -47,6 +47,9 @@ def main():
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--fp-propagation", dest="propagate_activation_quant",
                         action="store_false")
+    parser.add_argument("--float64", action="store_true",
+                        help="calibrate a float64 copy of the model (FlatQuant then trains "
+                        "in float64)")
     parser.add_argument("--model-on-gpu", action="store_true",
                         help="move the model to this rank's GPU first (else it stays on "
                         "the CPU and llm-compressor onloads each layer to the GPU)")
@@ -57,6 +60,8 @@ def main():
         inject_failure(rank)
     out = Path(args.out)
     model, tok = load_tiny(Path(args.model))
+    if args.float64:
+        model.to(torch.float64)
     offload = {}
     if args.model_on_gpu:
         device = f"cuda:{torch.cuda.current_device()}"
