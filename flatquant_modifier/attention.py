@@ -247,11 +247,11 @@ class EagerCausalMask:
     if ... else ...``) call it with a config rebuilt from ``to_dict()``, which has lost
     the eager attention llm-compressor's calibration forces: it returns ``None``, the
     mask SDPA reads as causal, and their layers' calibration and propagation forwards
-    (every modifier's) attend in both directions. While attached,
-    such a call gets the mask transformers builds for eager attention: causal, and
-    within the sliding window where the layer's attention has one shorter than the
-    sequence. Plain torch hooks, first of the layer's: llm-compressor's propagation pass
-    disables modifier hooks, and FlatQuant's call cache must record the mask.
+    (every modifier's) attend in both directions. While attached, such a call gets the
+    mask transformers builds for eager attention: causal, and within the sliding window
+    where the layer's attention has one shorter than the sequence. Plain torch hooks,
+    first of the layer's: llm-compressor's propagation pass disables modifier hooks,
+    and FlatQuant's call cache must record the mask.
     """
 
     def __init__(self, model: nn.Module):

@@ -286,14 +286,13 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
         offload = torch.device(self.offload_device) if self.offload_device else None
         # until finalize: a later modifier's own pass (GPTQ's) needs the mask too
         self._causal_mask = EagerCausalMask(state.model)
-        for plan in self._layers:
-            self._causal_mask.attach(plan.module)
         self._pipeline_attention = PipelineAttention(
             state.model,
             self._attn_implementation if self.pipeline_sdpa is not False else None,
             devices=("cuda",) if self.pipeline_sdpa == "auto" else None,
         )
         for plan in self._layers:
+            self._causal_mask.attach(plan.module)
             if plan.groups:
                 self._pipeline_attention.attach(plan.module)
                 self._calls[plan.module] = IntermediatesCache(None, offload)

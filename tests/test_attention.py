@@ -3,10 +3,9 @@
 
 import pytest
 import torch
-
-from flatquant_modifier import FlatQuantModifier
 from compressed_tensors.utils import patch_attr
 
+from flatquant_modifier import FlatQuantModifier
 from flatquant_modifier.attention import (
     EagerCausalMask,
     PipelineAttention,

@@ -92,6 +92,16 @@ def _one_step_gradients(quant_format: str, device: torch.device, torch_compile: 
     return loss.detach(), grads
 
 
+def assert_same_step(compiled: tuple, eager: tuple):
+    """Two :func:`_one_step_gradients` results: the same loss and the same gradient of
+    every learnable parameter, up to float32 rounding."""
+    (compiled_loss, compiled_grads), (loss, grads) = compiled, eager
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=0)
+    assert len(grads) == len(compiled_grads) > 0
+    for grad, step in zip(grads, compiled_grads):
+        assert (step - grad).norm() <= 1e-4 * grad.norm() + 1e-12
+
+
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16])
 @pytest.mark.parametrize("quant_format, extra", [
     ("int", {}), ("int", {"quantized_matmul": True}), ("nvfp4", {}), ("mxfp4", {}),
@@ -198,9 +208,7 @@ def test_compiled_quantizers_have_the_eager_loss_and_gradients(device, quant_for
                                                         True)
     assert counters["stats"]["unique_graphs"] > 0  # the compiled functions ran
     torch._dynamo.reset()
-    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=0)
-    for grad, compiled in zip(grads, compiled_grads):
-        assert (compiled - grad).norm() <= 1e-4 * grad.norm() + 1e-12
+    assert_same_step((compiled_loss, compiled_grads), (loss, grads))
 
 
 def test_plain_forwards_set_aside_offloading_and_disabled_hooks_and_restore_them():
