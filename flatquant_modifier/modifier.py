@@ -30,6 +30,7 @@ from flatquant_modifier.calibrate import (
     channel_max,
 )
 from flatquant_modifier.compat import (
+    drop_gptq_pass_hooks,
     fp4_weights_in_model_dtype,
     has_linearized_experts,
     hold_weights_during_forward,
@@ -312,6 +313,8 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
             raise
 
     def _calibrate_cached_layers(self, state: State):
+        if self._shared_gptq:  # FlatQuant gathers their Hessians itself
+            drop_gptq_pass_hooks(self._shared_gptq, [p.module for p in self._layers if p.groups])
         for index, plan in enumerate(self._layers):
             int8 = [name for name, _ in plan.int8]
             if plan.module in self._seen:  # no transformed group: only int8 quantizers
@@ -346,6 +349,8 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
                 if self.on_nonfinite == "raise":
                     raise
                 logger.error(f"{error} Skipping it (on_nonfinite='skip').")
+                if self._shared_gptq:  # GPTQ's Hessians of the unchanged layer
+                    regather_gptq_hessians(self._shared_gptq, plan.module, calls)
                 # its W8A8_DYNAMIC linears do not depend on training; its propagation
                 # pass stays eager (its SDPA check may not have run)
                 self._int8 += attach_int8_quantizers(state.model, int8, self)

@@ -197,6 +197,58 @@ def test_gptq_sharing_the_pass_quantizes_against_the_transformed_inputs(
                            independent["model.layers.1.mlp.down_proj.weight"])
 
 
+def test_a_shared_pass_accumulates_each_gptq_hessian_once(tiny_llama_dir, monkeypatch):
+    """pipeline="sequential": GPTQ's own hooks come off the layers FlatQuant calibrates
+    (what they gathered on the untransformed inputs was dropped anyway), so each
+    linear's Hessian takes every sample once, in FlatQuant's gathering after training."""
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    from tests.conftest import load_tiny
+    from tests.helpers import run
+
+    calls, calibrate = {}, GPTQModifier.calibrate_module
+
+    def counting(self, module, args, output):
+        name = self._module_names[module]
+        calls[name] = calls.get(name, 0) + 1
+        return calibrate(self, module, args, output)
+
+    monkeypatch.setattr(GPTQModifier, "calibrate_module", counting)
+    model, tok = load_tiny(tiny_llama_dir)
+    run(model, tok, _flatquant_then_gptq(), pipeline="sequential")
+    layers = {name.split(".")[2] for name in calls}
+    assert len(calls) == 7 * len(layers) and len(layers) == len(model.model.layers)
+    assert set(calls.values()) == {8}, calls
+
+
+def test_a_shared_pass_gives_gptq_the_hessians_of_a_skipped_layer(tiny_llama_dir, monkeypatch):
+    """A layer left unchanged after a non-finite loss (on_nonfinite="skip") still gets
+    GPTQ's Hessians, though GPTQ's own hooks came off it: every linear is quantized."""
+    import math
+
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    from flatquant_modifier import FlatQuantModifier
+    from tests.conftest import load_tiny
+    from tests.helpers import run
+
+    compressed, compress = [], GPTQModifier.compress_module_list
+
+    def recording(self, modules):
+        compressed.extend((self._module_names[m], int(self._num_samples[m])) for m in modules)
+        return compress(self, modules)
+
+    monkeypatch.setattr(GPTQModifier, "compress_module_list", recording)
+    _, gptq = _flatquant_then_gptq()
+    flatquant = FlatQuantModifier(epochs=1, lr=math.inf, on_nonfinite="skip")
+    model, tok = load_tiny(tiny_llama_dir)
+    with log_messages() as messages:
+        run(model, tok, [flatquant, gptq], pipeline="sequential")
+    assert sum("Skipping it" in m for m in messages) == len(model.model.layers)
+    assert len(compressed) == 7 * len(model.model.layers)
+    assert {n for _, n in compressed} == {8}
+
+
 def test_a_shared_pass_with_gptq_first_is_refused(tiny_llama_dir):
     from tests.conftest import load_tiny
     from tests.helpers import run
