@@ -160,6 +160,12 @@ def main():
                         help="default: as FlatQuantModifier's 'auto' (bfloat16 on CUDA)")
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--tf32", action="store_true", help="TF32 float32 matmuls")
+    parser.add_argument("--torch-compile", choices=["auto", "on", "off"], default="auto",
+                        help="FlatQuantModifier's torch_compile (auto: its own choice)")
+    parser.add_argument("--evaluation-samples", type=int, default=32,
+                        help="FlatQuantModifier's evaluation_samples")
+    parser.add_argument("--no-rtn-report", action="store_true",
+                        help="report_rtn_loss=False (no round-to-nearest evaluation pass)")
     parser.add_argument("--random-model", action="store_true")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--sync-debug", action="store_true")
@@ -199,6 +205,9 @@ def main():
         epochs=args.epochs,
         autocast_dtype=None if args.autocast == "float32" else getattr(torch, args.autocast),
         cuda_graphs=not args.no_cuda_graphs,
+        torch_compile={"auto": "auto", "on": True, "off": False}[args.torch_compile],
+        evaluation_samples=args.evaluation_samples,
+        report_rtn_loss=not args.no_rtn_report,
     )
     precision = training_precision(options, layer, device)
 
