@@ -23,7 +23,12 @@ import contextlib
 import torch
 import torch.distributed as dist
 from compressed_tensors.offload import OffloadCache, disable_offloading, unwrap_offload_forward
-from compressed_tensors.utils import align_modules, patch_attr, update_offload_parameter
+from compressed_tensors.utils import (
+    align_modules,
+    getattr_chain,
+    patch_attr,
+    update_offload_parameter,
+)
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 from loguru import logger
 from torch import nn
@@ -344,7 +349,7 @@ def _gptq_calibrates(gptq, module: nn.Module) -> bool:
     return (
         module in gptq._module_names  # private: see the module docstring
         and not isinstance(module, nn.Embedding)
-        and getattr(getattr(module, "quantization_scheme", None), "weights", None) is not None
+        and getattr_chain(module, "quantization_scheme.weights", None) is not None
     )
 
 
@@ -355,14 +360,17 @@ def drop_gptq_pass_hooks(modifiers: list, layers: list[nn.Module]) -> int:
     gathered in the pass's forward only to be dropped by :func:`regather_gptq_hessians`,
     a Hessian accumulation per linear and layer for nothing (in a profile of a
     SmolLM2-135M calibration on 2 CPU cores, a pass's accumulation took 37 s). A layer
-    FlatQuant then leaves unchanged gets them
-    gathered by :func:`regather_gptq_hessians` all the same. A hook is told by the
-    module hook dict it lives in.
+    FlatQuant then leaves unchanged gets them gathered by :func:`regather_gptq_hessians`
+    all the same. A hook is told by the module hook dict it lives in; a GPTQ modifier
+    with no hooks left (after the first call, when FlatQuant calibrates every layer) is
+    passed over without walking the layers.
 
     :return: the number of hooks removed
     """
     removed = 0
     for gptq in modifiers:
+        if not gptq._hooks:  # private: see the module docstring
+            continue
         hook_dicts = {
             id(module._forward_hooks)
             for layer in layers for module in layer.modules()
