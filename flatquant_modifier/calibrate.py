@@ -23,7 +23,7 @@ Stateless: :class:`~flatquant_modifier.modifier.FlatQuantModifier` calls
 """
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from compressed_tensors.utils import align_module_device, get_execution_device
@@ -96,6 +96,9 @@ class LayerResult:
     outputs: list[list[torch.Tensor]] | None = None
     # the attention implementation the layer trained with (training_attention)
     attention: str | None = None
+    # per linear in ``transformed`` whose inputs a smoothing vector divides (folded into
+    # their producer), that vector; its online transform then acts on the quotient
+    input_smoothing: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def calibrate_layer(
@@ -190,9 +193,15 @@ def calibrate_layer(
             )
         transformed = apply_layer(model, groups, params, options, precision.dtype)
         int8 = attach_int8_quantizers(model, list(int8_linears), options)
+        input_smoothing = {
+            linear_name: p.smooth_vector().detach()
+            for group, p in zip(groups, params) if p.smooth is not None
+            for linear_name, _ in group.linears
+        }
     log_report(report)
     outputs = targets if options.target_outputs == "model" else None
-    return LayerResult(report, transformed, step_plan, int8, outputs, attention)
+    return LayerResult(report, transformed, step_plan, int8, outputs, attention,
+                       input_smoothing)
 
 
 def with_hidden_states(

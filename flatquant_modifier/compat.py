@@ -13,9 +13,8 @@ names the behaviour it works around. Remove one when the library it concerns fix
 * :func:`routed_experts_only`: llm-compressor 0.14 keeps oneshot's
   ``moe_calibrate_all_experts`` in a module global, with no public way to clear it for
   a scope.
-* :func:`regather_gptq_hessians` / :func:`drop_gptq_pass_hooks`: llm-compressor 0.14's
-  ``GPTQModifier`` keeps the Hessians of a pass in private dicts, with no public way to
-  reset a module's, and its hooks in a private set, with no public way to remove some.
+* :func:`transform_gptq_hessians`: llm-compressor 0.14's ``GPTQModifier`` keeps the
+  Hessians of a pass in a private dict, with no public way to replace a module's.
 """
 
 import contextlib
@@ -25,16 +24,16 @@ import torch.distributed as dist
 from compressed_tensors.offload import OffloadCache, disable_offloading, unwrap_offload_forward
 from compressed_tensors.utils import (
     align_modules,
-    getattr_chain,
     patch_attr,
     update_offload_parameter,
 )
-from llmcompressor.modifiers.utils.hooks import HooksMixin
 from loguru import logger
 from torch import nn
 
 from flatquant_modifier.distributed import all_reduce_, broadcast_, is_distributed
 from flatquant_modifier.fusion import is_tensor_group
+from flatquant_modifier.kronecker import transformed_second_moment
+from flatquant_modifier.transform import get_flatquant_transform
 
 __all__ = [
     "fp4_weights_in_model_dtype",
@@ -45,8 +44,7 @@ __all__ = [
     "hold_weights_during_forward",
     "routed_experts_only",
     "has_linearized_experts",
-    "regather_gptq_hessians",
-    "drop_gptq_pass_hooks",
+    "transform_gptq_hessians",
 ]
 
 
@@ -304,80 +302,36 @@ def fp4_weights_in_model_dtype(model: torch.nn.Module):
 
 
 @torch.no_grad()
-def regather_gptq_hessians(modifiers: list, layer: nn.Module, calls: list[dict]) -> int:
+def transform_gptq_hessians(modifiers: list, model: nn.Module, linears: list[str],
+                            input_smoothing: dict[str, torch.Tensor]) -> int:
     """
-    GPTQ modifiers sharing FlatQuant's calibration pass gathered ``layer``'s Hessians
-    in the pass's forward, on the inputs before FlatQuant transformed them, unless
-    :func:`drop_gptq_pass_hooks` removed those hooks. Drop what they gathered and gather
-    the Hessians again by running the calibrated layer on its cached ``calls``, only
-    GPTQ's accumulation live on the linears it calibrates, and every quantizer of the
-    layer off, as in a pass of GPTQ's own (llm-compressor disables quantization for a
-    pipeline, FlatQuant's online quantizers included): transformed, unquantized inputs.
+    GPTQ modifiers sharing FlatQuant's calibration pass gathered each linear's Hessian
+    ``H = 2/n sum x^T x`` in the pass's forward, before FlatQuant transformed the layer.
+    After training, a transformed linear sees ``x' = (x / s) @ kron(P1, P2)`` in place
+    of ``x`` (its smoothing vector ``s`` folded into the producer, its online transform
+    with quantization off, as llm-compressor runs a pipeline's forwards): its Hessian
+    becomes ``T^T H T`` (:func:`~flatquant_modifier.kronecker.transformed_second_moment`),
+    in place of a second forward of the layer to gather it again (in a profile of a
+    SmolLM2-135M calibration on 2 CPU cores, that forward and its accumulation took 16 %
+    of the calibration). These are the Hessians GPTQ's own pass gathers on the
+    transformed layer before FlatQuant clips its weights; the weight clipping moves the
+    inputs of the linears after the first group a little, as quantizing a layer's
+    earlier linears does in GPTQ's own passes.
 
-    :return: the number of linears whose Hessians were gathered again
+    :param linears: names of the linears given an online transform
+    :param input_smoothing: per such linear, the vector its inputs are divided by
+    :return: the number of Hessians carried through a transform
     """
-    hooks = []
-    for gptq in modifiers:
-        for module in layer.modules():
-            if _gptq_calibrates(gptq, module):
-                if module in gptq._num_samples:  # private: see the module docstring
-                    del gptq._num_samples[module], gptq._hessians[module]
-                hooks.append(module.register_forward_hook(gptq.calibrate_module))
-    # as compressed-tensors' disable_quantization, on every module; put back after
-    enabled = [(m, m.__dict__.get("quantization_enabled")) for m in layer.modules()]
-    try:
-        for module, _ in enabled:
-            module.quantization_enabled = False
-        with HooksMixin.disable_hooks():  # every modifier's own hooks, ours included
-            for call in calls:
-                layer(**call)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for module, state in enabled:
-            if state is None:
-                del module.quantization_enabled
-            else:
-                module.quantization_enabled = state
-    return len(hooks)
-
-
-def _gptq_calibrates(gptq, module: nn.Module) -> bool:
-    """Whether ``gptq`` hooks ``module`` for its Hessian, as ``GPTQModifier``'s
-    ``on_calibration_start`` chooses (its matched modules with a weight scheme, no
-    embeddings)."""
-    return (
-        module in gptq._module_names  # private: see the module docstring
-        and not isinstance(module, nn.Embedding)
-        and getattr_chain(module, "quantization_scheme.weights", None) is not None
-    )
-
-
-def drop_gptq_pass_hooks(modifiers: list, layers: list[nn.Module]) -> int:
-    """
-    Remove the Hessian hooks the GPTQ ``modifiers`` sharing FlatQuant's pass put on the
-    linears of ``layers`` (those FlatQuant calibrates): their Hessians would be
-    gathered in the pass's forward only to be dropped by :func:`regather_gptq_hessians`,
-    a Hessian accumulation per linear and layer for nothing (in a profile of a
-    SmolLM2-135M calibration on 2 CPU cores, a pass's accumulation took 37 s). A layer
-    FlatQuant then leaves unchanged gets them gathered by :func:`regather_gptq_hessians`
-    all the same. A hook is told by the module hook dict it lives in; a GPTQ modifier
-    with no hooks left (after the first call, when FlatQuant calibrates every layer) is
-    passed over without walking the layers.
-
-    :return: the number of hooks removed
-    """
-    removed = 0
-    for gptq in modifiers:
-        if not gptq._hooks:  # private: see the module docstring
-            continue
-        hook_dicts = {
-            id(module._forward_hooks)
-            for layer in layers for module in layer.modules()
-            if _gptq_calibrates(gptq, module)
-        }
-        handles = {handle for handle in gptq._hooks  # private: see the module docstring
-                   if id(handle.hooks_dict_ref()) in hook_dicts}
-        gptq.remove_hooks(handles)
-        removed += len(handles)
-    return removed
+    count = 0
+    for name in linears:
+        linear = model.get_submodule(name)
+        transform = get_flatquant_transform(linear)
+        for gptq in modifiers:
+            hessian = gptq._hessians.get(linear)  # private: see the module docstring
+            if transform is None or hessian is None:
+                continue
+            gptq._hessians[linear] = transformed_second_moment(
+                hessian, transform.left_trans, transform.right_trans,
+                input_smoothing.get(name))
+            count += 1
+    return count

@@ -21,6 +21,7 @@ __all__ = [
     "mxfp4_trans_dims",
     "kronecker_matmul",
     "kronecker_matmul_factor_major",
+    "transformed_second_moment",
     "to_factor_major",
     "kronecker_dense",
     "absorb_inverse_into_weight",
@@ -112,6 +113,34 @@ def kronecker_matmul(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> tor
     y = (x3.reshape(-1, n) @ p2).reshape(-1, m, n)
     y = torch.matmul(p1.transpose(0, 1), y)
     return y.reshape(shape)
+
+
+def transformed_second_moment(
+    moment: torch.Tensor,
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    smooth: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """
+    From ``moment = sum_x x^T x`` over rows ``x``, the same sum over the rows
+    ``x' = (x / smooth) @ kron(p1, p2)``: ``T^T @ moment @ T`` with ``T = diag(1 / smooth)
+    @ kron(p1, p2)``, computed in float64 with two Kronecker products (``2 (M N)^2 (M +
+    N)`` multiply-adds, not ``(M N)^3``), returned in ``moment``'s dtype and device.
+    A GPTQ Hessian (``2 / n`` times this sum) is carried through an online transform
+    so, without running the transformed layer again.
+
+    :param moment: ``[M * N, M * N]``, symmetric
+    :param smooth: ``[M * N]`` divisor of the inputs, or None
+    """
+    t = moment.to(torch.float64)
+    if smooth is not None:
+        inverse = 1.0 / smooth.to(device=t.device, dtype=torch.float64)
+        t = t * inverse.unsqueeze(0) * inverse.unsqueeze(1)
+    p1 = p1.to(device=t.device, dtype=torch.float64)
+    p2 = p2.to(device=t.device, dtype=torch.float64)
+    t = kronecker_matmul(t, p1, p2)  # moment @ T
+    t = kronecker_matmul(t.transpose(0, 1), p1, p2).transpose(0, 1)  # T^T @ moment @ T
+    return ((t + t.transpose(0, 1)) / 2).to(moment.dtype)
 
 
 def to_factor_major(x: torch.Tensor, m: int, n: int) -> torch.Tensor:

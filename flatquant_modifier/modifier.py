@@ -30,12 +30,11 @@ from flatquant_modifier.calibrate import (
     channel_max,
 )
 from flatquant_modifier.compat import (
-    drop_gptq_pass_hooks,
     fp4_weights_in_model_dtype,
     has_linearized_experts,
     hold_weights_during_forward,
     mark_weight_qparams_unset,
-    regather_gptq_hessians,
+    transform_gptq_hessians,
     sync_weight_qparams,
 )
 from flatquant_modifier.emulation import layer_output
@@ -280,8 +279,8 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
         modifiers = getattr(active_session().lifecycle.recipe, "modifiers", None) or []
         self._shared_gptq = check_shared_calibration(self, modifiers, self._layers)
         if self._shared_gptq:
-            logger.info("FlatQuant: GPTQ shares the calibration pass; its Hessians are "
-                        "gathered after each layer's transforms")
+            logger.info("FlatQuant: GPTQ shares the calibration pass; its Hessians "
+                        "gathered there are carried through each layer's transforms")
         # under torchrun: lets on_finalize find the rank that computed each weight qparam
         mark_weight_qparams_unset(state.model)
         offload = torch.device(self.offload_device) if self.offload_device else None
@@ -313,8 +312,6 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
             raise
 
     def _calibrate_cached_layers(self, state: State):
-        if self._shared_gptq:  # FlatQuant gathers their Hessians itself
-            drop_gptq_pass_hooks(self._shared_gptq, [p.module for p in self._layers if p.groups])
         for index, plan in enumerate(self._layers):
             int8 = [name for name, _ in plan.int8]
             if plan.module in self._seen:  # no transformed group: only int8 quantizers
@@ -349,8 +346,6 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
                 if self.on_nonfinite == "raise":
                     raise
                 logger.error(f"{error} Skipping it (on_nonfinite='skip').")
-                if self._shared_gptq:  # GPTQ's Hessians of the unchanged layer
-                    regather_gptq_hessians(self._shared_gptq, plan.module, calls)
                 # its W8A8_DYNAMIC linears do not depend on training; its propagation
                 # pass stays eager (its SDPA check may not have run)
                 self._int8 += attach_int8_quantizers(state.model, int8, self)
@@ -359,8 +354,9 @@ class FlatQuantModifier(Modifier, FlatQuantOptions):
                 attention.record(plan.module, result.attention == SDPA)
                 attention.attach(plan.module)
             self._step_plan = result.step_plan
-            if self._shared_gptq:
-                regather_gptq_hessians(self._shared_gptq, plan.module, calls)
+            if self._shared_gptq:  # the pass's Hessians, through the transforms
+                transform_gptq_hessians(self._shared_gptq, state.model, result.transformed,
+                                        result.input_smoothing)
             if result.outputs is not None:
                 self._hidden_states = (index + 1, result.outputs)
             self._transformed += result.transformed

@@ -314,15 +314,16 @@ def check_shared_calibration(flatquant, modifiers: list, plans: list[LayerPlan])
     that layer. A modifier that learns from the linears' inputs in the same pass would
     see the untransformed inputs and quantize the transformed weights against them.
     A ``GPTQModifier`` listed after FlatQuant may share the pass (``oneshot(...,
-    pipeline="sequential")``): FlatQuant gathers its Hessians again on the transformed
-    inputs (:func:`flatquant_modifier.compat.regather_gptq_hessians`), and the next
+    pipeline="sequential")``): FlatQuant carries the Hessians it gathered there
+    through the layer's transforms
+    (:func:`flatquant_modifier.compat.transform_gptq_hessians`), and the next
     layer trains on the outputs of this layer's GPTQ weights. Any other such modifier
     (AWQ, SmoothQuant, SparseGPT, a GPTQ listed first, the input observers of a static
     or NVFP4 activation scheme) is refused: llm-compressor's default
     ``pipeline="independent"`` gives every modifier its own pass.
 
     :param modifiers: the modifiers of the current calibration pass
-    :return: the GPTQ modifiers whose Hessians FlatQuant gathers again
+    :return: the GPTQ modifiers whose Hessians FlatQuant transforms
     """
     others = [m for m in modifiers if m is not flatquant]
     if not others:

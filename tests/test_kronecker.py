@@ -10,6 +10,7 @@ from flatquant_modifier.kronecker import (
     random_hadamard,
     random_orthogonal,
     to_factor_major,
+    transformed_second_moment,
 )
 
 
@@ -111,3 +112,25 @@ def test_sizes_with_no_decomposition_are_refused_not_looped_on():
 
     with pytest.raises(ValueError, match="cannot decompose a feature size of 514"):
         get_decompose_dim(514)  # 2 mod 4: not a difference of two squares
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+def test_transformed_second_moment_is_that_of_the_transformed_rows(smooth):
+    """T^T (X^T X) T == (X T)^T (X T) for T = diag(1/s) kron(P1, P2), in float64, and
+    returned in the moment's dtype (a float32 GPTQ Hessian)."""
+    g = torch.Generator().manual_seed(0)
+    m, n = 4, 6
+    x = torch.randn(50, m * n, generator=g, dtype=torch.float64)
+    p1 = torch.randn(m, m, generator=g, dtype=torch.float64)
+    p2 = torch.randn(n, n, generator=g, dtype=torch.float64)
+    s = torch.rand(m * n, generator=g, dtype=torch.float64) + 0.5 if smooth else None
+    xt = kronecker_matmul(x / s if smooth else x, p1, p2)
+    expected = xt.T @ xt
+    got = transformed_second_moment(x.T @ x, p1, p2, s)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12 * expected.abs().max())
+    assert torch.equal(got, got.T)
+    single = transformed_second_moment((x.T @ x).float(), p1.float(), p2.float(),
+                                       None if s is None else s.float())
+    assert single.dtype == torch.float32
+    torch.testing.assert_close(single.double(), expected, rtol=1e-5,
+                               atol=1e-5 * expected.abs().max())

@@ -138,43 +138,55 @@ def test_w8a8_linears_without_a_scheme_warn_and_output_quantization_is_refused()
         check_weight_schemes(plans, quantizes_activations=True)
 
 
-def _flatquant_then_gptq(first="flatquant"):
+def _flatquant_then_gptq(first="flatquant", **flatquant):
     from llmcompressor.modifiers.quantization import GPTQModifier
 
     from flatquant_modifier import FlatQuantModifier
     from tests.helpers import WEIGHTS_W4
 
-    flatquant = FlatQuantModifier(epochs=1)
+    flatquant = FlatQuantModifier(**{"epochs": 1, **flatquant})
     gptq = GPTQModifier(ignore=["lm_head"],
                         config_groups={"g": {"targets": ["Linear"], "weights": WEIGHTS_W4}})
     return [flatquant, gptq] if first == "flatquant" else [gptq, flatquant]
 
 
-def test_gptq_sharing_the_pass_quantizes_against_the_transformed_inputs(
-        tiny_llama_dir, monkeypatch):
-    """pipeline="sequential": GPTQ's Hessians of a layer are gathered again after
-    FlatQuant transformed it, so the first layer (the same inputs, the same training
-    in both pipelines) gets the Hessians and weights of llm-compressor's default of one
-    pass per modifier; the second trains on the first's GPTQ outputs."""
+def _gptq_hessians_at_compression(monkeypatch) -> tuple[dict, dict]:
+    """``hessians``, ``{(run, linear name): (Hessian, samples)}`` as GPTQ compresses, of
+    the run ``now["run"]`` names; returns ``(hessians, now)``."""
     from llmcompressor.modifiers.quantization import GPTQModifier
 
-    from tests.conftest import load_tiny
-    from tests.helpers import run
-
-    hessians, compress = {}, GPTQModifier.compress_module_list
+    hessians, now, compress = {}, {"run": None}, GPTQModifier.compress_module_list
 
     def recording(self, modules):
         for module in modules:
-            hessians[(pipeline, self._module_names[module])] = (
+            hessians[(now["run"], self._module_names[module])] = (
                 self._hessians[module].clone(), int(self._num_samples[module]))
         return compress(self, modules)
 
     monkeypatch.setattr(GPTQModifier, "compress_module_list", recording)
+    return hessians, now
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+def test_gptq_sharing_the_pass_quantizes_against_the_transformed_inputs(
+        tiny_llama_dir, monkeypatch, smooth):
+    """pipeline="sequential": GPTQ's Hessians of a layer, gathered in the shared pass,
+    are carried through FlatQuant's transforms (and smoothing), so the first layer (the
+    same inputs, the same training in both pipelines) gets the Hessians and weights of
+    llm-compressor's default of one pass per modifier, whose GPTQ pass runs the
+    transformed layer (without weight clipping, which moves the later linears' inputs);
+    the second layer trains on the first's GPTQ outputs."""
+    from tests.conftest import load_tiny
+    from tests.helpers import run
+
+    hessians, now = _gptq_hessians_at_compression(monkeypatch)
     states = {}
     for pipeline in ("independent", "sequential"):
+        now["run"] = pipeline
         model, tok = load_tiny(tiny_llama_dir)
         with log_messages("INFO") as messages:
-            run(model, tok, _flatquant_then_gptq(), pipeline=pipeline)
+            run(model, tok, _flatquant_then_gptq(learn_weight_clip=False, smooth=smooth),
+                pipeline=pipeline)
         shared = any("GPTQ shares the calibration pass" in m for m in messages)
         assert shared == (pipeline == "sequential")
         states[pipeline] = {k: v.clone() for k, v in model.state_dict().items()
@@ -198,9 +210,8 @@ def test_gptq_sharing_the_pass_quantizes_against_the_transformed_inputs(
 
 
 def test_a_shared_pass_accumulates_each_gptq_hessian_once(tiny_llama_dir, monkeypatch):
-    """pipeline="sequential": GPTQ's own hooks come off the layers FlatQuant calibrates
-    (what they gathered on the untransformed inputs was dropped anyway), so each
-    linear's Hessian takes every sample once, in FlatQuant's gathering after training."""
+    """pipeline="sequential": each linear's Hessian takes every sample once, in the
+    shared pass (no second forward of the transformed layer)."""
     from llmcompressor.modifiers.quantization import GPTQModifier
 
     from tests.conftest import load_tiny
@@ -222,31 +233,31 @@ def test_a_shared_pass_accumulates_each_gptq_hessian_once(tiny_llama_dir, monkey
 
 
 def test_a_shared_pass_gives_gptq_the_hessians_of_a_skipped_layer(tiny_llama_dir, monkeypatch):
-    """A layer left unchanged after a non-finite loss (on_nonfinite="skip") still gets
-    GPTQ's Hessians, though GPTQ's own hooks came off it: every linear is quantized."""
+    """A layer left unchanged after a non-finite loss (on_nonfinite="skip") keeps the
+    Hessians GPTQ gathered in the pass, untransformed: every linear is quantized
+    against its full-precision inputs, as in GPTQ's own pass."""
     import math
 
-    from llmcompressor.modifiers.quantization import GPTQModifier
-
-    from flatquant_modifier import FlatQuantModifier
     from tests.conftest import load_tiny
     from tests.helpers import run
 
-    compressed, compress = [], GPTQModifier.compress_module_list
-
-    def recording(self, modules):
-        compressed.extend((self._module_names[m], int(self._num_samples[m])) for m in modules)
-        return compress(self, modules)
-
-    monkeypatch.setattr(GPTQModifier, "compress_module_list", recording)
-    _, gptq = _flatquant_then_gptq()
-    flatquant = FlatQuantModifier(epochs=1, lr=math.inf, on_nonfinite="skip")
-    model, tok = load_tiny(tiny_llama_dir)
-    with log_messages() as messages:
-        run(model, tok, [flatquant, gptq], pipeline="sequential")
+    hessians, now = _gptq_hessians_at_compression(monkeypatch)
+    for pipeline, flatquant in (("independent", {"lr": math.inf}),
+                                ("sequential", {"lr": math.inf, "on_nonfinite": "skip"})):
+        now["run"] = pipeline
+        model, tok = load_tiny(tiny_llama_dir)
+        modifiers = _flatquant_then_gptq(**flatquant)
+        if pipeline == "independent":  # GPTQ alone: the Hessians of the untouched model
+            modifiers = modifiers[1:]
+        with log_messages() as messages:
+            run(model, tok, modifiers, pipeline=pipeline)
     assert sum("Skipping it" in m for m in messages) == len(model.model.layers)
-    assert len(compressed) == 7 * len(model.model.layers)
-    assert {n for _, n in compressed} == {8}
+    sequential = {name: h for (p, name), h in hessians.items() if p == "sequential"}
+    assert len(sequential) == 7 * len(model.model.layers)
+    assert {n for _, n in sequential.values()} == {8}
+    for name in (n for n in sequential if ".layers.0." in n):  # the same inputs
+        torch.testing.assert_close(sequential[name][0], hessians["independent", name][0],
+                                   msg=name)
 
 
 def test_a_shared_pass_with_gptq_first_is_refused(tiny_llama_dir):
