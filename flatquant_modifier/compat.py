@@ -326,9 +326,11 @@ def transform_gptq_hessians(modifiers: list, model: nn.Module, linears: list[str
     for name in linears:
         linear = model.get_submodule(name)
         transform = get_flatquant_transform(linear)
+        if transform is None:
+            continue
         for gptq in modifiers:
             hessian = gptq._hessians.get(linear)  # private: see the module docstring
-            if transform is None or hessian is None:
+            if hessian is None:
                 continue
             gptq._hessians[linear] = transformed_second_moment(
                 hessian, transform.left_trans, transform.right_trans,

@@ -34,8 +34,8 @@ from flatquant_modifier.compat import (
     has_linearized_experts,
     hold_weights_during_forward,
     mark_weight_qparams_unset,
-    transform_gptq_hessians,
     sync_weight_qparams,
+    transform_gptq_hessians,
 )
 from flatquant_modifier.emulation import layer_output
 from flatquant_modifier.mappings import FlatQuantMapping, infer_mappings_from_model
